@@ -1,0 +1,5 @@
+import sys
+
+from lrcseg.cli import main
+
+sys.exit(main())

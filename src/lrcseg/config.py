@@ -1,0 +1,379 @@
+"""Typed configuration for every run kind, saved as YAML in each run folder.
+
+Defaults follow ``docs/METHOD.md`` (our reconstruction of the LRC paper). Each dataclass
+validates itself in ``__post_init__`` and raises ``ConfigError`` naming the bad field.
+``to_dict``/``from_dict`` round-trip nested dataclasses through plain YAML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lrcseg.errors import ConfigError
+from lrcseg.io_utils import atomic_write_text
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class PreprocessConfig:
+    """How a CT volume becomes network input slices.
+
+    window_hu: the HU window mapped to [0, 1] (clipped); the same window is used for
+        pre-training and fine-tuning and recorded in every checkpoint and export.
+    extra_windows_hu: further windows stacked as extra channels (empty = one channel).
+    spacing_mm: target in-plane spacing; slices are resampled to it (z is untouched).
+    context_slices: k adjacent slices as channels (2.5D); odd, 1 = plain 2D.
+    body_threshold_hu: pixels below this (air) are outside the body; the body mask is the
+        largest connected component above it, holes filled (couch and air excluded).
+    """
+
+    window_hu: tuple[float, float] = (-175.0, 250.0)
+    extra_windows_hu: list[tuple[float, float]] = field(default_factory=list)
+    spacing_mm: float = 1.5
+    context_slices: int = 1
+    body_threshold_hu: float = -500.0
+
+    def __post_init__(self) -> None:
+        self.window_hu = tuple(float(v) for v in self.window_hu)
+        self.extra_windows_hu = [tuple(float(v) for v in w) for w in self.extra_windows_hu]
+        for w in [self.window_hu, *self.extra_windows_hu]:
+            _check(len(w) == 2 and w[0] < w[1], f"Illegal HU window {w}: need (low, high), low < high")
+        _check(self.spacing_mm > 0, f"Illegal spacing_mm {self.spacing_mm}: must be > 0")
+        _check(
+            self.context_slices >= 1 and self.context_slices % 2 == 1,
+            f"Illegal context_slices {self.context_slices}: must be odd and >= 1",
+        )
+
+    @property
+    def windows(self) -> list[tuple[float, float]]:
+        return [self.window_hu, *self.extra_windows_hu]
+
+    @property
+    def in_channels(self) -> int:
+        """Network input channels: windows x context slices."""
+        return len(self.windows) * self.context_slices
+
+    def key(self) -> str:
+        """Stable short hash of the settings: names the slice cache."""
+        return stable_hash(to_dict(self))
+
+
+@dataclass
+class SuperpixelConfig:
+    """Local regions for LRC, computed once on the un-augmented preprocessed slice.
+
+    method: "felzenszwalb" (the paper) or "grid" (ablation: regular cells, same count regime).
+    scale, sigma: skimage-style Felzenszwalb parameters on the [0, 1] window (skimage divides
+        scale by 255 for float images; our implementation follows the same convention).
+    min_size_mm2: minimum region area in mm^2, converted to pixels at the slice spacing.
+    implementation: "fast" (our numba version) or "skimage" (reference).
+    grid_cell_mm: cell side for method="grid".
+    """
+
+    method: str = "felzenszwalb"
+    scale: float = 100.0
+    sigma: float = 0.8
+    min_size_mm2: float = 110.0
+    implementation: str = "fast"
+    grid_cell_mm: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("felzenszwalb", "grid"), f"Illegal superpixel method {self.method!r}")
+        _check(self.implementation in ("fast", "skimage"), f"Illegal implementation {self.implementation!r}")
+        _check(self.scale > 0, f"Illegal scale {self.scale}: must be > 0")
+        _check(self.sigma >= 0, f"Illegal sigma {self.sigma}: must be >= 0")
+        _check(self.min_size_mm2 >= 0, f"Illegal min_size_mm2 {self.min_size_mm2}: must be >= 0")
+        _check(self.grid_cell_mm > 0, f"Illegal grid_cell_mm {self.grid_cell_mm}: must be > 0")
+
+    def key(self) -> str:
+        d = to_dict(self)
+        d.pop("implementation")  # both implementations give the same regions
+        return stable_hash(d)
+
+
+@dataclass
+class AugmentConfig:
+    """Two-view augmentation for pre-training (geometric part shared with the region map).
+
+    image_size: output side of each view (pixels).
+    crop_scale: random resized crop area as a fraction of the slice canvas.
+    crop_ratio: aspect ratio range of the crop.
+    min_overlap: both crops overlap by at least this share of the smaller crop.
+    hflip: allow left-right flips in pre-training views (never in fine-tuning with laterality).
+    rotation_deg: maximum absolute rotation.
+    brightness, contrast: additive / multiplicative jitter amplitudes on [0, 1] images.
+    gamma: gamma range; noise_std: Gaussian noise std; blur_prob / blur_sigma: Gaussian blur.
+    """
+
+    image_size: int = 224
+    crop_scale: tuple[float, float] = (0.35, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 1.3333)
+    min_overlap: float = 0.3
+    hflip: bool = True
+    rotation_deg: float = 10.0
+    brightness: float = 0.1
+    contrast: float = 0.2
+    gamma: tuple[float, float] = (0.8, 1.25)
+    noise_std: float = 0.03
+    blur_prob: float = 0.3
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)
+        self.crop_ratio = tuple(self.crop_ratio)
+        self.gamma = tuple(self.gamma)
+        self.blur_sigma = tuple(self.blur_sigma)
+        _check(self.image_size >= 32 and self.image_size % 32 == 0,
+               f"Illegal image_size {self.image_size}: must be a multiple of 32, >= 32")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"Illegal crop_scale {self.crop_scale}")
+        _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], f"Illegal crop_ratio {self.crop_ratio}")
+        _check(0 <= self.min_overlap < 1, f"Illegal min_overlap {self.min_overlap}: need 0 <= x < 1")
+        _check(self.rotation_deg >= 0, f"Illegal rotation_deg {self.rotation_deg}")
+
+
+@dataclass
+class ModelConfig:
+    """2D U-Net (MONAI FlexibleUNet) with a ResNet encoder, plus pre-training heads.
+
+    local_level: index of the decoder block whose output feeds the local head; decoder block i
+        has stride 16 / 2**i, so 2 = 1/4 resolution (64 channels with the default decoder).
+    proj_dim: output width of both projection heads.
+    """
+
+    backbone: str = "resnet50"
+    decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
+    local_level: int = 2
+    proj_dim: int = 128
+
+    def __post_init__(self) -> None:
+        self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        _check(self.backbone in ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
+               f"Illegal backbone {self.backbone!r}: one of resnet10/18/34/50/101")
+        _check(len(self.decoder_channels) == 5, "decoder_channels needs 5 entries (1/16 ... 1/1)")
+        _check(0 <= self.local_level < 5, f"Illegal local_level {self.local_level}: 0..4")
+        _check(self.proj_dim > 0, f"Illegal proj_dim {self.proj_dim}")
+
+    @property
+    def local_stride(self) -> int:
+        return 16 // 2**self.local_level
+
+
+@dataclass
+class LRCConfig:
+    """The localized region contrastive sampling loss (docs/METHOD.md section 6)."""
+
+    enabled: bool = True
+    variant: str = "pixel"
+    num_regions: int = 16
+    pixels_per_region: int = 8
+    min_pixels: int = 4
+    temperature: float = 0.1
+    negatives: str = "image"
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.variant in ("pixel", "region"), f"Illegal LRC variant {self.variant!r}")
+        _check(self.negatives in ("image", "batch"), f"Illegal LRC negatives {self.negatives!r}")
+        _check(self.num_regions >= 2, f"Illegal num_regions {self.num_regions}: need >= 2")
+        _check(self.pixels_per_region >= 1, f"Illegal pixels_per_region {self.pixels_per_region}")
+        _check(self.min_pixels >= 1, f"Illegal min_pixels {self.min_pixels}")
+        _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
+        _check(self.weight >= 0, f"Illegal LRC weight {self.weight}")
+
+
+@dataclass
+class MocoConfig:
+    """MoCo v2 global loss. queue_size None = auto (see docs/METHOD.md section 5)."""
+
+    temperature: float = 0.2
+    momentum: float = 0.99
+    queue_size: int | None = None
+    shuffle_bn: bool = True
+
+    def __post_init__(self) -> None:
+        _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
+        _check(0 <= self.momentum < 1, f"Illegal momentum {self.momentum}: need 0 <= m < 1")
+        _check(self.queue_size is None or self.queue_size > 0, f"Illegal queue_size {self.queue_size}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay; gradient clipping by global norm."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    grad_clip: float = 3.0
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"Illegal lr {self.lr}")
+        _check(self.weight_decay >= 0, f"Illegal weight_decay {self.weight_decay}")
+        _check(self.warmup_steps >= 0, f"Illegal warmup_steps {self.warmup_steps}")
+        _check(self.grad_clip >= 0, f"Illegal grad_clip {self.grad_clip} (0 = off)")
+
+
+@dataclass
+class RunConfig:
+    """Settings every training run shares (where, how long, on what)."""
+
+    out: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 32
+    seed: int = 0
+    workers: int = 0
+    device: str = "auto"
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    checkpoint_every: int = 200
+    log_every: int = 10
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"Illegal steps {self.steps}")
+        _check(self.batch_size >= 1, f"Illegal batch_size {self.batch_size}")
+        _check(self.workers >= 0, f"Illegal workers {self.workers}")
+        _check(self.checkpoint_every >= 1, f"Illegal checkpoint_every {self.checkpoint_every}")
+        _check(self.log_every >= 1, f"Illegal log_every {self.log_every}")
+
+
+@dataclass
+class PretrainConfig:
+    """A pre-training run: global method (+ LRC) on unlabelled slices."""
+
+    data: list[str] = field(default_factory=list)
+    method: str = "moco"
+    labels: str | None = None
+    run: RunConfig = field(default_factory=RunConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lrc: LRCConfig = field(default_factory=LRCConfig)
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("moco", "simclr", "byol", "none", "supervised"),
+               f"Illegal method {self.method!r}: one of moco, simclr, byol, none, supervised")
+        _check(self.method != "none" or self.lrc.enabled,
+               "method 'none' without LRC has no loss: enable LRC or pick a global method")
+
+
+@dataclass
+class FinetuneConfig:
+    """A few-label fine-tuning run (docs/METHOD.md, fine-tuning protocol).
+
+    init: "scratch", a pre-training run folder, or an exported/checkpoint file.
+    labeled: number of labelled training cases (int >= 1) or a fraction in (0, 1).
+    steps: None = auto budget scaled with the labelled slices (same for every init).
+    """
+
+    dataset: str = ""
+    init: str = "scratch"
+    labeled: float = 1
+    split_seed: int = 0
+    steps: int | None = None
+    label_map: str | None = None
+    allow_mismatch: bool = False
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=500, batch_size=8))
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
+    image_size: int = 224
+    rotation_deg: float = 10.0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        _check(self.labeled > 0, f"Illegal labeled {self.labeled}: need > 0")
+        _check(self.labeled < 1 or float(self.labeled).is_integer(),
+               f"Illegal labeled {self.labeled}: an integer count or a fraction in (0, 1)")
+        _check(self.image_size % 32 == 0, f"Illegal image_size {self.image_size}: multiple of 32")
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def to_dict(obj: Any) -> Any:
+    """Nested dataclasses -> plain dicts/lists (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
+    """Build dataclass ``cls`` from a (partial) dict; unknown keys raise ConfigError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(inner[0], value) if len(inner) == 1 else value
+    return value
+
+
+def update_dict(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``overrides`` wins; returns a new dict."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = update_dict(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
+    """Defaults <- YAML file <- overrides (a nested dict, e.g. from CLI flags)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = update_dict(data, overrides or {})
+    return from_dict(cls, data)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write a dataclass config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Short sha256 of the canonical JSON of ``obj``: stable across runs and machines."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
