@@ -1,15 +1,44 @@
-"""Not implemented yet (see the open issues)."""
+"""Export pre-trained U-Net weights (encoder + decoder) loadable by MONAI FlexibleUNet.
+
+Example:
+  lrcseg export runs/moco_lrc --out moco_lrc_unet.pt
+writes moco_lrc_unet.pt (a plain state_dict) and moco_lrc_unet.json (FlexibleUNet arguments,
+window, spacing, input channels, superpixel settings). In Python, without lrcseg:
+  net = FlexibleUNet(**meta["flexible_unet"], out_channels=N)
+  net.load_state_dict(torch.load("moco_lrc_unet.pt"), strict=False)  # only the head is missing
+"""
 
 from __future__ import annotations
 
 import argparse
-
-from lrcseg.errors import LrcsegError
+from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("run", help="pre-training run folder (or a checkpoint file)")
+    parser.add_argument("--out", required=True, help="output .pt file (a .json is written beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LrcsegError("'export' is not implemented yet")
+    from lrcseg.config import PretrainConfig, from_dict
+    from lrcseg.errors import ConfigError
+    from lrcseg.models.export import export_weights
+    from lrcseg.models.pretrain_net import PretrainNetwork
+    from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint
+
+    path = Path(args.run)
+    ckpt = find_checkpoint(path) if path.is_dir() else path
+    if ckpt is None or not ckpt.is_file():
+        raise ConfigError(f"{args.run}: no pre-training checkpoint (final.pt or checkpoint.pt)")
+    state = load_checkpoint(ckpt)
+    if state.get("kind") != "pretrain":
+        raise ConfigError(f"{ckpt}: not a pre-training checkpoint (kind={state.get('kind')})")
+    cfg = from_dict(PretrainConfig, state["config"])
+    net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels)
+    net.load_state_dict(state["network"])
+    from lrcseg.config import to_dict
+
+    export_weights(net, cfg.model, cfg.preprocess.in_channels, preprocess=to_dict(cfg.preprocess),
+                   superpixels=to_dict(cfg.superpixels), out_path=Path(args.out))
+    print(f"exported {ckpt} (step {state['step']}) -> {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0

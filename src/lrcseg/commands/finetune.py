@@ -1,15 +1,57 @@
-"""Not implemented yet (see the open issues)."""
+"""Fine-tune a segmentation U-Net on K labelled volumes.
+
+Examples:
+  lrcseg finetune --dataset DATASET --init scratch --labeled 1 --seed 0 --out runs/ft_scratch
+  lrcseg finetune --dataset DATASET --init runs/moco_lrc --labeled 2 --out runs/ft_lrc
+  lrcseg finetune --dataset DATASET --init weights.pt --labeled 0.2 --out runs/ft
+Every initialisation gets the same step budget and hyper-parameters; the last checkpoint is
+the result. The labelled cases are drawn from --split-seed and written to split.json.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lrcseg.errors import LrcsegError
+from lrcseg.commands._run_options import add_run_arguments, run_overrides
+from lrcseg.config import FinetuneConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--dataset", default=None, help="labelled dataset (nnU-Net layout or datalist JSON)")
+    parser.add_argument("--init", default=None, help="scratch (default), a pre-training run folder, or weights file")
+    parser.add_argument("--labeled", type=float, default=None,
+                        help="number of labelled cases (>= 1) or a fraction (< 1)")
+    parser.add_argument("--split-seed", type=int, default=None, help="seed that draws the labelled cases")
+    parser.add_argument("--image-size", type=int, default=None, help="training crop side (pixels)")
+    parser.add_argument("--label-map", default=None, help="JSON mapping dataset labels onto the model's")
+    parser.add_argument("--allow-mismatch", action="store_true", default=None,
+                        help="warn instead of refusing when preprocessing differs from --init")
+    add_run_arguments(parser)
+
+
+def build_config(args: argparse.Namespace) -> FinetuneConfig:
+    overrides = run_overrides(args)
+    for key in ("dataset", "init", "labeled", "split_seed", "image_size", "label_map",
+                "allow_mismatch"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.steps is not None:  # the fine-tuning budget lives at the top level
+        overrides["steps"] = overrides["run"].pop("steps")
+    config_file = args.config
+    if args.resume and config_file is None:
+        config_file = Path(args.out) / "config.yaml"
+    return load_config(FinetuneConfig, config_file, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LrcsegError("'finetune' is not implemented yet")
+    from lrcseg.errors import ConfigError
+    from lrcseg.train.finetune import finetune
+
+    cfg = build_config(args)
+    if not cfg.dataset:
+        raise ConfigError("no --dataset given (and none in --config)")
+    run_dir = finetune(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"fine-tuning finished: {run_dir}")
+    return 0

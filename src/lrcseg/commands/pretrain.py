@@ -1,15 +1,64 @@
-"""Not implemented yet (see the open issues)."""
+"""Pre-train a U-Net with a global self-supervised method, with or without LRC.
+
+Examples:
+  lrcseg pretrain --data DATASET --method moco --lrc --out runs/moco_lrc
+  lrcseg pretrain --data DATASET --method moco --no-lrc --out runs/moco --steps 2000
+  lrcseg pretrain --out runs/moco_lrc --resume
+Slices and superpixel regions come from caches that are built on first use.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from lrcseg.errors import LrcsegError
+from lrcseg.commands._run_options import add_run_arguments, run_overrides, set_nested
+from lrcseg.config import PretrainConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--data", action="append", default=None,
+                        help="dataset, folder of volumes, NIfTI file or DICOM series (repeatable)")
+    parser.add_argument("--method", default=None, choices=["moco", "simclr", "byol", "none", "supervised"])
+    parser.add_argument("--lrc", dest="lrc", action="store_true", default=None, help="add the LRC loss (default)")
+    parser.add_argument("--no-lrc", dest="lrc", action="store_false", help="global method alone")
+    parser.add_argument("--lrc-weight", type=float, default=None, help="lambda in L = L_global + lambda L_LRC")
+    parser.add_argument("--lrc-temperature", type=float, default=None)
+    parser.add_argument("--lrc-variant", choices=["pixel", "region"], default=None)
+    parser.add_argument("--regions", choices=["felzenszwalb", "grid"], default=None,
+                        help="region source (grid = ablation)")
+    parser.add_argument("--image-size", type=int, default=None, help="side of each view (pixels)")
+    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    add_run_arguments(parser)
+
+
+def build_config(args: argparse.Namespace) -> PretrainConfig:
+    overrides = run_overrides(args)
+    if args.data:
+        overrides["data"] = args.data
+    if args.method:
+        overrides["method"] = args.method
+    set_nested(overrides, "lrc", "enabled", args.lrc)
+    set_nested(overrides, "lrc", "weight", args.lrc_weight)
+    set_nested(overrides, "lrc", "temperature", args.lrc_temperature)
+    set_nested(overrides, "lrc", "variant", args.lrc_variant)
+    set_nested(overrides, "superpixels", "method", args.regions)
+    set_nested(overrides, "augment", "image_size", args.image_size)
+    set_nested(overrides, "run", "compile", args.compile)
+    config_file = args.config
+    if args.resume and config_file is None:
+        from pathlib import Path
+
+        config_file = Path(args.out) / "config.yaml"
+    return load_config(PretrainConfig, config_file, overrides)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LrcsegError("'pretrain' is not implemented yet")
+    from lrcseg.errors import ConfigError
+    from lrcseg.train.pretrain import pretrain
+
+    cfg = build_config(args)
+    if not cfg.data:
+        raise ConfigError("no --data given (and none in --config)")
+    run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"pre-training finished: {run_dir}")
+    return 0

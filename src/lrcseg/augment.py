@@ -1,0 +1,199 @@
+"""Paired two-view augmentation for LRC pre-training, batched on CPU or GPU.
+
+Each view gets its own geometric transform (random resized crop, optional horizontal flip,
+small rotation) composed into one 2x3 affine per sample and applied with ``affine_grid`` /
+``grid_sample``: bilinear for the image, nearest for the region map, so region ids keep
+corresponding across the two views by construction. Intensity jitter (gamma, contrast,
+brightness, blur, noise) touches the image only. All randomness comes from the
+``torch.Generator`` passed in, so the output is a pure function of its seed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lrcseg.config import AugmentConfig
+
+#: candidate second crops drawn per sample before the fallback (vectorised over the batch)
+CROP_TRIES = 10
+#: fallback steps: the second crop's centre moves to c1 + t * (c2 - c1), largest t that works
+_FALLBACK_STEPS = (0.75, 0.5, 0.25, 0.0)
+
+
+def box_overlap(box1: Tensor, box2: Tensor) -> Tensor:
+    """Intersection area over the smaller box's area.
+
+    box*: (..., 4) float tensors (cx, cy, w, h) in fractions of the canvas (centre and size).
+    Returns (...) in [0, 1].
+    """
+    lo = torch.maximum(box1[..., :2] - box1[..., 2:] / 2, box2[..., :2] - box2[..., 2:] / 2)
+    hi = torch.minimum(box1[..., :2] + box1[..., 2:] / 2, box2[..., :2] + box2[..., 2:] / 2)
+    inter = (hi - lo).clamp(min=0).prod(-1)
+    smaller = torch.minimum(box1[..., 2:].prod(-1), box2[..., 2:].prod(-1))
+    return inter / smaller
+
+
+class PairedViewAugment:
+    """Two augmented views of a batch of slices and of their region maps.
+
+    cfg: AugmentConfig. Crop area ~ U(crop_scale) of the input canvas, aspect ratio (width /
+    height in pixels) log-uniform in crop_ratio, each side clipped to the canvas; the second
+    crop is drawn so the two crops overlap by >= min_overlap of the smaller one (rejection
+    sampling, CROP_TRIES candidates, then a fallback that moves the candidate's centre towards
+    the first crop, and as a last resort copies the first crop). Rotation ~ U(+-rotation_deg)
+    about the crop centre, flip with probability 1/2 if hflip. Out-of-canvas pixels get image
+    0 and region 0 (ignored).
+    Intensity, per sample, in this order: x <- x**g with g log-uniform in gamma;
+    x <- (x - mean(x)) * c + mean(x), c ~ U(1 +- contrast); x <- x + U(+-brightness);
+    Gaussian blur of std ~ U(blur_sigma) with probability blur_prob; x <- x + n * s with
+    n ~ N(0, 1) per pixel and s ~ U(0, noise_std) per sample. A zero amplitude skips the step.
+
+    Call with images (B, C, H, W) float, regions (B, H, W) integer, generator a CPU
+    torch.Generator; returns view1 (B, C, S, S), regions1 (B, S, S) long, view2, regions2 with
+    S = cfg.image_size, on the images' device.
+    """
+
+    def __init__(self, cfg: AugmentConfig):
+        if not isinstance(cfg, AugmentConfig):
+            raise ValueError(f"PairedViewAugment needs an AugmentConfig, got {type(cfg).__name__}")
+        self.cfg = cfg
+
+    def __call__(self, images: Tensor, regions: Tensor,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        if images.ndim != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float (B, C, H, W) tensor, got {tuple(images.shape)} "
+                             f"{images.dtype}")
+        b, _, h, w = images.shape
+        if regions.shape != (b, h, w):
+            raise ValueError(f"regions shape {tuple(regions.shape)} must be (B, H, W) = {(b, h, w)}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+        box1, box2 = self.sample_crop_pair(b, h, w, generator)
+        outputs = []
+        for box in (box1, box2):
+            theta = self.affine(box, h, w, generator).to(images.device)
+            view, view_regions = self._warp(images, regions, theta)
+            outputs += [self._intensity(view, generator), view_regions]
+        return outputs[0], outputs[1], outputs[2], outputs[3]
+
+    # ------------------------------------------------------------------ geometry
+    def sample_crops(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """n random resized crop boxes (n, 4) = (cx, cy, w, h) in fractions of the canvas."""
+        lo_s, hi_s = self.cfg.crop_scale
+        lo_r, hi_r = math.log(self.cfg.crop_ratio[0]), math.log(self.cfg.crop_ratio[1])
+        u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
+        area = (lo_s + (hi_s - lo_s) * u[:, 0]) * height * width
+        ratio = torch.exp(lo_r + (hi_r - lo_r) * u[:, 1])
+        bw = (torch.sqrt(area * ratio) / width).clamp(max=1.0)
+        bh = (torch.sqrt(area / ratio) / height).clamp(max=1.0)
+        cx = bw / 2 + u[:, 2] * (1 - bw)
+        cy = bh / 2 + u[:, 3] * (1 - bh)
+        return torch.stack([cx, cy, bw, bh], dim=1)
+
+    def sample_crop_pair(self, batch: int, height: int, width: int,
+                         generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Crop boxes (B, 4) for both views; box_overlap(box1, box2) >= cfg.min_overlap."""
+        need = self.cfg.min_overlap
+        box1 = self.sample_crops(batch, height, width, generator)
+        cand = self.sample_crops(CROP_TRIES * batch, height, width, generator).view(CROP_TRIES, batch, 4)
+        # Fallback candidates: the first try's centre pulled towards the first crop's centre.
+        first = cand[0]
+        half = first[:, 2:] / 2
+        pulled = []
+        for t in _FALLBACK_STEPS:
+            centre = box1[:, :2] + t * (first[:, :2] - box1[:, :2])
+            centre = torch.minimum(torch.maximum(centre, half), 1 - half)
+            pulled.append(torch.cat([centre, first[:, 2:]], dim=1))
+        cand = torch.cat([cand, torch.stack(pulled), box1[None]], dim=0)  # last: a copy of box1
+        ok = box_overlap(box1[None], cand) >= need
+        ok[-1] = True
+        pick = torch.argmax(ok.to(torch.int8), dim=0)  # first candidate that satisfies
+        box2 = cand[pick, torch.arange(batch)]
+        return box1, box2
+
+    def affine(self, boxes: Tensor, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """(B, 2, 3) float32 ``affine_grid`` matrices: output [-1, 1]^2 -> input normalised coords.
+
+        With half-sizes a = w*W/2, b = h*H/2 pixels, flip s = +-1 and rotation R(phi):
+        linear part diag(2/W, 2/H) @ R(phi) @ diag(s*a, b), translation (2*cx - 1, 2*cy - 1),
+        so the rotation is a true rotation in pixel space even on a non-square canvas.
+        """
+        n = boxes.shape[0]
+        u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        phi = math.radians(self.cfg.rotation_deg) * (2 * u[:, 0] - 1)
+        flip = torch.where((u[:, 1] < 0.5) & self.cfg.hflip, -1.0, 1.0).to(torch.float64)
+        a = boxes[:, 2] * width / 2 * flip
+        b = boxes[:, 3] * height / 2
+        cos, sin = torch.cos(phi), torch.sin(phi)
+        theta = torch.stack([
+            torch.stack([2 / width * cos * a, -2 / width * sin * b, 2 * boxes[:, 0] - 1], dim=1),
+            torch.stack([2 / height * sin * a, 2 / height * cos * b, 2 * boxes[:, 1] - 1], dim=1),
+        ], dim=1)
+        return theta.to(torch.float32)
+
+    def _warp(self, images: Tensor, regions: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+        b, c = images.shape[:2]
+        s = self.cfg.image_size
+        grid = F.affine_grid(theta, [b, c, s, s], align_corners=False)
+        view = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+        # float32 holds region ids exactly up to 2**24
+        ids = F.grid_sample(regions[:, None].to(torch.float32), grid, mode="nearest",
+                            padding_mode="zeros", align_corners=False)
+        return view, ids[:, 0].round().long()
+
+    # ------------------------------------------------------------------ intensity
+    def _intensity(self, view: Tensor, generator: torch.Generator) -> Tensor:
+        cfg = self.cfg
+        b = view.shape[0]
+        u = torch.rand(b, 6, generator=generator, dtype=torch.float64)
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        device = view.device
+
+        def per_sample(values: Tensor) -> Tensor:
+            return values.to(device=device, dtype=torch.float32).view(b, 1, 1, 1)
+
+        x = view.to(torch.float32)
+        lo_g, hi_g = cfg.gamma
+        if lo_g != 1.0 or hi_g != 1.0:
+            g = torch.exp(math.log(lo_g) + (math.log(hi_g) - math.log(lo_g)) * u[:, 0])
+            x = x.clamp(0, 1) ** per_sample(g)
+        if cfg.contrast > 0:
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            x = (x - mean) * per_sample(1 + cfg.contrast * (2 * u[:, 1] - 1)) + mean
+        if cfg.brightness > 0:
+            x = x + per_sample(cfg.brightness * (2 * u[:, 2] - 1))
+        if cfg.blur_prob > 0:
+            sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[:, 3]
+            x = _gaussian_blur(x, sigma, u[:, 4] < cfg.blur_prob, max(cfg.blur_sigma))
+        if cfg.noise_std > 0:
+            device_gen = torch.Generator(device=device).manual_seed(noise_seed)
+            noise = torch.randn(x.shape, generator=device_gen, device=device, dtype=torch.float32)
+            x = x + noise * per_sample(cfg.noise_std * u[:, 5])
+        return x.to(view.dtype)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:
+    """Separable Gaussian blur with a per-sample std; samples with ``apply`` False unchanged.
+
+    x: (B, C, H, W) float32; sigma, apply: (B,) CPU tensors. One grouped conv per axis with
+    kernels of radius ceil(3 * max_sigma), reflect padding.
+    """
+    b, c, h, w = x.shape
+    radius = max(1, min(int(math.ceil(3 * max_sigma)), h - 1, w - 1))
+    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-(t[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    delta = (t == 0).to(torch.float64).expand(b, -1)
+    kernel = torch.where(apply[:, None], kernel, delta)
+    kernel = kernel.repeat_interleave(c, dim=0).to(device=x.device, dtype=x.dtype)  # (B*C, K)
+    flat = x.reshape(1, b * c, h, w)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :],
+                    groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None],
+                    groups=b * c)
+    return flat.reshape(b, c, h, w)

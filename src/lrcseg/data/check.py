@@ -1,0 +1,91 @@
+"""``check_data``: read every case of a dataset and report geometry, intensities and labels.
+
+Errors are collected per case (a broken case does not stop the check of the others) as
+``{"case", "file", "message"}``; the result is the JSON object printed by
+``lrcseg check-data --json``::
+
+    {"root", "layout", "labels": {name: id} | null,
+     "cases": [{"id", "split", "image", "label", "shape": [x, y, z], "spacing_mm": [x, y, z],
+                "orientation": "RAS", "intensity_min", "intensity_max", "labels": [ids] | null}],
+     "errors": [{"case", "file", "message"}]}
+
+Shape and spacing are after canonical (RAS+) orientation; ``labels`` lists the ids present in
+the case's label map (null for an unlabelled case).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from lrcseg.data.layouts import Case, check_label_values, load_dataset
+from lrcseg.data.readers import read_image, read_label
+from lrcseg.errors import DataError
+
+
+def check_data(path: str | os.PathLike) -> dict:
+    """Validate the dataset, NIfTI file or DICOM folder at ``path`` (see module doc)."""
+    path = Path(path)
+    report: dict = {"root": str(path), "layout": None, "labels": None, "cases": [], "errors": []}
+    try:
+        ds = load_dataset(path)
+    except DataError as exc:
+        report["errors"].append({"case": None, "file": exc.path, "message": exc.message})
+        return report
+    report.update(root=str(ds.root), layout=ds.layout, labels=ds.labels)
+    for split, cases in (("training", ds.cases), ("test", ds.test_cases)):
+        for case in cases:
+            try:
+                report["cases"].append(_check_case(case, split, ds.labels))
+            except DataError as exc:
+                report["errors"].append({"case": case.id, "file": exc.path, "message": exc.message})
+    return report
+
+
+def _check_case(case: Case, split: str, declared: dict[str, int] | None) -> dict:
+    image = read_image(case.image)
+    present = None
+    if case.label is not None:
+        label = read_label(case.label, image)
+        if declared is not None:
+            check_label_values(label.array, declared, case.label)
+        present = [int(v) for v in np.unique(label.array)]
+    return {
+        "id": case.id,
+        "split": split,
+        "image": str(case.image),
+        "label": None if case.label is None else str(case.label),
+        "shape": list(image.shape),
+        "spacing_mm": [round(s, 6) for s in image.spacing],
+        "orientation": "".join(nib.aff2axcodes(image.affine)),
+        "intensity_min": float(image.array.min()),
+        "intensity_max": float(image.array.max()),
+        "labels": present,
+    }
+
+
+def format_report(report: dict) -> str:
+    """A human-readable table of the cases, then the errors and a one-line summary."""
+    header = ["case", "split", "shape (x,y,z)", "spacing mm", "orient", "HU min..max", "labels"]
+    rows = [[c["id"], c["split"], "x".join(map(str, c["shape"])),
+             "x".join(f"{s:.3g}" for s in c["spacing_mm"]), c["orientation"],
+             f"{c['intensity_min']:.0f}..{c['intensity_max']:.0f}",
+             "-" if c["labels"] is None else ",".join(map(str, c["labels"]))]
+            for c in report["cases"]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [f"{report['root']}  layout: {report['layout'] or '?'}"]
+    if report["labels"]:
+        lines.append("labels: " + ", ".join(f"{i}={n}" for n, i in
+                                             sorted(report["labels"].items(), key=lambda kv: kv[1])))
+    if rows:
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    for e in report["errors"]:
+        who = f"[{e['case']}] " if e["case"] else ""
+        lines.append(f"ERROR {who}{e['file']}: {e['message']}")
+    n_err = len(report["errors"])
+    lines.append(f"{len(report['cases'])} case(s) ok, {n_err} error(s)")
+    return "\n".join(lines)

@@ -1,0 +1,368 @@
+"""Dataset layouts users already have: find the cases, their labels and label names.
+
+Accepted (``load_dataset`` picks by what it finds):
+- ``nnunet``: an nnU-Net v2 raw folder: ``dataset.json`` (``labels`` name -> id,
+  ``channel_names``, ``file_ending``), ``imagesTr/<case>_0000<ending>``, ``labelsTr/<case><ending>``,
+  optional ``imagesTs``/``labelsTs``. Only channel ``_0000`` (CT) is used.
+- ``datalist``: an MSD-style JSON ``{"training": [{"image": ..., "label": ...}], "test": [...]}``
+  with paths relative to the JSON file (also a folder whose ``dataset.json`` has "training").
+- ``folder``: any folder, searched recursively for NIfTI files and DICOM series folders
+  (a folder holding ``.dcm`` files or files with the DICM magic); unlabelled.
+- ``single``: one NIfTI file or one DICOM series folder.
+
+``<root>/splits.json`` (``{"train": [ids], "val": [ids], ...}``), if present, becomes
+``Dataset.splits``. Splits are made with :func:`split_cases`; label maps with
+:func:`apply_label_map`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lrcseg.data.readers import is_dicom_file, is_nifti, list_dicom_files
+from lrcseg.errors import ConfigError, DataError
+from lrcseg.io_utils import atomic_write_json
+
+
+@dataclass
+class Case:
+    """One volume: ``image`` is a NIfTI file or a DICOM series folder; ``label`` NIfTI or None."""
+
+    id: str
+    image: Path
+    label: Path | None = None
+
+
+@dataclass
+class Dataset:
+    """Cases of a dataset; ``labels`` maps name -> id with "background": 0 when known."""
+
+    root: Path
+    layout: str
+    cases: list[Case]
+    test_cases: list[Case] = field(default_factory=list)
+    labels: dict[str, int] | None = None
+    splits: dict[str, list[str]] | None = None
+
+    @property
+    def all_cases(self) -> list[Case]:
+        return [*self.cases, *self.test_cases]
+
+    def case(self, case_id: str) -> Case:
+        for c in self.all_cases:
+            if c.id == case_id:
+                return c
+        raise KeyError(f"no case {case_id!r} in {self.root}")
+
+
+def load_dataset(path: str | os.PathLike) -> Dataset:
+    """Recognise the layout at ``path`` and list its cases (no pixel data is read).
+
+    Raises DataError naming the file for a missing path, unreadable/invalid JSON, missing image
+    or label files, or a folder without any image.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "dataset path not found")
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            data = _read_json(path)
+            if isinstance(data, dict) and "training" in data:
+                return _finish(_load_datalist(path, data), path.parent)
+            if path.name == "dataset.json":
+                return _finish(_load_nnunet(path.parent), path.parent)
+            raise DataError(path, "JSON file is neither an nnU-Net dataset.json nor a datalist "
+                                  "with a 'training' list")
+        if is_nifti(path):
+            return Dataset(path.parent, "single", [Case(_strip_nifti(path.name), path)])
+        raise DataError(path, "not a dataset: expected a folder, a datalist JSON, a NIfTI file "
+                              "or a DICOM series folder")
+    dataset_json = path / "dataset.json"
+    if dataset_json.is_file():
+        data = _read_json(dataset_json)
+        if isinstance(data, dict) and "training" in data:
+            return _finish(_load_datalist(dataset_json, data), path)
+        return _finish(_load_nnunet(path), path)
+    if list_dicom_files(path) and not any(p.is_dir() for p in path.iterdir()):
+        return Dataset(path, "single", [Case(path.name, path)])
+    return _finish(_load_folder(path), path)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def _load_nnunet(root: Path) -> Dataset:
+    meta_path = root / "dataset.json"
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise DataError(meta_path, "dataset.json has no 'labels' (name -> id) entry")
+    labels = _parse_labels(meta["labels"], meta_path)
+    ending = str(meta.get("file_ending", ".nii.gz"))
+    if not is_nifti("x" + ending):
+        raise DataError(meta_path, f"file_ending {ending!r} is not supported: use .nii.gz or .nii")
+    channels = meta.get("channel_names", {"0": "CT"})
+    if not isinstance(channels, dict) or "0" not in {str(k) for k in channels}:
+        raise DataError(meta_path, "channel_names must map '0' to the CT channel")
+    train = _nnunet_split(root, "imagesTr", "labelsTr", ending)
+    test = _nnunet_split(root, "imagesTs", "labelsTs", ending)
+    if not train and not test:
+        raise DataError(root, f"no images (*_0000{ending}) in imagesTr or imagesTs")
+    return Dataset(root, "nnunet", train, test, labels)
+
+
+def _nnunet_split(root: Path, images: str, labels: str, ending: str) -> list[Case]:
+    image_dir, label_dir = root / images, root / labels
+    suffix = "_0000" + ending
+    cases = []
+    if image_dir.is_dir():
+        for f in sorted(image_dir.iterdir()):
+            if f.name.endswith(suffix) and not f.name.startswith("."):
+                cid = f.name[: -len(suffix)]
+                label = label_dir / (cid + ending) if label_dir.is_dir() else None
+                if label is not None and not label.is_file():
+                    raise DataError(label, f"missing label file for image {f}")
+                cases.append(Case(cid, f, label))
+    if label_dir.is_dir():
+        known = {c.id for c in cases}
+        for f in sorted(label_dir.iterdir()):
+            if f.name.endswith(ending) and f.name[: -len(ending)] not in known:
+                raise DataError(image_dir / (f.name[: -len(ending)] + suffix),
+                                f"missing image file for label {f}")
+    return cases
+
+
+def _load_datalist(json_path: Path, data: dict) -> Dataset:
+    base = json_path.parent
+    labels = _parse_labels(data["labels"], json_path) if "labels" in data else None
+    train = _datalist_cases(json_path, base, data.get("training"), "training")
+    test = _datalist_cases(json_path, base, data.get("test", []), "test")
+    if not train and not test:
+        raise DataError(json_path, "datalist has no 'training' or 'test' entries")
+    return Dataset(base, "datalist", train, test, labels)
+
+
+def _datalist_cases(json_path: Path, base: Path, entries, section: str) -> list[Case]:
+    if not isinstance(entries, list):
+        raise DataError(json_path, f"'{section}' must be a list of entries")
+    cases, seen = [], set()
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DataError(json_path, f"'{section}'[{i}] needs an 'image' path")
+        image = (base / entry["image"]).resolve()
+        if not image.exists():
+            raise DataError(image, f"missing image file (listed in {json_path})")
+        label = None
+        if entry.get("label"):
+            label = (base / entry["label"]).resolve()
+            if not label.exists():
+                raise DataError(label, f"missing label file (listed in {json_path})")
+        cid = str(entry.get("id") or _strip_nifti(image.name))
+        if cid in seen:
+            raise DataError(json_path, f"two '{section}' entries have the case id {cid!r}")
+        seen.add(cid)
+        cases.append(Case(cid, image, label))
+    return cases
+
+
+def _load_folder(root: Path) -> Dataset:
+    cases = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        here = Path(dirpath)
+        if any(is_dicom_file(here / f) for f in filenames if not f.startswith(".")):
+            cases.append(Case(_relative_id(here, root), here))
+        for f in sorted(filenames):
+            if is_nifti(f) and not f.startswith("."):
+                cases.append(Case(_relative_id(here / _strip_nifti(f), root), here / f))
+    if not cases:
+        raise DataError(root, "no NIfTI files or DICOM series found (folder empty?)")
+    ids = [c.id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataError(root, f"ambiguous case ids {dup} (same name as .nii and .nii.gz?)")
+    return Dataset(root, "folder", sorted(cases, key=lambda c: c.id))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _finish(ds: Dataset, root: Path) -> Dataset:
+    splits_path = root / "splits.json"
+    if splits_path.is_file():
+        ds.splits = load_splits(splits_path, {c.id for c in ds.all_cases})
+    return ds
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read file ({exc})") from exc
+
+
+def _parse_labels(raw, path: Path) -> dict[str, int]:
+    """nnU-Net v2 ``{name: id}`` or MSD ``{"id": name}`` -> ``{name: id}`` with background 0."""
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(path, "'labels' must be a non-empty mapping")
+    if all(isinstance(v, str) for v in raw.values()):  # MSD: "0": "background"
+        try:
+            pairs = {str(name): int(k) for k, name in raw.items()}
+        except ValueError as exc:
+            raise DataError(path, f"'labels' keys must be integer ids ({exc})") from exc
+    else:
+        pairs = {}
+        for name, value in raw.items():
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise DataError(path, f"label {name!r} has id {value!r}: need an integer "
+                                      "(region-based labels are not supported)")
+            pairs[str(name)] = value
+    ids = list(pairs.values())
+    if len(set(ids)) != len(ids):
+        raise DataError(path, f"'labels' assigns one id to several names: {pairs}")
+    if 0 not in ids:
+        raise DataError(path, "'labels' must declare background with id 0")
+    return pairs
+
+
+def _strip_nifti(name: str) -> str:
+    for ending in (".nii.gz", ".nii"):
+        if name.lower().endswith(ending):
+            return name[: -len(ending)]
+    return name
+
+
+def _relative_id(path: Path, root: Path) -> str:
+    rel = path.relative_to(root).as_posix()
+    return rel.replace("/", "__") if rel != "." else root.name
+
+
+def check_label_values(label: np.ndarray, labels: dict[str, int], path: str | os.PathLike) -> None:
+    """DataError naming ``path`` if ``label`` holds ids not declared in ``labels``."""
+    present = np.unique(label)
+    undeclared = sorted(set(int(v) for v in present) - set(labels.values()))
+    if undeclared:
+        raise DataError(path, f"label values {undeclared} are not declared in dataset.json "
+                              f"(declared: {sorted(labels.values())})")
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def split_cases(ids, sizes: dict[str, float | int], seed: int = 0) -> dict[str, list[str]]:
+    """Seeded case-level split of ``ids`` into named parts.
+
+    sizes: ``{name: count}`` (ints, sum <= len(ids)) or ``{name: fraction}`` (floats in (0, 1],
+    sum <= 1; counts by largest remainder). The ids are sorted, permuted with
+    ``numpy.random.default_rng(seed)`` and cut into consecutive parts in the order of ``sizes``;
+    each part is returned sorted. Same ids + sizes + seed = same split on any machine.
+    """
+    ids = sorted(set(str(i) for i in ids))
+    n = len(ids)
+    if not sizes:
+        raise ValueError("split_cases needs at least one part")
+    values = list(sizes.values())
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if any(v < 0 for v in values) or sum(values) > n:
+            raise ValueError(f"Illegal split counts {sizes}: need >= 0 and sum <= {n} cases")
+        counts = values
+    else:
+        if any(not 0 <= v <= 1 for v in values) or sum(values) > 1 + 1e-9:
+            raise ValueError(f"Illegal split fractions {sizes}: need 0..1 and sum <= 1")
+        exact = [v * n for v in values]
+        counts = [math.floor(e) for e in exact]
+        total = min(n, round(sum(exact)))
+        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+            counts[i] += 1
+    order = np.random.default_rng(seed).permutation(n)
+    out, start = {}, 0
+    for name, count in zip(sizes, counts, strict=True):
+        out[name] = sorted(ids[i] for i in order[start:start + count])
+        start += count
+    return out
+
+
+def save_splits(path: str | os.PathLike, splits: dict[str, list[str]]) -> None:
+    """Write splits as JSON (atomic), e.g. into a run folder."""
+    atomic_write_json(path, {k: list(v) for k, v in splits.items()})
+
+
+def load_splits(path: str | os.PathLike, known_ids: set[str] | None = None) -> dict[str, list[str]]:
+    """Read ``splits.json``; with ``known_ids``, every listed id must be a case of the dataset."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict) or not all(
+            isinstance(v, list) and all(isinstance(i, str) for i in v) for v in data.values()):
+        raise DataError(path, "splits.json must map split names to lists of case ids")
+    if known_ids is not None:
+        unknown = sorted({i for v in data.values() for i in v} - known_ids)
+        if unknown:
+            raise DataError(path, f"unknown case ids {unknown[:5]} in splits")
+    return {str(k): list(v) for k, v in data.items()}
+
+
+# --------------------------------------------------------------------------- label maps
+
+
+def load_label_map(path: str | os.PathLike) -> dict[str, str]:
+    """Parse a ``--label-map`` JSON file: ``{dataset name or id: model name}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "label map file not found")
+    data = _read_json(path)
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise DataError(path, "a label map must be a JSON object {dataset name or id: model name}")
+    return {str(k): v for k, v in data.items()}
+
+
+def label_lookup(dataset_labels: dict[str, int], model_labels: dict[str, int],
+                 mapping: dict[str, str] | None = None) -> dict[int, int]:
+    """Dataset id -> model id.
+
+    A dataset label goes to ``mapping[name]`` or ``mapping[str(id)]`` if given, else to the
+    model label of the same name, else to background 0. Raises ConfigError for mapping keys
+    that are not dataset labels or targets that are not model labels.
+    """
+    mapping = dict(mapping or {})
+    by_key = {**{n: i for n, i in dataset_labels.items()},
+              **{str(i): i for i in dataset_labels.values()}}
+    for key, target in mapping.items():
+        if key not in by_key:
+            raise ConfigError(f"label map: {key!r} is not a dataset label "
+                              f"(known: {sorted(dataset_labels)})")
+        if target not in model_labels:
+            raise ConfigError(f"label map: {target!r} is not a model label "
+                              f"(known: {sorted(model_labels)})")
+    lut = {}
+    for name, did in dataset_labels.items():
+        target = mapping.get(name, mapping.get(str(did), name))
+        lut[did] = model_labels.get(target, 0)
+    lut[0] = 0
+    return lut
+
+
+def apply_label_map(label_array: np.ndarray, dataset_labels: dict[str, int],
+                    model_labels: dict[str, int], mapping: dict[str, str] | None = None) -> np.ndarray:
+    """Relabel ``label_array`` (any shape, dataset ids) to model ids via :func:`label_lookup`.
+
+    Returns an int16 array of the same shape. Values not declared in ``dataset_labels`` raise
+    ValueError.
+    """
+    lut = label_lookup(dataset_labels, model_labels, mapping)
+    present = set(int(v) for v in np.unique(label_array))
+    undeclared = sorted(present - set(lut))
+    if undeclared:
+        raise ValueError(f"label values {undeclared} are not dataset labels")
+    table = np.zeros(max(lut) + 1, dtype=np.int16)
+    for did, mid in lut.items():
+        table[did] = mid
+    return table[np.asarray(label_array, dtype=np.int64)]

@@ -1,0 +1,106 @@
+"""Torch datasets of 2D slices read from the slice (and region) caches.
+
+Slices of different volumes differ in size; each is centre-padded to one square canvas
+(image 0 = the bottom of the window, regions 0 = ignore, labels 0 = background) so batches
+stack. The canvas is the largest slice side in the data, rounded up to a multiple of 32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from lrcseg.data.preprocess import stack_context
+
+
+def canvas_size(volumes: Sequence, multiple: int = 32) -> int:
+    """Smallest multiple of ``multiple`` holding every slice of ``volumes`` (H and W)."""
+    side = max(max(v.image.shape[2], v.image.shape[3]) for v in volumes)
+    return int(-(-side // multiple) * multiple)
+
+
+def pad_to_canvas(array: np.ndarray, canvas: int) -> np.ndarray:
+    """Centre-pad the last two axes of ``array`` (..., H, W) with zeros to (canvas, canvas)."""
+    h, w = array.shape[-2:]
+    if h > canvas or w > canvas:
+        raise ValueError(f"slice {h}x{w} larger than canvas {canvas}")
+    top, left = (canvas - h) // 2, (canvas - w) // 2
+    pad = [(0, 0)] * (array.ndim - 2) + [(top, canvas - h - top), (left, canvas - w - left)]
+    return np.pad(array, pad)
+
+
+def body_slices(volumes: Sequence, min_body_fraction: float = 0.05) -> list[tuple[int, int]]:
+    """(volume index, z) of every slice whose body covers at least ``min_body_fraction``."""
+    index = []
+    for i, v in enumerate(volumes):
+        fraction = np.asarray(v.body).reshape(v.body.shape[0], -1).mean(axis=1)
+        index.extend((i, int(z)) for z in np.flatnonzero(fraction >= min_body_fraction))
+    return index
+
+
+class PretrainSlices(Dataset):
+    """Unlabelled slices with their superpixel regions for pre-training.
+
+    Item: {"image": (C, S, S) float32 in [0, 1], "regions": (S, S) int64 (0 = ignore),
+    "organs": (S, S) int64 organ labels or -1 everywhere when unlabelled} where
+    C = windows x context slices and S the canvas side.
+    """
+
+    def __init__(self, volumes: Sequence, regions: Sequence[np.ndarray], context_slices: int,
+                 canvas: int | None = None, with_organs: bool = False,
+                 min_body_fraction: float = 0.05):
+        if len(volumes) != len(regions):
+            raise ValueError(f"{len(volumes)} volumes but {len(regions)} region maps")
+        self.volumes, self.regions = list(volumes), list(regions)
+        self.context_slices = context_slices
+        self.canvas = canvas or canvas_size(self.volumes)
+        self.with_organs = with_organs
+        self.index = body_slices(self.volumes, min_body_fraction)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        v, z = self.index[i]
+        vol = self.volumes[v]
+        image = stack_context(vol.image, z, self.context_slices)
+        regions = np.asarray(self.regions[v][z], dtype=np.int64)
+        if self.with_organs and vol.label is not None:
+            organs = np.asarray(vol.label[z], dtype=np.int64)
+        else:
+            organs = np.full(regions.shape, -1, dtype=np.int64)
+        return {
+            "image": torch.from_numpy(pad_to_canvas(image, self.canvas).astype(np.float32)),
+            "regions": torch.from_numpy(pad_to_canvas(regions, self.canvas)),
+            "organs": torch.from_numpy(pad_to_canvas(organs + 1, self.canvas) - 1),
+        }
+
+
+class LabelledSlices(Dataset):
+    """Labelled slices for fine-tuning: {"image": (C, S, S) float32, "label": (S, S) int64}."""
+
+    def __init__(self, volumes: Sequence, context_slices: int, canvas: int | None = None,
+                 min_body_fraction: float = 0.05):
+        for v in volumes:
+            if v.label is None:
+                raise ValueError(f"case {v.case_id} has no label")
+        self.volumes = list(volumes)
+        self.context_slices = context_slices
+        self.canvas = canvas or canvas_size(self.volumes)
+        self.index = body_slices(self.volumes, min_body_fraction)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        v, z = self.index[i]
+        vol = self.volumes[v]
+        image = stack_context(vol.image, z, self.context_slices)
+        label = np.asarray(vol.label[z], dtype=np.int64)
+        return {
+            "image": torch.from_numpy(pad_to_canvas(image, self.canvas).astype(np.float32)),
+            "label": torch.from_numpy(pad_to_canvas(label, self.canvas)),
+        }

@@ -1,0 +1,91 @@
+"""Evaluate a fine-tuned model on a dataset split: predictions, metrics, figures.
+
+Kept apart from ``evaluate.py`` (pure metrics) because it reads data and runs the network.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lrcseg.data.layouts import Dataset, apply_label_map, load_dataset, load_label_map
+from lrcseg.data.readers import read_image, read_label
+from lrcseg.errors import ConfigError
+from lrcseg.evaluate import SegmentationMetrics
+from lrcseg.inference import predict_labels
+from lrcseg.train.finetune import load_finetuned
+
+
+def split_cases(dataset: Dataset, split: str) -> list:
+    """Cases of ``split``: from splits.json if the dataset has one, else imagesTs ("test") or
+    imagesTr ("train"); only cases with a label can be evaluated."""
+    if dataset.splits and split in dataset.splits:
+        wanted = dataset.splits[split]
+        by_id = {c.id: c for c in dataset.all_cases}
+        cases = [by_id[i] for i in wanted if i in by_id]
+    elif split == "test":
+        cases = dataset.test_cases
+    elif split == "train":
+        cases = dataset.cases
+    elif split == "all":
+        cases = dataset.all_cases
+    else:
+        raise ConfigError(f"{dataset.root}: no split {split!r} (splits.json has "
+                          f"{sorted(dataset.splits or {})})")
+    cases = [c for c in cases if c.label is not None]
+    if not cases:
+        raise ConfigError(f"{dataset.root}: no labelled cases in split {split!r}")
+    return cases
+
+
+def check_label_names(model_labels: dict[str, int], dataset_labels: dict[str, int] | None,
+                      label_map: dict[str, str] | None, where: Path) -> None:
+    """Refuse a dataset whose label names differ from the model's unless a label map is given."""
+    if dataset_labels is None:
+        raise ConfigError(f"{where}: the dataset declares no label names (dataset.json 'labels')")
+    if label_map is None and set(dataset_labels) != set(model_labels):
+        only_data = sorted(set(dataset_labels) - set(model_labels))
+        only_model = sorted(set(model_labels) - set(dataset_labels))
+        raise ConfigError(f"{where}: label names differ from the model's (only in the dataset: "
+                          f"{only_data}; only in the model: {only_model}); pass --label-map")
+
+
+def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str = "test",
+                   device: str | torch.device = "cpu", label_map_path: str | None = None,
+                   figures_dir: Path | None = None, progress: bool = True,
+                   batch_size: int = 8) -> dict[str, Any]:
+    """Per-case, per-organ Dice/HD95 of the model at ``model_path`` on ``split``."""
+    model, meta = load_finetuned(model_path, device)
+    dataset = load_dataset(dataset_path)
+    label_map = load_label_map(label_map_path) if label_map_path else None
+    check_label_names(meta["labels"], dataset.labels, label_map, Path(dataset_path))
+    organs = {n: i for n, i in meta["labels"].items() if i != 0}
+    metrics = SegmentationMetrics(organs)
+    num_classes = max(meta["labels"].values()) + 1
+    for case in tqdm(split_cases(dataset, split), desc="evaluate", disable=not progress):
+        image = read_image(case.image)
+        ref = read_label(case.label, image)
+        ref_ids = apply_label_map(ref.array, dataset.labels, meta["labels"], label_map)
+        pred = predict_labels(model, image, meta["preprocess"], device=device,
+                              batch_size=batch_size, num_classes=num_classes)
+        metrics.add(case.id, pred, ref_ids, image.spacing)
+        if figures_dir is not None:
+            write_case_figure(figures_dir / f"{case.id}.png", image, ref_ids, pred,
+                              meta["labels"], case.id)
+    return metrics.result()
+
+
+def write_case_figure(path: Path, image, ref: np.ndarray, pred: np.ndarray,
+                      labels: dict[str, int], title: str) -> None:
+    """Overlay figure of the axial slice with the most reference foreground."""
+    from lrcseg.viz import prediction_figure
+
+    z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
+    lo, hi = -175.0, 250.0
+    slice_hu = np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1)
+    prediction_figure(slice_hu, ref[:, :, z], pred[:, :, z], path, title=f"{title} z={z}",
+                      label_names=labels, spacing_xy=image.spacing[:2])

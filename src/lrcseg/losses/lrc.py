@@ -1,0 +1,333 @@
+"""Localized Region Contrast (LRC): the contrastive sampling loss over superpixel regions.
+
+Yan et al., "Localized Region Contrast for Enhancing Self-supervised Learning in Medical Image
+Segmentation", MICCAI 2023 (arXiv:2304.03406). The paper gives no formula or code; this is our
+reconstruction, LRC_METHOD.md section 6.
+
+Pipeline for a batch of two views (all steps batched, no Python loop over images or regions):
+
+1. ``downsample_regions``: region maps (B, H, W) -> (B, h, w) at the feature resolution by
+   nearest neighbour, taking the pixel at the centre of each (H/h x W/w) cell.
+2. ``valid_regions``: region r of image b is valid if it has >= p_min pixels in *both* views
+   (id 0 = outside the body is never valid).
+3. ``sample_regions``: per image, N valid regions without replacement with probability
+   proportional to their area (pixels in view 1 + view 2), then P pixels per sampled region
+   and view, uniformly among the region's pixels (without replacement when the region has
+   >= P pixels, otherwise cycling through all of them). Images with < 2 valid regions
+   contribute nothing.
+4. The loss (``variant``):
+
+   - "pixel" (default): every sampled pixel i of view 1 is an anchor, with embedding z_i;
+     its contrast set A(i) is the sampled pixels of view 2 in the same image
+     (``negatives="image"``) or in the whole batch (``"batch"``); its positives Pos(i) are
+     those of the same region. Multi-positive InfoNCE (SupCon, Khosla et al. 2020)::
+
+         l_i = -1/|Pos(i)| sum_{p in Pos(i)} log( exp(z_i.z'_p / t) / sum_{a in A(i)} exp(z_i.z'_a / t) )
+
+   - "region" (DetCon-like, Henaff et al. 2021): z_r = normalize(mean of the features over
+     *all* pixels of region r at feature resolution); anchors are the sampled regions of
+     view 1, A(i) the sampled regions of view 2 (image or batch), one positive each.
+
+   The loss is symmetric, L = (mean_i l_i(view 1 -> 2) + mean_i l_i(view 2 -> 1)) / 2, with
+   the mean over the valid anchors of the batch. Without any valid anchor it is an exact 0
+   that still depends on the features (finite gradients, never NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Logit for pairs outside the contrast set: exp() underflows to 0, yet stays finite (no NaN
+# gradients for rows that have no valid entry at all).
+_EXCLUDED_LOGIT = -1e9
+
+
+@dataclass
+class RegionSample:
+    """The random part of the LRC loss, so a reference implementation can reuse it.
+
+    region_ids: (B, N) long, sampled region ids per image (N = min(num_regions, R + 1)).
+    valid: (B, N) bool, which slots hold a real sample (a valid region of an image with at
+        least 2 valid regions); other slots are padding and are ignored.
+    pixels1, pixels2: (B, N, P) long, flat pixel indices (row * w + col) at the feature
+        resolution of each view, P per sampled region.
+    counts1, counts2: (B, R + 1) long, pixels per region id in each view (feature resolution).
+    valid_regions: (B, R + 1) bool, ``valid_regions(...)`` of the two views.
+    """
+
+    region_ids: Tensor
+    valid: Tensor
+    pixels1: Tensor
+    pixels2: Tensor
+    counts1: Tensor
+    counts2: Tensor
+    valid_regions: Tensor
+
+
+def downsample_regions(regions: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest-neighbour downsampling of region maps (B, H, W) -> (B, h, w), long.
+
+    Output pixel (i, j) takes the input pixel at floor((i + 0.5) H / h), floor((j + 0.5) W / w):
+    the centre of its cell (for H = 4h, row 4i + 2), which is where a stride-4 feature is
+    centred, rather than the cell's top-left corner as ``F.interpolate(mode="nearest")`` does.
+    """
+    if regions.ndim != 3:
+        raise ValueError(f"regions must be (B, H, W), got shape {tuple(regions.shape)}")
+    H, W = regions.shape[-2:]
+    h, w = size
+    rows = ((torch.arange(h, device=regions.device) + 0.5) * (H / h)).long().clamp_(max=H - 1)
+    cols = ((torch.arange(w, device=regions.device) + 0.5) * (W / w)).long().clamp_(max=W - 1)
+    return regions[:, rows][:, :, cols].long()
+
+
+def region_counts(regions_lr: Tensor, num_ids: int) -> Tensor:
+    """Pixels per region id: (B, h, w) long ids in [0, num_ids) -> (B, num_ids) long."""
+    B = regions_lr.shape[0]
+    offsets = torch.arange(B, device=regions_lr.device)[:, None] * num_ids
+    flat = (regions_lr.reshape(B, -1) + offsets).reshape(-1)
+    return torch.bincount(flat, minlength=B * num_ids).view(B, num_ids)
+
+
+def _counts_and_validity(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int
+                         ) -> tuple[Tensor, Tensor, Tensor]:
+    """Counts (B, R + 1) of both views and the validity mask (B, R + 1), R = largest id."""
+    num_ids = int(max(regions1_lr.max(), regions2_lr.max())) + 1
+    counts1 = region_counts(regions1_lr, num_ids)
+    counts2 = region_counts(regions2_lr, num_ids)
+    valid = (counts1 >= min_pixels) & (counts2 >= min_pixels)
+    valid[:, 0] = False
+    return counts1, counts2, valid
+
+
+def valid_regions(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int) -> Tensor:
+    """(B, R + 1) bool: region r is valid if it has >= min_pixels pixels in both views.
+
+    regions*_lr: (B, h, w) integer region maps at feature resolution (ids 0..R, 0 = ignore);
+    R is the largest id in either view. Id 0 is never valid.
+    """
+    return _counts_and_validity(regions1_lr, regions2_lr, min_pixels)[2]
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
+    """Uniform [0, 1) on the generator's device (a CPU generator may drive a GPU run)."""
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def _sample_pixels(
+    regions_lr: Tensor, counts: Tensor, region_ids: Tensor, pixels_per_region: int,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """P uniformly drawn pixels per sampled region: (B, N) ids -> (B, N, P) flat indices.
+
+    Pixels are put in random order (random keys), then stably sorted by region id, so each
+    region's pixels form one contiguous, randomly ordered run starting at the exclusive
+    cumulative count; the first P of the run are taken (cyclically if the run is shorter).
+    """
+    B = regions_lr.shape[0]
+    ids = regions_lr.reshape(B, -1)
+    hw = ids.shape[1]
+    shuffled = torch.argsort(_rand((B, hw), generator, ids.device), dim=1)
+    by_region = torch.argsort(ids.gather(1, shuffled), dim=1, stable=True)
+    grouped = shuffled.gather(1, by_region)
+    starts = (torch.cumsum(counts, dim=1) - counts).gather(1, region_ids)
+    sizes = counts.gather(1, region_ids).clamp(min=1)
+    offsets = torch.arange(pixels_per_region, device=ids.device)
+    positions = (starts[..., None] + offsets % sizes[..., None]).clamp(max=hw - 1)
+    return grouped.gather(1, positions.reshape(B, -1)).view(B, -1, pixels_per_region)
+
+
+def sample_regions(
+    regions1_lr: Tensor, regions2_lr: Tensor, num_regions: int, pixels_per_region: int,
+    min_pixels: int, generator: torch.Generator | None = None,
+) -> RegionSample:
+    """Area-proportional region sampling and uniform pixel sampling (steps 2-3 above).
+
+    regions*_lr: (B, h, w) long region maps of the two views at feature resolution.
+    Regions are drawn without replacement with probability proportional to their area
+    a_r = count_view1(r) + count_view2(r), by Efraimidis-Spirakis keys u^(1/a_r) (top-N of
+    the keys = sequential weighted sampling without replacement; invalid regions get key -1
+    and are never chosen before a valid one). All randomness comes from ``generator``: region
+    keys (B, R + 1), then pixel keys of view 1 (B, h*w), then of view 2.
+    """
+    if regions1_lr.shape[0] != regions2_lr.shape[0]:
+        raise ValueError("the two views' region maps have different batch sizes")
+    counts1, counts2, valid = _counts_and_validity(regions1_lr, regions2_lr, min_pixels)
+    B, num_ids = valid.shape
+    area = (counts1 + counts2).double()
+    keys = _rand((B, num_ids), generator, valid.device).double().pow(1.0 / area.clamp(min=1))
+    keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
+    n = min(num_regions, num_ids)
+    region_ids = torch.topk(keys, n, dim=1).indices
+    enough = valid.sum(dim=1, keepdim=True) >= 2
+    slot_valid = valid.gather(1, region_ids) & enough
+    pixels1 = _sample_pixels(regions1_lr, counts1, region_ids, pixels_per_region, generator)
+    pixels2 = _sample_pixels(regions2_lr, counts2, region_ids, pixels_per_region, generator)
+    return RegionSample(region_ids, slot_valid, pixels1, pixels2, counts1, counts2, valid)
+
+
+def region_means(feat: Tensor, regions_lr: Tensor, num_ids: int) -> Tensor:
+    """Segment means by ``index_add_``: feat (B, D, h, w), ids (B, h, w) -> (B, num_ids, D).
+
+    Regions absent from an image get a zero vector.
+    """
+    B, D = feat.shape[:2]
+    flat = feat.reshape(B, D, -1).transpose(1, 2).reshape(-1, D)
+    index = (regions_lr.reshape(B, -1) + torch.arange(B, device=feat.device)[:, None] * num_ids).reshape(-1)
+    sums = flat.new_zeros(B * num_ids, D).index_add_(0, index, flat)
+    counts = torch.bincount(index, minlength=B * num_ids).clamp(min=1).to(flat.dtype)
+    return (sums / counts[:, None]).view(B, num_ids, D)
+
+
+def _gather_pixels(feat: Tensor, pixels: Tensor) -> Tensor:
+    """feat (B, D, h, w), pixels (B, N, P) -> (B, N * P, D)."""
+    B, D = feat.shape[:2]
+    index = pixels.reshape(B, 1, -1).expand(B, D, -1)
+    return feat.reshape(B, D, -1).gather(2, index).transpose(1, 2)
+
+
+def _symmetric_infonce(z1: Tensor, z2: Tensor, labels: Tensor, valid: Tensor, temperature: float,
+                       per_image: bool) -> Tensor:
+    """Multi-positive InfoNCE over both views with one batched matmul.
+
+    z1, z2: (B, M, D) embeddings of the M sampled items of each view; labels: (B, M) long,
+    items with equal labels are positives of each other; valid: (B, M) bool.
+    per_image: contrast within each image (block-diagonal), else across the whole batch.
+    Returns the mean over valid anchors of both directions (a 0 with gradient if none).
+    """
+    if not per_image:
+        z1, z2 = z1.reshape(1, -1, z1.shape[-1]), z2.reshape(1, -1, z2.shape[-1])
+        labels, valid = labels.reshape(1, -1), valid.reshape(1, -1)
+    logits = torch.bmm(z1, z2.transpose(1, 2)) / temperature  # (G, M, M): view-1 rows
+    positive = (labels[:, :, None] == labels[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    contrast = valid[:, None, :].expand_as(positive)
+    total = logits.new_zeros(())
+    for view_logits, view_positive, view_contrast in (
+        (logits, positive, contrast),
+        (logits.transpose(1, 2), positive.transpose(1, 2), contrast),
+    ):
+        masked = view_logits.masked_fill(~view_contrast, _EXCLUDED_LOGIT)
+        log_prob = masked - torch.logsumexp(masked, dim=2, keepdim=True)
+        pos = view_positive.to(log_prob.dtype)
+        per_anchor = -(log_prob * pos).sum(2) / pos.sum(2).clamp(min=1)
+        weight = valid.to(per_anchor.dtype)
+        total = total + (per_anchor * weight).sum() / weight.sum().clamp(min=1)
+    return total / 2
+
+
+def _same_organ_share(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
+                      per_image: bool) -> Tensor:
+    """Share of negative region pairs whose regions share the majority organ (in view 1)."""
+    B, num_ids = sample.counts1.shape
+    organs_lr = downsample_regions(organs1, regions1_lr.shape[-2:])
+    num_organs = int(organs_lr.max()) + 1
+    cell = (regions1_lr + torch.arange(B, device=organs_lr.device)[:, None, None] * num_ids) * num_organs
+    votes = torch.bincount((cell + organs_lr).reshape(-1), minlength=B * num_ids * num_organs)
+    majority = votes.view(B, num_ids, num_organs).argmax(dim=2).gather(1, sample.region_ids)
+    valid = sample.valid
+    if not per_image:
+        majority, valid = majority.reshape(1, -1), valid.reshape(1, -1)
+    n = valid.shape[1]
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
+    same = (majority[:, :, None] == majority[:, None, :]) & pair
+    pairs = pair.sum()
+    return (same.sum() / pairs).float() if pairs > 0 else torch.tensor(math.nan)
+
+
+class LRCLoss(nn.Module):
+    """The LRC contrastive sampling loss (pixel or region variant), see the module docstring.
+
+    Args:
+        temperature: t (tau_local), 0.1 by default.
+        num_regions: N, regions sampled per image (area-proportional, without replacement).
+        pixels_per_region: P, pixels sampled per region and view (pixel variant).
+        min_pixels: p_min, pixels a region needs in both views at feature resolution.
+        variant: "pixel" (sampled pixels as anchors) or "region" (segment means).
+        negatives: "image" (other regions of the same image) or "batch" (of all images).
+
+    forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None):
+        feat1, feat2: (B, D, h, w) L2-normalised local features of the two views.
+        regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
+            ids corresponding across views; brought to (h, w) by ``downsample_regions``.
+        generator: torch.Generator for the sampling (None = global RNG).
+        organs1, organs2: optional (B, H, W) organ labels (phantoms) for the statistics; only
+            view 1's are used (the majority organ of each region).
+    Returns (loss, stats): a float32 scalar and detached scalars
+        {"valid_regions": mean valid regions per image, "sampled_regions": mean sampled
+        regions per image, "same_organ_negatives": share of negative region pairs with the
+        same majority organ, NaN without organs or negatives}.
+    """
+
+    def __init__(self, temperature: float = 0.1, num_regions: int = 16, pixels_per_region: int = 8,
+                 min_pixels: int = 4, variant: str = "pixel", negatives: str = "image"):
+        super().__init__()
+        if abs(temperature) < 1e-8:
+            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
+        if num_regions < 2:
+            raise ValueError(f"Illegal num_regions {num_regions}: need >= 2 to have negatives")
+        if pixels_per_region < 1:
+            raise ValueError(f"Illegal pixels_per_region {pixels_per_region}: need >= 1")
+        if min_pixels < 1:
+            raise ValueError(f"Illegal min_pixels {min_pixels}: need >= 1")
+        if variant not in ("pixel", "region"):
+            raise ValueError(f"Illegal variant {variant!r}: 'pixel' or 'region'")
+        if negatives not in ("image", "batch"):
+            raise ValueError(f"Illegal negatives {negatives!r}: 'image' or 'batch'")
+        self.temperature = temperature
+        self.num_regions = num_regions
+        self.pixels_per_region = pixels_per_region
+        self.min_pixels = min_pixels
+        self.variant = variant
+        self.negatives = negatives
+
+    def forward(self, feat1: Tensor, feat2: Tensor, regions1: Tensor, regions2: Tensor,
+                generator: torch.Generator | None = None, organs1: Tensor | None = None,
+                organs2: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        if feat1.ndim != 4 or feat1.shape != feat2.shape:
+            raise ValueError(f"feat1/feat2 must be equal (B, D, h, w), got {tuple(feat1.shape)}, {tuple(feat2.shape)}")
+        if regions1.ndim != 3 or regions1.shape[0] != feat1.shape[0] or regions1.shape != regions2.shape:
+            raise ValueError(
+                f"regions1/regions2 must be (B, H, W) with B = {feat1.shape[0]}, got "
+                f"{tuple(regions1.shape)}, {tuple(regions2.shape)}"
+            )
+        feat1, feat2 = feat1.float(), feat2.float()
+        size = tuple(feat1.shape[-2:])
+        r1 = downsample_regions(regions1, size)
+        r2 = downsample_regions(regions2, size)
+        sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels, generator)
+        loss = self.loss_from_sample(feat1, feat2, r1, r2, sample)
+        B = feat1.shape[0]
+        stats = {
+            "valid_regions": sample.valid_regions.sum().float() / B,
+            "sampled_regions": sample.valid.sum().float() / B,
+            "same_organ_negatives": torch.tensor(math.nan),
+        }
+        if organs1 is not None:
+            stats["same_organ_negatives"] = _same_organ_share(sample, organs1, r1, self.negatives == "image")
+        return loss, stats
+
+    def loss_from_sample(self, feat1: Tensor, feat2: Tensor, regions1_lr: Tensor, regions2_lr: Tensor,
+                         sample: RegionSample) -> Tensor:
+        """The loss for a given ``RegionSample`` (features (B, D, h, w), regions (B, h, w))."""
+        B, N = sample.region_ids.shape
+        slot = torch.arange(B * N, device=feat1.device).view(B, N)
+        if self.variant == "pixel":
+            P = self.pixels_per_region
+            z1 = _gather_pixels(feat1, sample.pixels1)
+            z2 = _gather_pixels(feat2, sample.pixels2)
+            labels = slot.repeat_interleave(P, dim=1)
+            valid = sample.valid.repeat_interleave(P, dim=1)
+        else:
+            num_ids = sample.counts1.shape[1]
+            index = sample.region_ids[..., None].expand(B, N, feat1.shape[1])
+            z1 = F.normalize(region_means(feat1, regions1_lr, num_ids), dim=2).gather(1, index)
+            z2 = F.normalize(region_means(feat2, regions2_lr, num_ids), dim=2).gather(1, index)
+            labels, valid = slot, sample.valid
+        # Always a function of the gathered features: without valid anchors it is an exact 0
+        # whose backward gives zero (not missing) gradients.
+        return _symmetric_infonce(z1, z2, labels, valid, self.temperature, self.negatives == "image")

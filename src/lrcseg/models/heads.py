@@ -1,0 +1,73 @@
+"""Projection heads used only during pre-training (dropped before fine-tuning).
+
+- ``GlobalProjectionHead``: MoCo v2's MLP on the global-average-pooled bottleneck,
+  Linear(C, C_h) -> ReLU -> Linear(C_h, P), L2-normalised (He et al. / Chen et al. 2020).
+- ``LocalProjectionHead``: the per-pixel analogue on a decoder feature map,
+  Conv1x1(C, C) -> ReLU -> Conv1x1(C, P), L2-normalised over channels at every pixel.
+
+Both return float32 unit vectors even under autocast, so the losses compute in float32.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if int(value) != value or value < 1:
+            raise ValueError(f"Illegal {name} {value}: must be a positive integer")
+
+
+class GlobalProjectionHead(nn.Module):
+    """z = normalize(W2 · relu(W1 · GAP(f) + b1) + b2).
+
+    Args:
+        in_dim: C, channels of the bottleneck feature map.
+        hidden_dim: C_h, hidden width (MoCo v2 uses C_h = C).
+        out_dim: P, projection width (128 by default in the configs).
+
+    Input: a float tensor (B, C, h, w) (the deepest encoder feature map; averaged over h, w)
+    or an already pooled (B, C). Output: a float32 tensor (B, P) with unit L2 norm per row.
+    """
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        _check_positive(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.ndim == 4:
+            features = features.mean(dim=(2, 3))
+        if features.ndim != 2:
+            raise ValueError(f"GlobalProjectionHead expects (B, C, h, w) or (B, C), got {tuple(features.shape)}")
+        return F.normalize(self.mlp(features).float(), dim=1)
+
+
+class LocalProjectionHead(nn.Module):
+    """z(u) = normalize(W2 * relu(W1 * f(u) + b1) + b2) at every pixel u (1x1 convolutions).
+
+    Args:
+        in_channels: C, channels of the decoder feature map (64 at 1/4 resolution by default).
+        out_dim: P, projection width.
+
+    Input: (B, C, h, w). Output: a float32 tensor (B, P, h, w), unit L2 norm over P per pixel.
+    """
+
+    def __init__(self, in_channels: int, out_dim: int):
+        super().__init__()
+        _check_positive(in_channels=in_channels, out_dim=out_dim)
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, in_channels, kernel_size=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_dim, kernel_size=1),
+        )
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.ndim != 4:
+            raise ValueError(f"LocalProjectionHead expects (B, C, h, w), got {tuple(features.shape)}")
+        return F.normalize(self.net(features).float(), dim=1)
+

@@ -1,0 +1,76 @@
+"""The pre-training network: a FlexibleUNet plus a global and a local projection head.
+
+One forward pass gives both outputs the losses need (LRC_METHOD.md section 4):
+
+- ``global``: GAP(bottleneck) -> MLP -> L2-normalise, a float32 tensor (B, P).
+- ``local``: decoder block ``cfg.local_level`` (stride s = ``cfg.local_stride``, 1/4 by
+  default) -> 1x1 conv head -> L2-normalise per pixel, a float32 tensor (B, P, H/s, W/s).
+
+The decoder is run only up to ``cfg.local_level``: the finer blocks and the segmentation head
+feed nothing during pre-training, so running them would cost time and leave parameters without
+gradients (a problem for DDP). They are kept in the state dict and exported with their
+initial weights. ``backbone_state_dict`` gives the encoder + decoder weights under the exact
+keys of a plain ``FlexibleUNet``.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from lrcseg.config import ModelConfig
+from lrcseg.models.heads import GlobalProjectionHead, LocalProjectionHead
+from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, encoder_channels
+
+# Pre-training never uses the segmentation head; it must still exist for FlexibleUNet's keys.
+_PRETRAIN_OUT_CHANNELS = 2
+
+
+class PretrainNetwork(nn.Module):
+    """U-Net with projection heads for global (MoCo) and local (LRC) contrastive losses.
+
+    Args:
+        cfg: backbone, decoder widths, local level and projection width P.
+        in_channels: C, input channels (windows x context slices).
+
+    ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of 32, returns
+    ``{"global": (B, P), "local": (B, P, H/s, W/s)}``, both float32 and unit-norm.
+    """
+
+    def __init__(self, cfg: ModelConfig, in_channels: int):
+        super().__init__()
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.unet = build_unet(cfg, in_channels, _PRETRAIN_OUT_CHANNELS)
+        bottleneck = encoder_channels(cfg.backbone)[-1]
+        self.global_head = GlobalProjectionHead(bottleneck, bottleneck, cfg.proj_dim)
+        self.local_head = LocalProjectionHead(cfg.decoder_channels[cfg.local_level], cfg.proj_dim)
+
+    @property
+    def local_stride(self) -> int:
+        return self.cfg.local_stride
+
+    def _decode(self, features: list[Tensor]) -> Tensor:
+        """Decoder blocks 0..local_level, with the same skips as ``UNetDecoder.forward``."""
+        skips = features[:-1][::-1]
+        x = features[-1]
+        for i in range(self.cfg.local_level + 1):
+            skip = skips[i] if i < self.unet.skip_connect else None
+            x = self.unet.decoder.blocks[i](x, skip)
+        return x
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.unet.encoder(x)
+        return {
+            "global": self.global_head(features[-1]),
+            "local": self.local_head(self._decode(features)),
+        }
+
+    def encode_global(self, x: Tensor) -> Tensor:
+        """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P) unit vectors."""
+        return self.global_head(self.unet.encoder(x)[-1])
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """Encoder + decoder weights keyed as in ``FlexibleUNet`` (no segmentation head)."""
+        return {
+            k: v for k, v in self.unet.state_dict().items() if not k.startswith(SEGMENTATION_HEAD_PREFIX)
+        }

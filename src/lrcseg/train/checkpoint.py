@@ -1,0 +1,46 @@
+"""Atomic checkpoints: a run can be killed at any instant and resumed from its folder.
+
+``checkpoint.pt`` is always the latest complete checkpoint (written to a temporary name, then
+renamed). ``final.pt`` is written once at the end of a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lrcseg.errors import LrcsegError
+from lrcseg.io_utils import atomic_save
+
+LATEST = "checkpoint.pt"
+FINAL = "final.pt"
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], final: bool = False) -> Path:
+    """Write ``state`` atomically as the latest checkpoint (and as final.pt if ``final``)."""
+    target = Path(run_dir) / (FINAL if final else LATEST)
+    atomic_save(target, lambda tmp: torch.save(state, tmp))
+    if final:
+        atomic_save(Path(run_dir) / LATEST, lambda tmp: torch.save(state, tmp))
+    return target
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by ``save_checkpoint``; a clear error if it is unreadable."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise LrcsegError(f"{path}: cannot read checkpoint: {exc}") from exc
+
+
+def find_checkpoint(run_dir: Path, prefer_final: bool = True) -> Path | None:
+    """The final checkpoint if present (and preferred), else the latest, else None."""
+    run_dir = Path(run_dir)
+    names = [FINAL, LATEST] if prefer_final else [LATEST]
+    for name in names:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None

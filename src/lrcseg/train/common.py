@@ -1,0 +1,95 @@
+"""Pieces every training loop shares: device choice, LR schedule, a resumable sampler, seeds."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from lrcseg.errors import ConfigError
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """'auto'/None -> cuda if available else cpu; 'cuda' without a GPU is a ConfigError."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that is a pure function of (seed, step, stream).
+
+    All per-step randomness (augmentation, region sampling, key shuffles) draws from it, so a
+    resumed run replays exactly the randomness an uninterrupted run would have used.
+    """
+    mixed = np.random.SeedSequence([seed, step, stream]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & (2**63 - 1))
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR factor: linear warm-up from 1/warmup to 1, then cosine decay to 0 at total_steps."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class ResumableSampler(Sampler[int]):
+    """An endless stream of indices: epoch e is a permutation seeded by (seed, e).
+
+    ``start`` skips the first ``start`` indices of the stream, so resuming at step s with batch
+    size B continues with exactly the samples an uninterrupted run would have drawn. With
+    ``num_replicas > 1`` each rank takes every num_replicas-th index (a distributed sampler).
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, rank: int = 0, num_replicas: int = 1):
+        if size < 1:
+            raise ValueError(f"Illegal size {size}: the dataset is empty")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"Illegal rank {rank} for {num_replicas} replicas")
+        self.size, self.seed, self.start = size, seed, start
+        self.rank, self.num_replicas = rank, num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        position = self.start * self.num_replicas + self.rank
+        while True:
+            epoch, offset = divmod(position, self.size)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.size, generator=g).tolist()
+            while offset < self.size:
+                yield perm[offset]
+                offset += self.num_replicas
+                position += self.num_replicas
+            position = (epoch + 1) * self.size + (offset - self.size)
+
+    def __len__(self) -> int:  # endless; DataLoader only needs it for progress estimates
+        return 2**62
+
+
+def prepare_run_dir(out: str | Path, resume: bool) -> Path:
+    """Create the run folder; refuse to overwrite an existing run unless resuming."""
+    run_dir = Path(out)
+    if resume:
+        if not run_dir.is_dir():
+            raise ConfigError(f"{run_dir}: --resume given but the run folder does not exist")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(f"{run_dir}: run folder exists and is not empty; use --resume to "
+                          "continue it or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -1,0 +1,312 @@
+"""Few-label fine-tuning of the U-Net, fair across initialisations.
+
+Fairness rules (docs/METHOD.md, fine-tuning protocol): every initialisation gets the same
+step budget, hyper-parameters and labelled cases for a given split seed, and the *last*
+checkpoint is the result (no model selection on extra labelled cases).
+
+    labelled cases (K, drawn from split_seed) -> slice cache -> padded slices
+    for step: random crop/rotate/scale (no left-right flip with lateral labels) -> U-Net ->
+              Dice + cross-entropy -> backward, clip, step; log; checkpoint
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lrcseg.config import (
+    FinetuneConfig,
+    ModelConfig,
+    PreprocessConfig,
+    from_dict,
+    save_config,
+    to_dict,
+)
+from lrcseg.data.cache import SliceCache
+from lrcseg.data.layouts import Dataset, load_dataset
+from lrcseg.data.slices import LabelledSlices
+from lrcseg.errors import ConfigError
+from lrcseg.io_utils import atomic_write_json
+from lrcseg.models.export import load_exported
+from lrcseg.models.unet import build_unet, flexible_unet_kwargs
+from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lrcseg.train.common import (
+    ResumableSampler,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+    step_generator,
+    warmup_cosine,
+)
+from lrcseg.train.pretrain import TrainingDiverged
+from lrcseg.train.runlog import RunLogger, write_run_card
+
+
+def choose_labelled(dataset: Dataset, labeled: float, split_seed: int) -> dict[str, list[str]]:
+    """Draw the K labelled training cases reproducibly; test cases are never candidates.
+
+    Candidates are the dataset's "train" split if it has ``splits.json``, else every labelled
+    training case. ``labeled`` >= 1 is a count, < 1 a fraction (at least one case).
+    Returns {"labeled": [...], "candidates": [...], "test": [...]}.
+    """
+    labelled = [c.id for c in dataset.cases if c.label is not None]
+    candidates = sorted(labelled)
+    test = sorted(c.id for c in dataset.test_cases if c.label is not None)
+    if dataset.splits and "train" in dataset.splits:
+        candidates = sorted(set(dataset.splits["train"]) & set(labelled))
+        test = sorted(dataset.splits.get("test", test))
+    if not candidates:
+        raise ConfigError(f"{dataset.root}: no labelled training cases to fine-tune on")
+    k = int(labeled) if labeled >= 1 else max(1, int(round(labeled * len(candidates))))
+    if k > len(candidates):
+        raise ConfigError(f"{dataset.root}: --labeled {k} but only {len(candidates)} labelled "
+                          f"training cases are available ({', '.join(candidates)})")
+    order = np.random.default_rng(split_seed).permutation(len(candidates))
+    return {"labeled": sorted(candidates[i] for i in order[:k]), "candidates": candidates,
+            "test": test}
+
+
+def default_steps(num_slices: int, batch_size: int) -> int:
+    """The default budget: 30 passes over the labelled slices, clamped to [200, 4000] steps.
+
+    It depends only on the labelled data, never on the initialisation.
+    """
+    return int(min(4000, max(200, math.ceil(30 * num_slices / batch_size))))
+
+
+def has_laterality(label_names: list[str]) -> bool:
+    """True if any label name says left/right (then left-right flips would swap classes)."""
+    tokens = ("left", "right", "_l", "_r")
+    return any(name.lower().endswith(tokens) or "left" in name.lower() or "right" in name.lower()
+               for name in label_names)
+
+
+def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: PreprocessConfig,
+                        allow_mismatch: bool) -> tuple[dict[str, torch.Tensor] | None, dict]:
+    """U-Net weights (without segmentation head) and their provenance from ``init``.
+
+    init: "scratch"; a pre-training run folder (final.pt or checkpoint.pt); a pre-training
+    checkpoint file; or an exported ``.pt`` with its ``.json`` beside it. Window, spacing and
+    input channels must match the fine-tuning preprocessing (ConfigError, or a warning with
+    ``allow_mismatch``); the backbone must match (always an error).
+    """
+    if init == "scratch":
+        return None, {"init": "scratch"}
+    path = Path(init)
+    if path.is_dir():
+        found = find_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"{path}: not a pre-training run folder (no final.pt or checkpoint.pt)")
+        path = found
+    if not path.is_file():
+        raise ConfigError(f"--init {init}: no such run folder or weights file")
+    if path.with_suffix(".json").is_file():
+        weights, meta = load_exported(path)
+        their_pre = from_dict(PreprocessConfig, meta["preprocess"])
+        their_backbone = meta["flexible_unet"]["backbone"]
+    else:
+        state = load_checkpoint(path)
+        if state.get("kind") != "pretrain":
+            raise ConfigError(f"{path}: not a pre-training checkpoint (kind={state.get('kind')})")
+        their_pre = from_dict(PreprocessConfig, state["config"]["preprocess"])
+        their_backbone = state["config"]["model"]["backbone"]
+        weights = {k[len("unet."):]: v for k, v in state["network"].items()
+                   if k.startswith("unet.") and not k.startswith("unet.segmentation_head.")}
+    if their_backbone != model_cfg.backbone:
+        raise ConfigError(f"{path}: was trained with backbone {their_backbone}, fine-tuning asks "
+                          f"for {model_cfg.backbone}; pass --backbone {their_backbone}")
+    mismatches = [f"{name}: pre-training {a}, fine-tuning {b}" for name, a, b in [
+        ("window_hu", their_pre.windows, preprocess.windows),
+        ("spacing_mm", their_pre.spacing_mm, preprocess.spacing_mm),
+        ("in_channels", their_pre.in_channels, preprocess.in_channels)] if a != b]
+    if mismatches:
+        message = f"{path}: preprocessing differs from the initialising run: " + "; ".join(mismatches)
+        if not allow_mismatch:
+            raise ConfigError(message + " (use the same settings, or --allow-mismatch)")
+        warnings.warn(message, stacklevel=2)
+    return weights, {"init": str(path), "pretrain_preprocess": to_dict(their_pre)}
+
+
+def augment_batch(images: torch.Tensor, labels: torch.Tensor, size: int, rotation_deg: float,
+                  hflip: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random scale (0.8-1.25 zoom), rotation, translation and optional flip, then a size x size
+    window: images (B, C, S, S) bilinear, labels (B, S, S) nearest -> (B, C, size, size),
+    (B, size, size). Parameters are drawn from ``generator`` (a pure function of the step)."""
+    b, _, s, _ = images.shape
+    zoom = torch.exp(torch.empty(b).uniform_(math.log(0.8), math.log(1.25), generator=generator))
+    angle = torch.empty(b).uniform_(-rotation_deg, rotation_deg, generator=generator) * math.pi / 180
+    shift = torch.empty(b, 2).uniform_(-0.5, 0.5, generator=generator) * (1 - size / s / zoom).clamp(min=0)[:, None] * 2
+    flip = (torch.rand(b, generator=generator) < 0.5) if hflip else torch.zeros(b, dtype=torch.bool)
+    extent = size / s / zoom  # output window side as a fraction of the canvas
+    cos, sin = torch.cos(angle) * extent, torch.sin(angle) * extent
+    sign = torch.where(flip, -1.0, 1.0)
+    theta = torch.stack([torch.stack([cos * sign, -sin, shift[:, 0]], 1),
+                         torch.stack([sin * sign, cos, shift[:, 1]], 1)], 1).to(images.device)
+    grid = F.affine_grid(theta, (b, 1, size, size), align_corners=False)
+    out_images = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_labels = F.grid_sample(labels[:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)[:, 0].long()
+    return out_images, out_labels
+
+
+def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
+             stop_at: int | None = None) -> Path:
+    """Run (or resume) fine-tuning as configured; returns the run folder.
+
+    stop_at: leave (with a checkpoint) once this step is reached, as an interruption would.
+    """
+    dataset = load_dataset(cfg.dataset)
+    if not dataset.labels:
+        raise ConfigError(f"{cfg.dataset}: fine-tuning needs a labelled dataset with label names "
+                          "(nnU-Net dataset.json or datalist)")
+    split = choose_labelled(dataset, cfg.labeled, cfg.split_seed)
+    weights, init_meta = load_initialisation(cfg.init, cfg.model, cfg.preprocess, cfg.allow_mismatch)
+    run_dir = prepare_run_dir(cfg.run.out, resume)
+    device = resolve_device(cfg.run.device)
+    seed_everything(cfg.run.seed)
+
+    labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+    num_classes = max(labels.values()) + 1
+    by_id = {c.id: c for c in dataset.cases}
+    slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
+    volumes = [slice_cache.get(by_id[i]) for i in split["labeled"]]
+    data = LabelledSlices(volumes, cfg.preprocess.context_slices)
+    steps = cfg.steps or default_steps(len(data), cfg.run.batch_size)
+    hflip = cfg.hflip and not has_laterality(list(labels))
+
+    model = build_unet(cfg.model, cfg.preprocess.in_channels, num_classes)
+    if weights is not None:
+        result = model.load_state_dict(weights, strict=False)
+        unexpected = list(result.unexpected_keys)
+        missing = [k for k in result.missing_keys if not k.startswith("segmentation_head.")]
+        if unexpected or missing:
+            raise ConfigError(f"{cfg.init}: weights do not fit the {cfg.model.backbone} U-Net "
+                              f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model = model.to(device)
+    if cfg.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
+    forward = torch.compile(model) if cfg.run.compile else model
+    model_meta = {"flexible_unet": flexible_unet_kwargs(cfg.model, cfg.preprocess.in_channels,
+                                                        num_classes),
+                  "model_config": to_dict(cfg.model), "preprocess": to_dict(cfg.preprocess),
+                  "labels": labels}
+
+    start = 0
+    if resume:
+        ckpt_path = find_checkpoint(run_dir, prefer_final=False)
+        if ckpt_path is None:
+            raise ConfigError(f"{run_dir}: --resume given but no checkpoint.pt in it")
+        state = load_checkpoint(ckpt_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start = state["step"]
+    else:
+        save_config(cfg, run_dir / "config.yaml")
+        atomic_write_json(run_dir / "split.json", split)
+        write_run_card(run_dir, "finetune", {
+            "dataset": str(Path(cfg.dataset).resolve()), "split": split, **init_meta,
+            "steps": steps, "slices": len(data), "hflip": hflip, "device": str(device),
+            "preprocess": to_dict(cfg.preprocess)})
+
+    def state_dict(step: int) -> dict[str, Any]:
+        return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state(), "config": to_dict(cfg), "kind": "finetune",
+                "steps": steps, **model_meta}
+
+    sampler = ResumableSampler(len(data), cfg.run.seed, start=start * cfg.run.batch_size)
+    loader = DataLoader(data, batch_size=cfg.run.batch_size, sampler=sampler,
+                        num_workers=cfg.run.workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.run.workers > 0)
+    logger = RunLogger(run_dir, start_step=start)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                if cfg.run.amp and device.type == "cuda" else contextlib.nullcontext())
+    bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
+    step, batches = start, iter(loader)
+    t_last, n_last = time.perf_counter(), 0
+    model.train()
+    try:
+        while step < steps:
+            batch = next(batches)
+            g = step_generator(cfg.run.seed, step)
+            images, targets = augment_batch(batch["image"].to(device), batch["label"].to(device),
+                                            cfg.image_size, cfg.rotation_deg, hflip, g)
+            if cfg.run.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            lr = cfg.optim.lr * warmup_cosine(step, steps, cfg.optim.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                logits = forward(images)
+            loss = loss_fn(logits.float(), targets[:, None])
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
+                                       f"in {run_dir} is untouched. Lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            step += 1
+            n_last += images.shape[0]
+            bar.update(1)
+            if step % cfg.run.log_every == 0 or step == steps:
+                now = time.perf_counter()
+                logger.log(step, {"loss/seg": loss.item(), "lr": lr,
+                                  "slices_per_s": n_last / max(now - t_last, 1e-9)})
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                t_last, n_last = now, 0
+            if step % cfg.run.checkpoint_every == 0 and step < steps:
+                save_checkpoint(run_dir, state_dict(step))
+            if stop_at is not None and step >= stop_at and step < steps:
+                save_checkpoint(run_dir, state_dict(step))
+                return run_dir
+        save_checkpoint(run_dir, state_dict(step), final=True)
+    except KeyboardInterrupt:
+        save_checkpoint(run_dir, state_dict(step))
+        bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
+        raise
+    finally:
+        bar.close()
+        logger.close()
+    return run_dir
+
+
+def load_finetuned(run_or_file: str | Path, device: torch.device | str = "cpu"):
+    """A fine-tuned model ready for inference, with its metadata.
+
+    Returns (model in eval mode, meta) where meta has "preprocess" (PreprocessConfig),
+    "labels" (name -> id) and "flexible_unet" (constructor kwargs).
+    """
+    path = Path(run_or_file)
+    if path.is_dir():
+        found = find_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"{path}: not a fine-tuning run folder (no final.pt or checkpoint.pt)")
+        path = found
+    state = load_checkpoint(path, map_location=device)
+    if state.get("kind") != "finetune":
+        raise ConfigError(f"{path}: not a fine-tuned model (kind={state.get('kind')})")
+    from monai.networks.nets import FlexibleUNet
+
+    model = FlexibleUNet(**state["flexible_unet"])
+    model.load_state_dict(state["model"])
+    model.to(device).eval()
+    meta = {"preprocess": from_dict(PreprocessConfig, state["preprocess"]),
+            "labels": state["labels"], "flexible_unet": state["flexible_unet"],
+            "model_config": from_dict(ModelConfig, state["model_config"])}
+    return model, meta

@@ -1,0 +1,243 @@
+"""Figures of CT slices with label overlays, always in radiological orientation.
+
+Arrays in lrcseg are ``(X, Y, Z)`` in RAS+ (+x patient Right, +y Anterior). An axial slice is
+``(H, W) = (X, Y)``. Radiological display puts the patient's right on the viewer's left and
+anterior at the top, so the displayed array is ``(Y, X)`` with both axes reversed:
+``radiological(slice_hw) = slice_hw.T[::-1, ::-1]`` (row 0 = most anterior, column 0 = most
+patient-right).
+
+Figures are built with :class:`matplotlib.figure.Figure` on the Agg canvas (no display needed,
+no pyplot global state, safe in worker threads) and written atomically by :func:`save_figure`.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from lrcseg.io_utils import atomic_save
+
+# Fixed RGB colours for label ids 1..12 (id 0, background, is transparent). Chosen to be
+# distinguishable on a grey CT window; ids beyond the table get golden-ratio hues.
+_BASE_COLORS = (
+    (0.90, 0.10, 0.10),  # 1 red
+    (0.10, 0.70, 0.20),  # 2 green
+    (0.15, 0.40, 0.95),  # 3 blue
+    (1.00, 0.80, 0.00),  # 4 yellow
+    (0.95, 0.45, 0.00),  # 5 orange
+    (0.60, 0.20, 0.85),  # 6 purple
+    (0.00, 0.80, 0.80),  # 7 cyan
+    (1.00, 0.40, 0.70),  # 8 pink
+    (0.55, 0.85, 0.10),  # 9 lime
+    (0.60, 0.35, 0.15),  # 10 brown
+    (0.50, 0.60, 1.00),  # 11 light blue
+    (0.80, 0.80, 0.50),  # 12 khaki
+)
+
+
+def radiological(slice_hw: np.ndarray) -> np.ndarray:
+    """Map an axial slice ``(H, W) = (X, Y)`` in RAS+ to display order ``(Y, X)``.
+
+    Returns ``slice_hw.T[::-1, ::-1]``: rows run from anterior (top) to posterior, columns from
+    the patient's right (left of the image) to the patient's left. A view, not a copy.
+    """
+    slice_hw = np.asarray(slice_hw)
+    if slice_hw.ndim != 2:
+        raise ValueError(f"radiological expects a 2D (X, Y) slice, got shape {slice_hw.shape}")
+    return slice_hw.T[::-1, ::-1]
+
+
+def label_colors(n: int) -> np.ndarray:
+    """Fixed RGBA colour table ``(n, 4)`` float in [0, 1] for label ids ``0..n-1``.
+
+    Id 0 (background) is fully transparent; ids 1..12 come from a fixed table; later ids use
+    hues spaced by the golden ratio. The same id always gets the same colour.
+    """
+    if n < 1:
+        raise ValueError(f"label_colors needs n >= 1, got {n}")
+    table = np.zeros((n, 4), dtype=np.float64)
+    for i in range(1, n):
+        if i <= len(_BASE_COLORS):
+            rgb = _BASE_COLORS[i - 1]
+        else:
+            hue = (i * 0.618033988749895) % 1.0
+            rgb = colorsys.hsv_to_rgb(hue, 0.75, 0.95)
+        table[i, :3] = rgb
+        table[i, 3] = 1.0
+    return table
+
+
+def _aspect(spacing_xy: tuple[float, float] | None) -> float:
+    """imshow aspect (pixel height / width) of a radiological slice: rows are y, columns x."""
+    if spacing_xy is None:
+        return 1.0
+    sx, sy = (float(v) for v in spacing_xy)
+    if sx <= 0 or sy <= 0:
+        raise ValueError(f"Illegal spacing_xy {spacing_xy}: both must be > 0")
+    return sy / sx
+
+
+def _check_pair(image_hw: np.ndarray, labels_hw: np.ndarray | None) -> None:
+    if np.ndim(image_hw) != 2:
+        raise ValueError(f"image must be a 2D (X, Y) slice, got shape {np.shape(image_hw)}")
+    if labels_hw is not None and np.shape(labels_hw) != np.shape(image_hw):
+        raise ValueError(f"labels shape {np.shape(labels_hw)} differs from image shape "
+                         f"{np.shape(image_hw)}")
+
+
+def show_image(ax: Axes, image_hw: np.ndarray, spacing_xy: tuple[float, float] | None = None,
+               vmin: float | None = None, vmax: float | None = None) -> None:
+    """Draw a grey-level ``(X, Y)`` slice in radiological orientation, axes hidden."""
+    _check_pair(image_hw, None)
+    ax.imshow(radiological(image_hw), cmap="gray", vmin=vmin, vmax=vmax,
+              interpolation="nearest", aspect=_aspect(spacing_xy))
+    ax.set_axis_off()
+
+
+def overlay_labels(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray, alpha: float = 0.4,
+                   spacing_xy: tuple[float, float] | None = None, n_colors: int | None = None,
+                   vmin: float | None = None, vmax: float | None = None) -> None:
+    """Draw ``image_hw`` in grey and the label ids of ``labels_hw`` as filled colours.
+
+    image_hw, labels_hw: ``(X, Y)`` arrays of one axial slice; labels are integer ids, 0 left
+    transparent. alpha: opacity of the label colours in [0, 1]. n_colors: size of the colour
+    table (default max id + 1), so panels of one figure can share colours.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Illegal alpha {alpha}: must be in [0, 1]")
+    _check_pair(image_hw, labels_hw)
+    show_image(ax, image_hw, spacing_xy, vmin, vmax)
+    labels = np.asarray(radiological(labels_hw)).astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError("label ids must be >= 0")
+    n = max(int(labels.max(initial=0)) + 1, n_colors or 0)
+    rgba = label_colors(n)[labels]
+    rgba[..., 3] *= alpha
+    ax.imshow(rgba, interpolation="nearest", aspect=_aspect(spacing_xy))
+
+
+def overlay_contours(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray,
+                     spacing_xy: tuple[float, float] | None = None, linewidth: float = 1.0,
+                     n_colors: int | None = None, vmin: float | None = None,
+                     vmax: float | None = None) -> None:
+    """Draw ``image_hw`` in grey and the outline of each label id (one colour per id).
+
+    image_hw, labels_hw: ``(X, Y)`` arrays of one axial slice. Outlines are the 0.5 iso-line of
+    each id's binary mask, in radiological orientation.
+    """
+    _check_pair(image_hw, labels_hw)
+    show_image(ax, image_hw, spacing_xy, vmin, vmax)
+    labels = np.asarray(radiological(labels_hw)).astype(np.int64)
+    ids = [int(i) for i in np.unique(labels) if i > 0]
+    if not ids:
+        return
+    colors = label_colors(max(max(ids) + 1, n_colors or 0))
+    for i in ids:
+        ax.contour((labels == i).astype(np.float32), levels=[0.5], colors=[colors[i, :3]],
+                   linewidths=linewidth)
+
+
+def new_figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
+    """A Figure on the Agg canvas, independent of pyplot's global figure list."""
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, dpi: int | None = None) -> None:
+    """Write ``fig`` atomically (format from the suffix, e.g. ``.png``), then close it."""
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=dpi or fig.dpi,
+                                                  facecolor="white", bbox_inches="tight"))
+    finally:
+        plt.close(fig)
+
+
+def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | None] | None,
+            titles: Sequence[str] | None, path: str | os.PathLike, ncols: int = 4,
+            alpha: float = 0.4, panel_in: float = 3.0) -> None:
+    """Write a grid of ``(X, Y)`` slices, each optionally with its label overlay, to ``path``.
+
+    images: N slices ``(X, Y)``; labels_list: N label slices or None entries (or None for no
+    overlays); titles: N strings or None; ncols: panels per row. Panels share one colour table.
+    """
+    n = len(images)
+    if n == 0:
+        raise ValueError("montage needs at least one image")
+    if ncols < 1:
+        raise ValueError(f"Illegal ncols {ncols}: must be >= 1")
+    labels_list = list(labels_list) if labels_list is not None else [None] * n
+    titles = list(titles) if titles is not None else [""] * n
+    if len(labels_list) != n or len(titles) != n:
+        raise ValueError(f"montage got {n} images, {len(labels_list)} label maps and "
+                         f"{len(titles)} titles: the counts must match")
+    n_colors = max((int(np.max(lab)) + 1 for lab in labels_list if lab is not None), default=1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = new_figure(panel_in * ncols, panel_in * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        if k >= n:
+            ax.set_axis_off()
+            continue
+        if labels_list[k] is None:
+            show_image(ax, images[k])
+        else:
+            overlay_labels(ax, images[k], labels_list[k], alpha=alpha, n_colors=n_colors)
+        if titles[k]:
+            ax.set_title(titles[k], fontsize=9)
+    save_figure(fig, path)
+
+
+def prediction_figure(image_hw: np.ndarray, reference_hw: np.ndarray | None,
+                      prediction_hw: np.ndarray, path: str | os.PathLike, title: str = "",
+                      label_names: Mapping[str, int] | None = None,
+                      spacing_xy: tuple[float, float] | None = None, alpha: float = 0.4) -> None:
+    """Write image | reference overlay | prediction overlay of one axial slice, with a legend.
+
+    image_hw, reference_hw, prediction_hw: ``(X, Y)`` slices (reference may be None: two
+    panels). label_names: ``{name: id}`` (background may be included; it is not in the legend).
+    spacing_xy: in-plane voxel size (mm) so anisotropic pixels are drawn to scale.
+    """
+    _check_pair(image_hw, prediction_hw)
+    panels = [("image", None), ("prediction", prediction_hw)]
+    if reference_hw is not None:
+        _check_pair(image_hw, reference_hw)
+        panels.insert(1, ("reference", reference_hw))
+    ids_present = [int(np.max(prediction_hw))]
+    if reference_hw is not None:
+        ids_present.append(int(np.max(reference_hw)))
+    names = dict(label_names or {})
+    n_colors = max([*ids_present, *names.values(), 0]) + 1
+    vmin, vmax = float(np.min(image_hw)), float(np.max(image_hw))
+    fig = new_figure(3.2 * len(panels), 3.8)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, labels) in zip(axes, panels, strict=True):
+        if labels is None:
+            show_image(ax, image_hw, spacing_xy, vmin, vmax)
+        else:
+            overlay_labels(ax, image_hw, labels, alpha=alpha, spacing_xy=spacing_xy,
+                           n_colors=n_colors, vmin=vmin, vmax=vmax)
+        ax.set_title(name, fontsize=10)
+    colors = label_colors(n_colors)
+    legend_ids = sorted({i for i in names.values() if i > 0}
+                        | {int(i) for i in np.unique(prediction_hw) if i > 0}
+                        | ({int(i) for i in np.unique(reference_hw) if i > 0}
+                           if reference_hw is not None else set()))
+    by_id = {i: n for n, i in names.items()}
+    handles = [Patch(color=colors[i, :3], label=by_id.get(i, f"label {i}")) for i in legend_ids]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6),
+                   fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    save_figure(fig, path)

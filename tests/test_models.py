@@ -1,0 +1,86 @@
+"""U-Net builder, projection heads and the pre-training network."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.networks.nets import FlexibleUNet
+
+from lrcseg.config import ModelConfig
+from lrcseg.models.heads import GlobalProjectionHead, LocalProjectionHead
+from lrcseg.models.pretrain_net import PretrainNetwork
+from lrcseg.models.unet import build_unet, encoder_channels, flexible_unet_kwargs
+
+
+def test_unet_kwargs_and_build():
+    cfg = ModelConfig(backbone="resnet10", decoder_channels=(64, 32, 16, 8, 8))
+    kwargs = flexible_unet_kwargs(cfg, 3, 5)
+    assert kwargs == {"in_channels": 3, "out_channels": 5, "backbone": "resnet10", "pretrained": False,
+                      "decoder_channels": [64, 32, 16, 8, 8], "spatial_dims": 2}
+    net = build_unet(cfg, 3, 5)
+    assert isinstance(net, FlexibleUNet)
+    assert net(torch.rand(1, 3, 64, 64)).shape == (1, 5, 64, 64)
+    assert encoder_channels("resnet18")[-1] == 512 and encoder_channels("resnet50")[-1] == 2048
+    with pytest.raises(ValueError, match="in_channels"):
+        flexible_unet_kwargs(cfg, 0, 5)
+
+
+def test_heads_shapes_norms_and_validation():
+    g = GlobalProjectionHead(32, 32, 8)
+    z = g(torch.randn(3, 32, 2, 2))
+    assert z.shape == (3, 8)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
+    # pooling inside the head = pooling before it
+    f = torch.randn(3, 32, 2, 2)
+    torch.testing.assert_close(g(f), g(f.mean(dim=(2, 3))))
+    loc = LocalProjectionHead(16, 8)
+    z = loc(torch.randn(2, 16, 5, 7))
+    assert z.shape == (2, 8, 5, 7)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2, 5, 7))
+    with pytest.raises(ValueError, match="out_dim"):
+        GlobalProjectionHead(32, 32, 0)
+    with pytest.raises(ValueError, match="in_channels"):
+        LocalProjectionHead(0, 8)
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_pretrain_network_outputs(backbone, in_channels):
+    torch.manual_seed(0)
+    net = PretrainNetwork(ModelConfig(backbone=backbone, proj_dim=32), in_channels)
+    out = net(torch.rand(2, in_channels, 64, 64))
+    assert out["global"].shape == (2, 32)
+    assert out["local"].shape == (2, 32, 16, 16)  # 1/4 resolution
+    torch.testing.assert_close(out["global"].norm(dim=1), torch.ones(2))
+    torch.testing.assert_close(out["local"].norm(dim=1), torch.ones(2, 16, 16))
+    keys = net.backbone_state_dict().keys()
+    assert not any(k.startswith("segmentation_head") for k in keys)
+    assert set(keys) == {k for k in net.unet.state_dict() if not k.startswith("segmentation_head")}
+
+
+def test_local_features_equal_hooked_decoder_block_and_encode_global():
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet10", local_level=1, proj_dim=16)
+    net = PretrainNetwork(cfg, 1).eval()
+    x = torch.rand(2, 1, 64, 64)
+    captured = {}
+    hook = net.unet.decoder.blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("f", o))
+    net.unet(x)  # MONAI's own full forward
+    hook.remove()
+    out = net(x)
+    assert out["local"].shape == (2, 16, 8, 8)  # level 1 = stride 8
+    torch.testing.assert_close(out["local"], net.local_head(captured["f"]))
+    torch.testing.assert_close(net.encode_global(x), out["global"])
+
+
+def test_channels_last_and_bf16_autocast():
+    torch.manual_seed(0)
+    net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=16), 1).to(memory_format=torch.channels_last)
+    x = torch.rand(2, 1, 64, 64).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+    assert out["global"].dtype == torch.float32 and out["local"].dtype == torch.float32
+    torch.testing.assert_close(out["local"].norm(dim=1), torch.ones(2, 16, 16))
+    (out["global"].sum() + out["local"].sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    assert net.unet.encoder.conv1.weight.grad.abs().sum() > 0
