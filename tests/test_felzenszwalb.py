@@ -8,23 +8,25 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from lrcseg.config import PreprocessConfig
+from lrcseg.data.phantoms import TISSUES, generate_phantom
 from lrcseg.superpixels.felzenszwalb import adjusted_rand_index, felzenszwalb_fast
 
 
 def phantom_like_slice(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """A soft-tissue-window slice: air (0) around an elliptic body with organ-like blobs,
-    noise, float16 quantisation as in the slice cache. Returns (image, body)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size] / size - 0.5
-    body = (xx / 0.42) ** 2 + (yy / 0.32) ** 2 < 1
-    img = np.where(body, 0.45, 0.0)
-    for _ in range(6):
-        cx, cy = rng.uniform(-0.25, 0.25, 2)
-        rx, ry = rng.uniform(0.04, 0.12, 2)
-        img = np.where(((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1, rng.uniform(0.2, 1.0), img)
-    img = np.where(body, img + rng.normal(0, 0.03, img.shape), 0.0)
-    img = ndimage.gaussian_filter(img, 0.7)
-    return np.clip(img, 0, 1).astype(np.float16).astype(np.float64), body
+    """An axial slice of a real phantom (:func:`lrcseg.data.phantoms.generate_phantom`) in the
+    soft-tissue window -175..250 HU, float16-quantised as in the slice cache.
+
+    The phantom is drawn on a (size, size, 4) grid of 400 / size mm pixels and 30 mm slices
+    (dome down to ~90 mm below it); the slice is one of the two lower ones (liver, stomach,
+    spleen, kidneys). Returns (image (size, size) float64 in [0, 1], body (size, size) bool).
+    """
+    spacing = 400.0 / size
+    hu, _, tissue = generate_phantom(np.random.default_rng(seed), (size, size, 4), (spacing, spacing, 30.0),
+                                     return_tissues=True)
+    z = seed % 2
+    body = ndimage.binary_fill_holes(tissue[:, :, z] != TISSUES["air"])
+    img = np.clip((hu[:, :, z] + 175.0) / 425.0, 0.0, 1.0)
+    return img.astype(np.float16).astype(np.float64), body
 
 
 @pytest.mark.parametrize("shape,scale,sigma,min_size", [

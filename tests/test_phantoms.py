@@ -26,8 +26,8 @@ SPACING = (4.0, 4.0, 12.5)
 
 @pytest.fixture(scope="module")
 def pv_case():
-    return generate_phantom(np.random.default_rng(3), SHAPE, SPACING, phase="portal_venous",
-                            noise_std_hu=15.0, return_tissues=True)
+    return generate_phantom(np.random.default_rng(4), SHAPE, SPACING, phase="portal_venous",
+                            noise_std_hu=15.0, return_tissues=True, enhancement=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _eroded_mean(hu, tissue, name):
 
 
 @pytest.mark.parametrize("name, expected, spread", [
-    ("fat", -100.0, 40.0), ("muscle", 60.0, 25.0), ("liver", 110.0, 30.0),
+    ("fat", -100.0, 40.0), ("muscle", 60.0, 25.0), ("liver", 110.0, 40.0),  # liver: steatosis -20 HU
     ("spleen", 115.0, 30.0), ("kidney_cortex", 175.0, 40.0), ("aorta", 180.0, 40.0),
 ])
 def test_tissue_hu_in_phantoms_md_ranges(pv_case, name, expected, spread):
@@ -62,12 +62,25 @@ def test_tissue_hu_in_phantoms_md_ranges(pv_case, name, expected, spread):
 
 
 def test_unenhanced_liver_darker_and_noise_level(pv_case):
-    hu_u, _, tis_u = generate_phantom(np.random.default_rng(3), SHAPE, SPACING, phase="unenhanced",
+    hu_u, _, tis_u = generate_phantom(np.random.default_rng(4), SHAPE, SPACING, phase="unenhanced",
                                       noise_std_hu=15.0, return_tissues=True)
     assert abs(_eroded_mean(hu_u, tis_u, "liver") - 60.0) <= 25.0
     hu, _, tissue = pv_case
     fat = ndimage.binary_erosion(tissue == TISSUES["fat"], np.ones((5, 5, 1), bool))
     assert 8.0 < float(hu[fat].std()) < 30.0  # noise + texture, not flat
+
+
+def test_enhancement_level_scales_contrast_uptake():
+    kw = dict(shape_xyz=SHAPE, spacing_mm=SPACING, noise_std_hu=0.0, return_tissues=True)
+    weak = generate_phantom(np.random.default_rng(3), enhancement=0.3, **kw)
+    strong = generate_phantom(np.random.default_rng(3), enhancement=1.0, **kw)
+    assert np.array_equal(weak[1], strong[1])  # same anatomy, only intensities change
+    # aorta: u = 40, p = 180 HU; uptake g ~ U(0.8, 1.2) is the same draw for both
+    gain_weak = _eroded_mean(weak[0], weak[2], "aorta") - _eroded_mean(weak[0], weak[2], "fat")
+    gain_strong = _eroded_mean(strong[0], strong[2], "aorta") - _eroded_mean(strong[0], strong[2], "fat")
+    assert gain_strong - gain_weak == pytest.approx(0.7 * 140.0, rel=0.25)
+    with pytest.raises(ValueError, match="enhancement"):
+        generate_phantom(np.random.default_rng(0), (20, 15, 2), (20.0, 20.0, 50.0), enhancement=-0.1)
 
 
 def test_anatomy_in_ras_orientation(pv_case):
@@ -126,7 +139,9 @@ def test_interval_dice_known_answer():
 
 
 def test_realism_report_on_tiny_dataset(dataset):
-    report = realism_report(dataset, max_cases=2, slices_per_case=2)
+    report = realism_report(dataset, max_cases=2, slices_per_case=2, spacing_mm=3.0)
+    assert report["preprocess"]["spacing_mm"] == 3.0
+    assert report["superpixel_settings"]["min_size_px"] == 12  # 110 mm^2 at 3 mm
     assert (dataset / "realism.json").is_file()
     for name in ("liver", "spleen", "aorta"):
         row = report["intensity_interval"][name]

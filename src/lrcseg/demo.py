@@ -183,12 +183,13 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
     images, regions, titles = [], [], []
     for case in cases[:3]:
         vol = slice_cache.get(case)
-        z = int(np.argmax(np.asarray(vol.body).reshape(vol.body.shape[0], -1).sum(1)))
+        with_body = np.flatnonzero(np.asarray(vol.body).reshape(vol.body.shape[0], -1).any(1))
+        z = int(with_body[len(with_body) // 2])
         reg = np.asarray(region_cache.get(case)[z])
         images.append(np.asarray(vol.image[z, 0], dtype=np.float32))
         regions.append(reg)
         titles.append(f"{case.id} z={z}: {len(np.unique(reg[reg > 0]))} regions")
-    montage(images, regions, titles, path, ncols=3)
+    montage(images, regions, titles, path, ncols=3, boundaries=True)
 
 
 def _report(table: str, size: DemoSize, seconds: float, fast: bool) -> str:

@@ -162,13 +162,34 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int | None = None) ->
         plt.close(fig)
 
 
+def overlay_boundaries(ax: Axes, image_hw: np.ndarray, regions_hw: np.ndarray,
+                       color: tuple[float, float, float] = (1.0, 0.85, 0.0)) -> None:
+    """Draw region boundaries (e.g. superpixels) in ``color`` on the grey image, radiological.
+
+    image_hw: ``(X, Y)`` in [0, 1]; regions_hw: ``(X, Y)`` integer ids (0 = outside, no edge
+    drawn inside it).
+    """
+    from skimage.segmentation import mark_boundaries
+
+    _check_pair(image_hw, regions_hw)
+    # Small slices are upsampled (nearest) so one-pixel edges do not swamp the anatomy.
+    k = max(1, 384 // max(image_hw.shape))
+    image = np.clip(radiological(np.asarray(image_hw, dtype=np.float64)), 0, 1)
+    regions = radiological(np.asarray(regions_hw, dtype=np.int64))
+    image, regions = (np.kron(a, np.ones((k, k), dtype=a.dtype)) for a in (image, regions))
+    rgb = mark_boundaries(image, regions, color=color, mode="inner")
+    ax.imshow(rgb, interpolation="nearest")
+    ax.set_axis_off()
+
+
 def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | None] | None,
             titles: Sequence[str] | None, path: str | os.PathLike, ncols: int = 4,
-            alpha: float = 0.4, panel_in: float = 3.0) -> None:
+            alpha: float = 0.4, panel_in: float = 3.0, boundaries: bool = False) -> None:
     """Write a grid of ``(X, Y)`` slices, each optionally with its label overlay, to ``path``.
 
     images: N slices ``(X, Y)``; labels_list: N label slices or None entries (or None for no
     overlays); titles: N strings or None; ncols: panels per row. Panels share one colour table.
+    boundaries: draw the label maps as region boundaries (superpixels) instead of filled colour.
     """
     n = len(images)
     if n == 0:
@@ -191,6 +212,8 @@ def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | Non
             continue
         if labels_list[k] is None:
             show_image(ax, images[k])
+        elif boundaries:
+            overlay_boundaries(ax, images[k], labels_list[k])
         else:
             overlay_labels(ax, images[k], labels_list[k], alpha=alpha, n_colors=n_colors)
         if titles[k]:

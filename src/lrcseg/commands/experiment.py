@@ -1,15 +1,31 @@
-"""Not implemented yet (see the open issues)."""
+"""Run a matrix of initialisations x labelled cases x draws x seeds and write the report.
+
+Pre-training runs are shared by the cells that use them; every fine-tune gets the same
+budget; finished cells (metrics.json present) are never rerun, so rerunning the same command
+resumes. Writes results.csv, report.md, figures/ and experiment.yaml in --out.
+See docs/EXPERIMENTS.md and configs/experiment_phantoms.yaml.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from lrcseg.errors import LrcsegError
+from lrcseg.cli import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    pass
+    parser.add_argument("--config", required=True, help="experiment YAML (ExperimentConfig)")
+    parser.add_argument("--out", required=True, help="experiment folder (rerun to resume)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_device_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise LrcsegError("'experiment' is not implemented yet")
+    from lrcseg.config import load_config
+    from lrcseg.experiment import ExperimentConfig, run_experiment
+
+    overrides = {"device": args.device} if args.device else None
+    cfg = load_config(ExperimentConfig, args.config, overrides)
+    results = run_experiment(cfg, args.out, progress=not args.no_progress)
+    print(results)
+    return 0

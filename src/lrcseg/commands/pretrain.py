@@ -3,7 +3,9 @@
 Examples:
   lrcseg pretrain --data DATASET --method moco --lrc --out runs/moco_lrc
   lrcseg pretrain --data DATASET --method moco --no-lrc --out runs/moco --steps 2000
+  lrcseg pretrain --labels SOURCE_DATASET --method supervised --lrc --out runs/sup_lrc
   lrcseg pretrain --out runs/moco_lrc --resume
+  torchrun --nproc_per_node=4 -m lrcseg pretrain --data DATASET --gather-negatives --out runs/ddp
 Slices and superpixel regions come from caches that are built on first use.
 """
 
@@ -19,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=None,
                         help="dataset, folder of volumes, NIfTI file or DICOM series (repeatable)")
     parser.add_argument("--method", default=None, choices=["moco", "simclr", "byol", "none", "supervised"])
+    parser.add_argument("--labels", default=None,
+                        help="labelled source dataset for --method supervised (Dice + CE on its slices)")
     parser.add_argument("--lrc", dest="lrc", action="store_true", default=None, help="add the LRC loss (default)")
     parser.add_argument("--no-lrc", dest="lrc", action="store_false", help="global method alone")
     parser.add_argument("--lrc-weight", type=float, default=None, help="lambda in L = L_global + lambda L_LRC")
@@ -28,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="region source (grid = ablation)")
     parser.add_argument("--image-size", type=int, default=None, help="side of each view (pixels)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
+    parser.add_argument("--gather-negatives", action="store_true",
+                        help="under torchrun: MoCo keys, SimCLR and LRC batch negatives from all ranks")
     add_run_arguments(parser)
 
 
@@ -37,6 +45,8 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
         overrides["data"] = args.data
     if args.method:
         overrides["method"] = args.method
+    if args.labels:
+        overrides["labels"] = args.labels
     set_nested(overrides, "lrc", "enabled", args.lrc)
     set_nested(overrides, "lrc", "weight", args.lrc_weight)
     set_nested(overrides, "lrc", "temperature", args.lrc_temperature)
@@ -53,12 +63,18 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     from lrcseg.errors import ConfigError
+    from lrcseg.train.distributed import DistributedConfig
     from lrcseg.train.pretrain import pretrain
 
     cfg = build_config(args)
-    if not cfg.data:
+    if not cfg.data and not (cfg.method == "supervised" and cfg.labels):
         raise ConfigError("no --data given (and none in --config)")
-    run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"pre-training finished: {run_dir}")
+    distributed = DistributedConfig(sync_bn=args.sync_bn, gather_negatives=args.gather_negatives)
+    run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress,
+                       distributed=distributed)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"pre-training finished: {run_dir}")
     return 0

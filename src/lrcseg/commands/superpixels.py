@@ -18,14 +18,14 @@ import numpy as np
 from lrcseg.config import PreprocessConfig, SuperpixelConfig, to_dict
 from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import load_dataset
-from lrcseg.io_utils import atomic_path, atomic_write_json
+from lrcseg.io_utils import atomic_write_json
 from lrcseg.superpixels.cache import RegionCache
 from lrcseg.superpixels.metrics import (
     achievable_segmentation_accuracy,
     boundary_recall,
     region_stats,
 )
-from lrcseg.viz import radiological
+from lrcseg.viz import montage
 
 #: slices per case (evenly spaced among slices with a body) used for quality metrics
 QUALITY_SLICES_PER_CASE = 12
@@ -114,9 +114,6 @@ def _quality(slice_cache: SliceCache, regions_cache: RegionCache, cases) -> dict
 def _write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases, out: Path,
                     count: int) -> list[str]:
     """PNG of region boundaries (yellow) on the soft-tissue window, radiological orientation."""
-    import matplotlib.pyplot as plt
-    from skimage.segmentation import mark_boundaries
-
     picks: list[tuple[object, int]] = []
     per_case = max(1, -(-count // max(1, len(cases))))
     for case in cases:
@@ -127,12 +124,11 @@ def _write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases, 
     written = []
     for case, z in picks[:count]:
         vol = slice_cache.get(case)
-        image = radiological(np.asarray(vol.image[z, 0], dtype=np.float64))
-        regions = radiological(np.asarray(regions_cache.get(case)[z], dtype=np.int64))
-        rgb = mark_boundaries(image, regions, color=(1.0, 0.85, 0.0), mode="inner")
+        regions = np.asarray(regions_cache.get(case)[z], dtype=np.int64)
         path = out / f"overlay_{_safe(case.id)}_z{z:03d}.png"
-        with atomic_path(path) as tmp:
-            plt.imsave(tmp, np.clip(rgb, 0, 1), format="png")
+        title = f"{case.id} z={z}: {len(np.unique(regions[regions > 0]))} regions"
+        montage([np.asarray(vol.image[z, 0], dtype=np.float32)], [regions], [title], path,
+                ncols=1, panel_in=5.0, boundaries=True)
         written.append(path.name)
     return written
 

@@ -59,17 +59,17 @@ PHASES = ("portal_venous", "unenhanced")
 _TISSUE_TABLE: list[tuple[str, float, float, float]] = [
     ("air", -1000.0, -1000.0, 0.0),
     ("fat", -100.0, -100.0, 10.0),
-    ("muscle", 50.0, 60.0, 7.0),
+    ("muscle", 50.0, 60.0, 10.0),
     ("bone_cortical", 900.0, 900.0, 120.0),
     ("bone_cancellous", 220.0, 220.0, 40.0),
     ("disc", 80.0, 85.0, 8.0),
     ("csf", 10.0, 10.0, 4.0),
     ("lung", -850.0, -850.0, 40.0),
     ("heart", 45.0, 125.0, 12.0),
-    ("bowel_wall", 40.0, 95.0, 12.0),
+    ("bowel_wall", 45.0, 110.0, 14.0),
     ("bowel_fluid", 15.0, 20.0, 10.0),
     ("bowel_mixed", 10.0, 10.0, 55.0),
-    ("liver", 58.0, 110.0, 12.0),
+    ("liver", 58.0, 110.0, 22.0),
     ("liver_vessel", 45.0, 165.0, 12.0),
     ("spleen", 50.0, 115.0, 10.0),
     ("kidney_cortex", 35.0, 175.0, 12.0),
@@ -247,7 +247,7 @@ class _Canvas:
 def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] | None = None,
                      spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
                      phase: str | None = None, noise_std_hu: float | None = None,
-                     return_tissues: bool = False):
+                     return_tissues: bool = False, enhancement: float | None = None):
     """One synthetic abdominal CT volume with organ labels (see the module doc for the model).
 
     rng: all randomness (anatomy, phase, noise) comes from it.
@@ -255,6 +255,10 @@ def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] |
     spacing_mm: ``(sx, sy, sz)`` voxel size.
     phase: "portal_venous", "unenhanced" or None (drawn: portal-venous with p = 0.7).
     noise_std_hu: soft-tissue noise std; None = drawn from U(10, 20).
+    enhancement: contrast enhancement level ``e`` (0 = unenhanced column of the tissue table,
+    1 = its portal-venous column; tissue HU = ``u + e * g_t * (p - u)`` with a per-case,
+    per-tissue uptake ``g_t ~ U(0.8, 1.2)``); None = drawn: U(0.6, 1.15) for portal-venous
+    (early to late, weak to strong bolus), U(0, 0.08) for unenhanced.
     Returns ``hu`` float32 ``(X, Y, Z)`` and ``labels`` uint8 ``(X, Y, Z)`` (ids of
     :data:`LABELS`), RAS+ (high x = patient right, low y = posterior, high z = superior);
     with ``return_tissues`` also the uint8 tissue map (ids of :data:`TISSUES`, before blur).
@@ -270,6 +274,10 @@ def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] |
         noise_std_hu = float(rng.uniform(10.0, 20.0))
     if noise_std_hu < 0:
         raise ValueError(f"Illegal noise_std_hu {noise_std_hu}: must be >= 0")
+    if enhancement is None:
+        enhancement = float(rng.uniform(0.6, 1.15) if phase == PHASES[0] else rng.uniform(0.0, 0.08))
+    if not 0.0 <= enhancement <= 2.0:
+        raise ValueError(f"Illegal enhancement {enhancement}: must be in [0, 2]")
 
     X, Y, Z = shape_xyz
     sx, sy, sz = spacing_mm
@@ -284,7 +292,8 @@ def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] |
     anatomy = _paint_body(rng, grid, canvas)
     _paint_bowel(rng, grid, canvas, anatomy)
     _paint_organs(rng, grid, canvas, anatomy)
-    hu = _render(rng, grid, canvas.tissue, phase, noise_std_hu)
+    _paint_fat_planes(rng, grid, canvas)
+    hu = _render(rng, grid, canvas.tissue, enhancement, noise_std_hu)
     if return_tissues:
         return hu, canvas.label, canvas.tissue
     return hu, canvas.label
@@ -380,7 +389,7 @@ def _paint_body(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> dict:
 
 def _paint_bowel(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
     """Unlabelled bowel loops in the lower and anterior cavity: wall, fluid, mixed, gas."""
-    top = rng.uniform(-115.0, -85.0)
+    top = rng.uniform(-85.0, -60.0)
     sl = grid.box((-anatomy["a"], -anatomy["b"] - 20, -1e4), (anatomy["a"], anatomy["b"] + 20, top + 60.0))
     if sl is None:
         return
@@ -388,10 +397,10 @@ def _paint_bowel(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy
     loops = _smooth_field(rng, shape, grid.spacing, rng.uniform(26.0, 36.0))
     _, y, z = grid.coords(sl)
     # Bowel fills the cavity below `top`, thinning upwards; more anteriorly.
-    thr = 0.1 + np.clip((z - top) / 40.0, 0.0, 2.0) - 0.4 * np.clip(y / 80.0, 0.0, 1.0)
+    thr = -0.25 + np.clip((z - top) / 40.0, 0.0, 2.0) - 0.4 * np.clip(y / 80.0, 0.0, 1.0)
     inside = anatomy["cavity"][sl]
     bowel = inside & (loops > thr)
-    lumen = bowel & (loops > thr + rng.uniform(0.15, 0.3))  # the margin sets the wall thickness
+    lumen = bowel & (loops > thr + rng.uniform(0.3, 0.6))  # the margin sets the wall thickness
     content = _smooth_field(rng, shape, grid.spacing, 18.0)
     canvas.paint(sl, bowel, "bowel_wall")
     canvas.paint(sl, lumen, "bowel_fluid")
@@ -430,7 +439,7 @@ def _paint_organs(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatom
         v_corr = rng.uniform(22.0, 32.0)
         f1 = _smooth_field(rng, shape, grid.spacing, v_corr)
         f2 = _smooth_field(rng, shape, grid.spacing, v_corr)
-        width = rng.uniform(0.16, 0.24)
+        width = rng.uniform(0.2, 0.3)
         canvas.paint(sl, liver & (np.abs(f1) < width) & (np.abs(f2) < width * 2.0), "liver_vessel", "liver")
 
     # Stomach: left upper quadrant; wall, fluid or food, anterior air-fluid level.
@@ -516,13 +525,56 @@ def _paint_organs(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatom
     canvas.paint((slice(None),) * 3, d_i & cavity & (grid.z < zdiaph), "ivc", "ivc")
 
 
-def _render(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, phase: str,
+def _paint_fat_planes(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> None:
+    """Thin fat planes between organs and the unlabelled soft tissue they touch.
+
+    Where an organ borders muscle or bowel, the background side gets fat within a per-case
+    plane thickness t ~ U(1, 3) mm (at least one voxel), on the part of the boundary where a
+    smooth random field exceeds a per-case threshold (about 35-75 % covered); elsewhere the
+    organ touches the soft tissue directly. Organs touching each other keep no plane.
+    """
+    organ = canvas.label > 0
+    sl = grid.box(*_mask_extent(organ, grid))
+    if sl is None:
+        return
+    t_mm = rng.uniform(1.0, 3.0)
+    steps = max(1, int(round(t_mm / min(grid.spacing[:2]))))
+    ring = ndimage.binary_dilation(organ[sl], np.ones((3, 3, 1), bool), iterations=steps) & ~organ[sl]
+    soft = np.isin(canvas.tissue[sl], [TISSUES[n] for n in ("muscle", "bowel_wall", "bowel_fluid",
+                                                               "bowel_mixed")])
+    shape = tuple(s_.stop - s_.start for s_ in sl)
+    covered = _smooth_field(rng, shape, grid.spacing, 40.0) > rng.uniform(-0.4, 0.4)
+    canvas.paint(sl, ring & soft & covered, "fat")
+
+
+def _mask_extent(mask: np.ndarray, grid: _Grid) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mm bounding box (lo, hi) of a mask's voxels, padded by 5 mm; an empty box if none."""
+    if not mask.any():
+        return (0.0, 0.0, 0.0), (-1.0, -1.0, -1.0)
+    axes = (grid.x.ravel(), grid.y.ravel(), grid.z.ravel())
+    lo, hi = [], []
+    for k, coords in enumerate(axes):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != k)))
+        lo.append(float(coords[hit[0]]) - 5.0)
+        hi.append(float(coords[hit[-1]]) + 5.0)
+    return tuple(lo), tuple(hi)
+
+
+def _render(rng: np.random.Generator, grid: _Grid, tissue: np.ndarray, enhancement: float,
             noise_std_hu: float) -> np.ndarray:
-    """HU = mean[tissue] + texture_std[tissue] * T, Gaussian PSF, + correlated noise."""
-    column = 2 if phase == "portal_venous" else 1
-    table = np.array([row[column] for row in _TISSUE_TABLE], dtype=np.float32)
+    """HU = mean[tissue] + texture_std[tissue] * T, Gaussian PSF, + correlated noise.
+
+    mean[t] = u_t + e * g_t * (p_t - u_t) + o_t: unenhanced / portal-venous table values u, p,
+    enhancement level e, per-tissue uptake g_t ~ U(0.8, 1.2), per-tissue offset o_t ~ N(0, 6)
+    HU, and a liver offset ~ U(-20, 6) HU (steatosis darkens the liver, whatever the phase).
+    """
+    unenhanced = np.array([row[1] for row in _TISSUE_TABLE], dtype=np.float32)
+    enhanced = np.array([row[2] for row in _TISSUE_TABLE], dtype=np.float32)
+    uptake = rng.uniform(0.8, 1.2, size=len(_TISSUE_TABLE)).astype(np.float32)
+    table = unenhanced + np.float32(enhancement) * uptake * (enhanced - unenhanced)
     soft = np.abs(table) < 300
     table[soft] += rng.normal(0.0, 6.0, size=int(soft.sum())).astype(np.float32)
+    table[[TISSUES["liver"], TISSUES["liver_vessel"]]] += np.float32(rng.uniform(-20.0, 6.0))
     texture_std = np.array([row[3] for row in _TISSUE_TABLE], dtype=np.float32)
     texture = _smooth_field(rng, tissue.shape, grid.spacing, rng.uniform(10.0, 18.0))
     hu = table[tissue] + texture_std[tissue] * texture

@@ -91,12 +91,14 @@ def _load_case(image_path: Path, label_path: Path, cfg: PreprocessConfig):
 
 
 def realism_report(dataset_dir: str | os.PathLike, max_cases: int = 4, slices_per_case: int = 12,
-                   out_json: str | os.PathLike | None = None) -> dict:
+                   out_json: str | os.PathLike | None = None, spacing_mm: float = SPACING_MM) -> dict:
     """Measure a phantom (or any labelled nnU-Net) dataset against real-CT figures.
 
     dataset_dir: folder with dataset.json, imagesTr, labelsTr. The first case (sorted ids) is
     the fit case for the intensity intervals; up to ``max_cases`` cases are read;
     ``slices_per_case`` evenly spaced slices holding organs are superpixelised per case.
+    spacing_mm: in-plane spacing of the preprocessed slices (1.5 mm like the real-CT figures;
+    min_size stays 110 mm^2, i.e. ``round(110 / spacing_mm^2)`` pixels).
     Writes ``out_json`` (default ``<dataset_dir>/realism.json``) and returns the dict:
     ``{"intensity_interval": {organ: {"interval_hu", "dice_fit", "dice_other"}},
     "superpixels": {"scale_100": {"regions_median", "asa", "boundary_recall"}, "scale_200": ...},
@@ -114,8 +116,10 @@ def realism_report(dataset_dir: str | os.PathLike, max_cases: int = 4, slices_pe
     images = sorted((root / "imagesTr").glob("*_0000.nii.gz"))[:max_cases]
     if len(images) < 2:
         raise DataError(root / "imagesTr", f"need at least 2 cases for the realism report, found {len(images)}")
-    cfg = PreprocessConfig(window_hu=WINDOW_HU, spacing_mm=SPACING_MM)
-    min_size = int(round(MIN_SIZE_MM2 / SPACING_MM**2))
+    if spacing_mm <= 0:
+        raise ValueError(f"Illegal spacing_mm {spacing_mm}: must be > 0")
+    cfg = PreprocessConfig(window_hu=WINDOW_HU, spacing_mm=spacing_mm)
+    min_size = max(1, int(round(MIN_SIZE_MM2 / spacing_mm**2)))
     case_ids = [p.name[: -len("_0000.nii.gz")] for p in images]
 
     fit_intervals: dict[str, tuple[int, int]] = {}
@@ -171,7 +175,7 @@ def realism_report(dataset_dir: str | os.PathLike, max_cases: int = 4, slices_pe
         "dataset": str(root),
         "cases": case_ids,
         "fit_case": case_ids[0],
-        "preprocess": {"spacing_mm": SPACING_MM, "window_hu": list(WINDOW_HU)},
+        "preprocess": {"spacing_mm": spacing_mm, "window_hu": list(WINDOW_HU)},
         "superpixel_settings": {"sigma": SIGMA, "min_size_px": min_size, "min_size_mm2": MIN_SIZE_MM2},
         "intensity_interval": interval,
         "superpixels": superpixels,
@@ -208,7 +212,8 @@ def format_realism_table(report: dict) -> str:
                      f"| {REAL_CT['interval_dice_fit'].get(name, float('nan')):.2f} "
                      f"| {REAL_CT['interval_dice_other'].get(name, float('nan')):.2f} "
                      f"| {target_text} |")
-    lines += ["", "Felzenszwalb superpixels (sigma 0.8, min_size 110 mm^2, 1.5 mm)", "",
+    lines += ["", f"Felzenszwalb superpixels (sigma 0.8, min_size 110 mm^2, "
+              f"{report['preprocess']['spacing_mm']:g} mm)", "",
               "| scale | regions/slice (median) | ASA | boundary recall (2 px) | real CT | target |",
               "|---|---|---|---|---|---|"]
     for key, row in report["superpixels"].items():

@@ -80,10 +80,13 @@ class PretrainSlices(Dataset):
 
 
 class LabelledSlices(Dataset):
-    """Labelled slices for fine-tuning: {"image": (C, S, S) float32, "label": (S, S) int64}."""
+    """Labelled slices for fine-tuning: {"image": (C, S, S) float32, "label": (S, S) int64}.
+
+    label_lut: optional int array mapping the dataset's label ids to the model's (a label map).
+    """
 
     def __init__(self, volumes: Sequence, context_slices: int, canvas: int | None = None,
-                 min_body_fraction: float = 0.05):
+                 min_body_fraction: float = 0.05, label_lut: np.ndarray | None = None):
         for v in volumes:
             if v.label is None:
                 raise ValueError(f"case {v.case_id} has no label")
@@ -91,6 +94,7 @@ class LabelledSlices(Dataset):
         self.context_slices = context_slices
         self.canvas = canvas or canvas_size(self.volumes)
         self.index = body_slices(self.volumes, min_body_fraction)
+        self.label_lut = label_lut
 
     def __len__(self) -> int:
         return len(self.index)
@@ -100,6 +104,8 @@ class LabelledSlices(Dataset):
         vol = self.volumes[v]
         image = stack_context(vol.image, z, self.context_slices)
         label = np.asarray(vol.label[z], dtype=np.int64)
+        if self.label_lut is not None:
+            label = self.label_lut[label]
         return {
             "image": torch.from_numpy(pad_to_canvas(image, self.canvas).astype(np.float32)),
             "label": torch.from_numpy(pad_to_canvas(label, self.canvas)),

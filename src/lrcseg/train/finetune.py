@@ -11,7 +11,6 @@ checkpoint is the result (no model selection on extra labelled cases).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -22,7 +21,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lrcseg.config import (
@@ -34,7 +32,7 @@ from lrcseg.config import (
     to_dict,
 )
 from lrcseg.data.cache import SliceCache
-from lrcseg.data.layouts import Dataset, load_dataset
+from lrcseg.data.layouts import Dataset, label_lookup, load_dataset, load_label_map
 from lrcseg.data.slices import LabelledSlices
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_json
@@ -43,9 +41,14 @@ from lrcseg.models.unet import build_unet, flexible_unet_kwargs
 from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from lrcseg.train.common import (
     ResumableSampler,
+    autocast_context,
+    load_resume_checkpoint,
+    make_loader,
+    make_optimizer,
     prepare_run_dir,
     resolve_device,
     seed_everything,
+    set_lr,
     step_generator,
     warmup_cosine,
 )
@@ -75,6 +78,26 @@ def choose_labelled(dataset: Dataset, labeled: float, split_seed: int) -> dict[s
     order = np.random.default_rng(split_seed).permutation(len(candidates))
     return {"labeled": sorted(candidates[i] for i in order[:k]), "candidates": candidates,
             "test": test}
+
+
+def model_labels(dataset_labels: dict[str, int], label_map: str | None
+                 ) -> tuple[dict[str, int], np.ndarray | None]:
+    """The model's label names -> ids, and the dataset -> model id table (None = identity).
+
+    Without a label map the model predicts the dataset's labels. With one (a JSON file
+    ``{dataset name or id: model name}``) the model's classes are background plus the mapped
+    names in sorted order; dataset labels that are not mapped become background.
+    """
+    if not label_map:
+        return dict(sorted(dataset_labels.items(), key=lambda kv: kv[1])), None
+    mapping = load_label_map(label_map)
+    names = sorted(set(mapping.values()) - {"background"})
+    labels = {"background": 0, **{name: i + 1 for i, name in enumerate(names)}}
+    lut = label_lookup(dataset_labels, labels, mapping)
+    table = np.zeros(max(lut) + 1, dtype=np.int64)
+    for dataset_id, model_id in lut.items():
+        table[dataset_id] = model_id
+    return labels, table
 
 
 def default_steps(num_slices: int, batch_size: int) -> int:
@@ -172,16 +195,17 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                           "(nnU-Net dataset.json or datalist)")
     split = choose_labelled(dataset, cfg.labeled, cfg.split_seed)
     weights, init_meta = load_initialisation(cfg.init, cfg.model, cfg.preprocess, cfg.allow_mismatch)
-    run_dir = prepare_run_dir(cfg.run.out, resume)
+    run_dir = prepare_run_dir(cfg.run.out, resume, create=False)
     device = resolve_device(cfg.run.device)
     seed_everything(cfg.run.seed)
 
-    labels = dict(sorted(dataset.labels.items(), key=lambda kv: kv[1]))
+    labels, label_lut = model_labels(dataset.labels, cfg.label_map)
     num_classes = max(labels.values()) + 1
     by_id = {c.id: c for c in dataset.cases}
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
     volumes = [slice_cache.get(by_id[i]) for i in split["labeled"]]
-    data = LabelledSlices(volumes, cfg.preprocess.context_slices)
+    data = LabelledSlices(volumes, cfg.preprocess.context_slices, label_lut=label_lut)
+    prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
     steps = cfg.steps or default_steps(len(data), cfg.run.batch_size)
     hflip = cfg.hflip and not has_laterality(list(labels))
 
@@ -197,8 +221,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     if cfg.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr,
-                                  weight_decay=cfg.optim.weight_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.optim, device)
     forward = torch.compile(model) if cfg.run.compile else model
     model_meta = {"flexible_unet": flexible_unet_kwargs(cfg.model, cfg.preprocess.in_channels,
                                                         num_classes),
@@ -207,10 +230,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
 
     start = 0
     if resume:
-        ckpt_path = find_checkpoint(run_dir, prefer_final=False)
-        if ckpt_path is None:
-            raise ConfigError(f"{run_dir}: --resume given but no checkpoint.pt in it")
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = load_resume_checkpoint(run_dir, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -229,12 +249,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                 "steps": steps, **model_meta}
 
     sampler = ResumableSampler(len(data), cfg.run.seed, start=start * cfg.run.batch_size)
-    loader = DataLoader(data, batch_size=cfg.run.batch_size, sampler=sampler,
-                        num_workers=cfg.run.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.run.workers > 0)
+    loader = make_loader(data, cfg.run.batch_size, sampler, cfg.run.workers, device)
     logger = RunLogger(run_dir, start_step=start)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.run.amp and device.type == "cuda" else contextlib.nullcontext())
+    autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
     step, batches = start, iter(loader)
     t_last, n_last = time.perf_counter(), 0
@@ -248,8 +265,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
             if cfg.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             lr = cfg.optim.lr * warmup_cosine(step, steps, cfg.optim.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             with autocast:
                 logits = forward(images)
             loss = loss_fn(logits.float(), targets[:, None])

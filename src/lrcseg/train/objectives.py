@@ -1,57 +1,243 @@
 """Global pre-training objectives behind one interface, so the loop does not care which.
 
 An objective is an ``nn.Module`` with
-    forward(out1, out2, view1, view2, generator) -> (loss, stats)
-        out*: the online network's outputs on each view ({"global": (B, P), "local": ...});
-        view*: the augmented views (B, C, H, W), for objectives with their own encoders.
-    after_step(step, total_steps): bookkeeping after the optimiser step (e.g. momentum).
-Its state_dict holds everything a resume needs (momentum encoder, queue).
+    forward(out1, out2, views) -> (loss, stats)
+        out*: the online network's outputs on each view ({"global": (B, P), "local": ...,
+            and "decoder": (B, C_0, H, W) full-resolution decoder features when the objective
+            sets ``full_decoder = True``});
+        views: ``Views`` (the augmented images, their labels if any, the step's generators).
+    after_step(step, total_steps): bookkeeping after the optimiser step (e.g. EMA momentum).
+    logs_global: False if the objective contributes nothing to log (method "none").
+Its state_dict holds everything a resume needs (momentum encoders, queue, predictor).
+
+Methods: "moco" (MoCo v2, ``losses/moco.py``), "simclr" (NT-Xent, ``losses/simclr.py``),
+"byol" (``losses/byol.py``), "none" (LRC alone) and "supervised" (Dice + cross-entropy on
+labelled slices, MONAI ``DiceCELoss``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from monai.losses import DiceCELoss
+from monai.networks.nets.flexible_unet import SegmentationHead
 from torch import Tensor, nn
 
 from lrcseg.config import PretrainConfig
 from lrcseg.errors import ConfigError
-from lrcseg.losses.moco import MoCoV2, default_queue_size
+from lrcseg.losses.byol import BYOL, DEFAULT_BASE_MOMENTUM, DEFAULT_PREDICTOR_HIDDEN
+from lrcseg.losses.moco import MoCoQueue, MoCoV2, default_queue_size, moco_infonce, momentum_update
+from lrcseg.losses.simclr import DEFAULT_TEMPERATURE, SimCLRLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
+from lrcseg.train.distributed import (
+    concat_all_gather,
+    gather_with_grad,
+    get_world_size,
+    shuffled_forward_across_ranks,
+)
 
 
-class MoCoObjective(nn.Module):
+@dataclass
+class Views:
+    """What a global objective may need besides the online outputs.
+
+    view1, view2: (B, C, S, S) augmented views. labels1, labels2: (B, S, S) long label ids
+    carried through the views' geometry (None when unlabelled). generator: this rank's step
+    generator; shared_generator: the same on every rank (cross-rank shuffles).
+    """
+
+    view1: Tensor
+    view2: Tensor
+    generator: torch.Generator
+    shared_generator: torch.Generator
+    labels1: Tensor | None = None
+    labels2: Tensor | None = None
+
+
+class _Objective(nn.Module):
+    full_decoder = False
+    logs_global = True
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Nothing by default."""
+
+
+class _GatheredQueue(MoCoQueue):
+    """A MoCo queue that enqueues the keys of every rank (same queue on all ranks)."""
+
+    def enqueue(self, keys: Tensor) -> None:
+        super().enqueue(concat_all_gather(keys))
+
+
+class MoCoObjective(_Objective):
     """Symmetric MoCo v2: each view is a query for the other view's momentum key.
 
     L_global = (InfoNCE(q1, k2) + InfoNCE(q2, k1)) / 2, queue of earlier keys; both views'
-    keys are enqueued (2B per step, so the queue size must be a multiple of 2B).
+    keys are enqueued (2B per step, or 2 x global batch with ``gather_keys``).
+
+    Under DDP (world > 1) with ``shuffle_bn`` the keys use the cross-rank BatchNorm shuffle
+    (``shuffled_forward_across_ranks``) with the step's shared generator; on one process the
+    local sub-batch shuffle of ``MoCoV2``.
     """
 
     def __init__(self, online: PretrainNetwork, queue_size: int, temperature: float,
-                 momentum: float, shuffle_bn: bool, seed: int):
+                 momentum: float, shuffle_bn: bool, seed: int, gather_keys: bool = False):
         super().__init__()
         self.moco = MoCoV2(online, queue_size, temperature=temperature, momentum=momentum,
                            shuffle_splits=2 if shuffle_bn else 1,
                            generator=torch.Generator().manual_seed(seed))
+        if gather_keys:
+            gathered = _GatheredQueue(online.cfg.proj_dim, queue_size)
+            gathered.load_state_dict(self.moco.queue.state_dict())
+            self.moco.queue = gathered
+        self.cross_rank_shuffle = shuffle_bn and get_world_size() > 1
         self._online = [online]  # a plain reference: its weights belong to the loop's state
 
-    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], view1: Tensor,
-                view2: Tensor, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.moco(out1["global"], out2["global"], view1, view2, self._online[0], generator)
+    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        online = self._online[0]
+        if not self.cross_rank_shuffle:
+            return self.moco(out1["global"], out2["global"], views.view1, views.view2, online,
+                             views.generator)
+        moco = self.moco
+        momentum_update(online, moco.key_encoder, moco.momentum)
+        k1, k2 = (shuffled_forward_across_ranks(moco.key_encoder.encode_global, x,
+                                                views.shared_generator)
+                  for x in (views.view1, views.view2))
+        queue = moco.queue.keys.clone()
+        q1, q2 = out1["global"], out2["global"]
+        loss = (moco_infonce(q1, k2, queue, moco.temperature)
+                + moco_infonce(q2, k1, queue, moco.temperature)) / 2
+        with torch.no_grad():
+            q = torch.cat([q1, q2]).float()
+            positive = (q * torch.cat([k2, k1])).sum(dim=1)
+            acc = (positive > (q @ queue.t()).max(dim=1).values).float().mean()
+        moco.queue.enqueue(torch.cat([k1, k2]))
+        return loss, {"moco_acc": acc}
+
+
+class SimCLRObjective(_Objective):
+    """NT-Xent over the 2B global embeddings (2 x global batch with ``gather``)."""
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, gather: bool = False):
+        super().__init__()
+        self.loss = SimCLRLoss(temperature)
+        self.gather = gather
+
+    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        z1, z2 = out1["global"], out2["global"]
+        if self.gather:
+            z1, z2 = gather_with_grad(z1), gather_with_grad(z2)
+        return self.loss(z1, z2)
+
+
+class BYOLObjective(_Objective):
+    """BYOL with a predictor on the online global embedding and an EMA target (annealed)."""
+
+    def __init__(self, online: PretrainNetwork, base_momentum: float = DEFAULT_BASE_MOMENTUM,
+                 hidden_dim: int = DEFAULT_PREDICTOR_HIDDEN):
+        super().__init__()
+        self.byol = BYOL(online, base_momentum, hidden_dim)
+        self._online = [online]
+
+    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.byol(out1["global"], out2["global"], views.view1, views.view2)
 
     def after_step(self, step: int, total_steps: int) -> None:
-        """Nothing: MoCo updates its key encoder at the start of each forward."""
+        """EMA of the online weights into the target with tau_step (0.99 -> 1)."""
+        self.byol.update_target(self._online[0], step, total_steps)
 
 
-def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_slices: int
-                           ) -> nn.Module:
-    """The global objective named by ``cfg.method`` for ``online``."""
+class NoGlobalObjective(_Objective):
+    """Method "none": LRC alone. The global loss is an exact 0 and nothing is logged."""
+
+    logs_global = False
+
+    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        return out1["global"].new_zeros(()), {}
+
+
+class SupervisedObjective(_Objective):
+    """L_seg = (DiceCE(head(d1), y1) + DiceCE(head(d2), y2)) / 2 on both labelled views.
+
+    d*: (B, C_0, S, S) full-resolution decoder features of each view; head: a 3x3 conv
+    ``SegmentationHead`` to K = num_classes logits (label ids 0..K-1 of the labelled dataset,
+    0 = background); y*: (B, S, S) label ids carried through the views' geometry (pixels
+    outside the slice are background). DiceCE is MONAI's (softmax, one-hot, batch Dice), as in
+    fine-tuning.
+    """
+
+    full_decoder = True
+
+    def __init__(self, decoder_channels: int, num_classes: int):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"Illegal num_classes {num_classes}: need background + >= 1 organ")
+        self.num_classes = num_classes
+        self.head = SegmentationHead(spatial_dims=2, in_channels=decoder_channels,
+                                     out_channels=num_classes, kernel_size=3)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        if views.labels1 is None or views.labels2 is None:
+            raise ValueError("the supervised objective needs the views' labels")
+        losses = [self.loss(self.head(out["decoder"]).float(), labels[:, None])
+                  for out, labels in ((out1, views.labels1), (out2, views.labels2))]
+        return (losses[0] + losses[1]) / 2, {}
+
+
+def decoder_forward(net: PretrainNetwork, x: Tensor) -> dict[str, Tensor]:
+    """Like ``net(x)`` but running the whole decoder: adds "decoder" (B, C_0, H, W).
+
+    The skips follow MONAI's ``UNetDecoder.forward`` (as ``PretrainNetwork`` does); the local
+    head reads decoder block ``cfg.local_level`` on the way up.
+    """
+    features = net.unet.encoder(x)
+    skips = features[:-1][::-1]
+    y, local = features[-1], None
+    for i, block in enumerate(net.unet.decoder.blocks):
+        y = block(y, skips[i] if i < net.unet.skip_connect else None)
+        if i == net.cfg.local_level:
+            local = net.local_head(y)
+    return {"global": net.global_head(features[-1]), "local": local, "decoder": y}
+
+
+def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_slices: int,
+                           world_size: int = 1, gather_negatives: bool = False,
+                           num_classes: int | None = None) -> nn.Module:
+    """The global objective named by ``cfg.method`` for ``online``.
+
+    world_size, gather_negatives: under DDP with gathering, MoCo enqueues 2 x global batch keys
+    per step (the queue size must be a multiple of it) and SimCLR contrasts the global batch.
+    num_classes: label ids of the labelled dataset (max id + 1), for "supervised".
+    """
+    gather = gather_negatives and world_size > 1
     if cfg.method == "moco":
-        per_step = 2 * cfg.run.batch_size  # both views' keys are enqueued
+        per_step = 2 * cfg.run.batch_size * (world_size if gather else 1)
         queue = cfg.moco.queue_size or default_queue_size(num_slices, per_step)
         if queue % per_step:
-            raise ConfigError(f"moco.queue_size {queue} must be a multiple of 2 x batch_size "
-                              f"= {per_step} (both views' keys are enqueued each step)")
+            what = "2 x global batch" if gather else "2 x batch_size"
+            raise ConfigError(f"moco.queue_size {queue} must be a multiple of {what} = {per_step} "
+                              "(both views' keys are enqueued each step)")
         return MoCoObjective(online, queue, cfg.moco.temperature, cfg.moco.momentum,
-                             cfg.moco.shuffle_bn, cfg.run.seed)
-    raise ConfigError(f"pre-training method {cfg.method!r} is not implemented yet "
-                      "(available: moco)")
+                             cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=gather)
+    if cfg.method == "simclr":
+        simclr = getattr(cfg, "simclr", None)
+        return SimCLRObjective(simclr.temperature if simclr else DEFAULT_TEMPERATURE, gather=gather)
+    if cfg.method == "byol":
+        byol = getattr(cfg, "byol", None)
+        return BYOLObjective(online, byol.base_momentum if byol else DEFAULT_BASE_MOMENTUM,
+                             byol.predictor_hidden if byol else DEFAULT_PREDICTOR_HIDDEN)
+    if cfg.method == "none":
+        return NoGlobalObjective()
+    if cfg.method == "supervised":
+        if num_classes is None:
+            raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
+        return SupervisedObjective(cfg.model.decoder_channels[-1], num_classes)
+    raise ConfigError(f"pre-training method {cfg.method!r} is not implemented "
+                      "(available: moco, simclr, byol, none, supervised)")

@@ -1,25 +1,29 @@
-"""Pre-training: a global method (MoCo v2) plus the LRC loss, one readable loop.
+"""Pre-training: a global method (MoCo v2, SimCLR, BYOL, none, supervised) plus LRC, one loop.
 
     for step in range(start, steps):
-        batch -> two augmented views (geometry shared with the region maps)
+        batch -> two augmented views (geometry shared with the region and label maps)
         online U-Net on both views -> global embeddings + 1/4-resolution local features
         L = L_global(views) + lambda * L_LRC(local features, region maps)
         backward, clip, step, momentum update; log; checkpoint every N steps
 
-Every bit of randomness in a step comes from ``step_generator(seed, step)``, and the sample
+Every bit of randomness in a step comes from ``step_generator(seed, step, rank)`` (and, for
+what all ranks must agree on, ``step_generator(seed, step, SHARED_STREAM)``), and the sample
 order from ``ResumableSampler``, so ``--resume`` replays an uninterrupted run exactly.
+
+Under ``torchrun`` (WORLD_SIZE > 1) the differentiable part of the step (``PretrainStep``) is
+wrapped in DistributedDataParallel; rank 0 alone writes the run folder, logs and checkpoints.
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrcseg.augment import PairedViewAugment
@@ -27,21 +31,40 @@ from lrcseg.config import PretrainConfig, save_config, to_dict
 from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import load_dataset
 from lrcseg.data.slices import PretrainSlices
-from lrcseg.errors import ConfigError, LrcsegError
+from lrcseg.errors import ConfigError, DataError, LrcsegError
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.superpixels.cache import RegionCache
-from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
     ResumableSampler,
+    autocast_context,
+    load_resume_checkpoint,
+    make_loader,
+    make_optimizer,
     prepare_run_dir,
     resolve_device,
     seed_everything,
+    set_lr,
     step_generator,
     warmup_cosine,
 )
-from lrcseg.train.objectives import build_global_objective
+from lrcseg.train.distributed import (
+    DistContext,
+    DistributedConfig,
+    all_ranks_true,
+    all_reduce_mean,
+    barrier,
+    concat_all_gather,
+    gather_with_grad,
+    init_distributed,
+    teardown,
+)
+from lrcseg.train.objectives import Views, build_global_objective, decoder_forward
 from lrcseg.train.runlog import RunLogger, write_run_card
+
+#: generator stream shared by all ranks (ranks use streams 0..W-1 for per-sample randomness)
+SHARED_STREAM = 2**31 - 1
 
 
 class TrainingDiverged(LrcsegError):
@@ -52,6 +75,7 @@ class TrainingDiverged(LrcsegError):
 class PretrainData:
     dataset: PretrainSlices
     sources: list[dict[str, Any]]
+    num_classes: int | None = None  # label ids of the --labels dataset (supervised)
 
 
 def pretraining_cases(paths: list[str]) -> tuple[list, list[dict[str, Any]]]:
@@ -76,58 +100,180 @@ def pretraining_cases(paths: list[str]) -> tuple[list, list[dict[str, Any]]]:
     return cases, sources
 
 
+def supervised_cases(path: str) -> tuple[list, list[dict[str, Any]], int]:
+    """Labelled source cases for supervised pre-training, and the number of label ids.
+
+    The dataset must name its labels (nnU-Net dataset.json or datalist). Its labelled training
+    cases are used ("train" split only if it has ``splits.json``; test cases never).
+    Returns (cases, sources, K) with K = largest label id + 1.
+    """
+    ds = load_dataset(path)
+    if not ds.labels:
+        raise ConfigError(f"{path}: --labels needs a dataset with label names "
+                          "(nnU-Net dataset.json or datalist)")
+    chosen = [c for c in ds.cases if c.label is not None]
+    if ds.splits and "train" in ds.splits:
+        wanted = set(ds.splits["train"])
+        chosen = [c for c in chosen if c.id in wanted]
+    if not chosen:
+        raise ConfigError(f"{path}: no labelled training cases for supervised pre-training")
+    sources = [{"path": str(Path(path).resolve()), "layout": ds.layout,
+                "cases": [c.id for c in chosen], "labels": ds.labels}]
+    return chosen, sources, max(ds.labels.values()) + 1
+
+
 def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainData:
-    """Slice and region caches (built once) and the slice dataset over them."""
-    cases, sources = pretraining_cases(cfg.data)
+    """Slice and region caches (built once) and the slice dataset over them.
+
+    Method "supervised" trains on the labelled cases of ``cfg.labels`` (every label id must be
+    one the dataset names); the other methods on the pool of ``cfg.data``.
+    """
+    num_classes = None
+    if cfg.method == "supervised":
+        if not cfg.labels:
+            raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
+        if cfg.data and {str(Path(p).resolve()) for p in cfg.data} != {str(Path(cfg.labels).resolve())}:
+            raise ConfigError("method 'supervised' trains on the --labels dataset's slices "
+                              "(L_seg and L_LRC on the same slices); drop --data or make it the same")
+        cases, sources, num_classes = supervised_cases(cfg.labels)
+    else:
+        if cfg.labels:
+            raise ConfigError(f"--labels is only used by --method supervised (method is {cfg.method})")
+        cases, sources = pretraining_cases(cfg.data)
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
     volumes = [slice_cache.get(c) for c in cases]
+    if num_classes is not None:
+        for case, vol in zip(cases, volumes, strict=True):
+            largest = int(np.max(vol.label))
+            if largest >= num_classes:
+                raise DataError(case.label, f"label id {largest} is not among the dataset's "
+                                f"labels (ids 0..{num_classes - 1})")
     region_cache = RegionCache(slice_cache, cfg.superpixels)
     region_cache.build(cases, workers=cfg.run.workers, progress=progress)
     regions = [region_cache.get(c) for c in cases]
     dataset = PretrainSlices(volumes, regions, cfg.preprocess.context_slices,
                              with_organs=any(v.label is not None for v in volumes))
     if len(dataset) < 2:
-        raise ConfigError(f"only {len(dataset)} body slices in {cfg.data}: too few to pre-train")
-    return PretrainData(dataset, sources)
+        raise ConfigError(f"only {len(dataset)} body slices in {cfg.data or cfg.labels}: too few "
+                          "to pre-train")
+    return PretrainData(dataset, sources, num_classes)
+
+
+class PretrainStep(nn.Module):
+    """The differentiable part of a step, the module DDP wraps.
+
+    forward(view1, view2, regions1, regions2, views, organs1=None, organs2=None) with views
+    (B, C, S, S), region maps (B, S, S) long, ``Views`` for the global objective and optional
+    organ/label maps (B, S, S) long, returns (loss, loss_global, loss_lrc, stats):
+    loss = loss_global + lrc_weight * loss_lrc, all scalars; stats of the two terms, keyed
+    "global/..." and "lrc/...".
+
+    gather_lrc: LRC with batch negatives across ranks: every rank gathers the local features
+    (with gradient), region and organ maps of the whole global batch and computes the same
+    loss with the shared generator, i.e. one process's loss over the concatenated batch.
+    """
+
+    def __init__(self, net: PretrainNetwork, objective: nn.Module, lrc: LRCLoss | None,
+                 lrc_weight: float, gather_lrc: bool = False, compile_net: bool = False):
+        super().__init__()
+        self.net, self.objective, self.lrc = net, objective, lrc
+        self.lrc_weight = lrc_weight
+        self.gather_lrc = gather_lrc
+        self._forward = [torch.compile(net) if compile_net else net]  # not a second submodule
+
+    def forward(self, view1: Tensor, view2: Tensor, regions1: Tensor, regions2: Tensor,
+                views: Views, organs1: Tensor | None = None, organs2: Tensor | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        if self.objective.full_decoder:
+            out1, out2 = decoder_forward(self.net, view1), decoder_forward(self.net, view2)
+        else:
+            out1, out2 = self._forward[0](view1), self._forward[0](view2)
+        loss_global, global_stats = self.objective(out1, out2, views)
+        stats = {f"global/{k}": v for k, v in global_stats.items()}
+        if self.lrc is None:
+            return loss_global, loss_global, torch.zeros_like(loss_global), stats
+        feat1, feat2 = out1["local"].float(), out2["local"].float()
+        generator = views.generator
+        if self.gather_lrc:
+            feat1, feat2 = gather_with_grad(feat1), gather_with_grad(feat2)
+            regions1, regions2 = concat_all_gather(regions1), concat_all_gather(regions2)
+            if organs1 is not None:
+                organs1, organs2 = concat_all_gather(organs1), concat_all_gather(organs2)
+            generator = views.shared_generator
+        loss_lrc, lrc_stats = self.lrc(feat1, feat2, regions1, regions2, generator=generator,
+                                       organs1=organs1, organs2=organs2)
+        stats.update({f"lrc/{k}": v for k, v in lrc_stats.items()})
+        return loss_global + self.lrc_weight * loss_lrc, loss_global, loss_lrc, stats
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
-             stop_at: int | None = None) -> Path:
+             stop_at: int | None = None, distributed: DistributedConfig | None = None) -> Path:
     """Run (or resume) pre-training as configured; returns the run folder.
 
     stop_at: leave (with a checkpoint) once this step is reached, as an interruption would;
     ``resume=True`` later continues exactly where it stopped.
+    distributed: --sync-bn / --gather-negatives (used when started by torchrun with
+    WORLD_SIZE > 1; the defaults otherwise).
     """
-    run_dir = prepare_run_dir(cfg.run.out, resume)
-    device = resolve_device(cfg.run.device)
-    seed_everything(cfg.run.seed)
-    data = build_pretrain_data(cfg, progress=progress)
+    dcfg = distributed or getattr(cfg, "distributed", None) or DistributedConfig()
+    ctx = init_distributed(resolve_device(cfg.run.device))
+    try:
+        return _pretrain(cfg, resume, progress, stop_at, dcfg, ctx)
+    finally:
+        teardown(ctx)
 
+
+def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | None,
+              dcfg: DistributedConfig, ctx: DistContext) -> Path:
+    device = ctx.device
+    if dcfg.sync_bn and device.type != "cuda":
+        raise ConfigError("--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation); "
+                          "drop it for CPU runs")
+    run_dir = prepare_run_dir(cfg.run.out, resume, create=False)
+    seed_everything(cfg.run.seed)
+    progress = progress and ctx.is_main
+    if ctx.is_main:  # rank 0 builds the caches, the others then read them
+        data = build_pretrain_data(cfg, progress=progress)
+        prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
+    barrier()
+    if not ctx.is_main:
+        data = build_pretrain_data(cfg, progress=False)
+
+    gather = dcfg.gather_negatives and ctx.enabled
     net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels).to(device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    global_objective = build_global_objective(cfg, net, num_slices=len(data.dataset)).to(device)
-    lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
-                  pixels_per_region=cfg.lrc.pixels_per_region, min_pixels=cfg.lrc.min_pixels,
-                  variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)
+    global_objective = build_global_objective(
+        cfg, net, num_slices=len(data.dataset), world_size=ctx.world_size,
+        gather_negatives=dcfg.gather_negatives, num_classes=data.num_classes).to(device)
+    if dcfg.sync_bn and ctx.enabled:  # after the momentum/target copies: those keep plain BN
+        net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    lrc = None
+    if cfg.lrc.enabled:
+        lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
+                      pixels_per_region=cfg.lrc.pixels_per_region, min_pixels=cfg.lrc.min_pixels,
+                      variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)
+    step_module = PretrainStep(net, global_objective, lrc, cfg.lrc.weight,
+                               gather_lrc=gather and cfg.lrc.negatives == "batch",
+                               compile_net=cfg.run.compile)
+    train_step = step_module
+    if ctx.enabled:
+        train_step = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True)
     augment = PairedViewAugment(cfg.augment)
-    params = [p for p in list(net.parameters()) + list(global_objective.parameters())
-              if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    forward = torch.compile(net) if cfg.run.compile else net
+    params = [p for p in step_module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg.optim, device)
 
     start = 0
     if resume:
-        ckpt_path = find_checkpoint(run_dir, prefer_final=False)
-        if ckpt_path is None:
-            raise ConfigError(f"{run_dir}: --resume given but no checkpoint.pt in it")
-        state = load_checkpoint(ckpt_path, map_location=device)
+        state = load_resume_checkpoint(run_dir, device)
         net.load_state_dict(state["network"])
         global_objective.load_state_dict(state["global_objective"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         start = state["step"]
-    else:
+    elif ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
         write_run_card(run_dir, "pretrain", {
             "data_sources": data.sources,
@@ -136,56 +282,58 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
             "preprocess": to_dict(cfg.preprocess),
             "superpixels": to_dict(cfg.superpixels),
             "device": str(device),
+            "world_size": ctx.world_size,
+            "distributed": to_dict(dcfg),
         })
 
     def state_dict(step: int) -> dict[str, Any]:
         return {"step": step, "network": net.state_dict(),
                 "global_objective": global_objective.state_dict(),
                 "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "config": to_dict(cfg), "kind": "pretrain"}
+                "config": to_dict(cfg), "kind": "pretrain", "world_size": ctx.world_size}
 
-    sampler = ResumableSampler(len(data.dataset), cfg.run.seed, start=start * cfg.run.batch_size)
-    loader = DataLoader(data.dataset, batch_size=cfg.run.batch_size, sampler=sampler,
-                        num_workers=cfg.run.workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.run.workers > 0, drop_last=True)
-    logger = RunLogger(run_dir, start_step=start)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if cfg.run.amp and device.type == "cuda" else contextlib.nullcontext())
+    def checkpoint(step: int, final: bool = False) -> None:
+        if ctx.is_main:
+            save_checkpoint(run_dir, state_dict(step), final=final)
+        barrier()
+
+    batch_size = cfg.run.batch_size
+    sampler = ResumableSampler(len(data.dataset), cfg.run.seed, start=start * batch_size,
+                               rank=ctx.rank, num_replicas=ctx.world_size)
+    loader = make_loader(data.dataset, batch_size, sampler, cfg.run.workers, device,
+                         drop_last=True)
+    logger = RunLogger(run_dir, start_step=start) if ctx.is_main else None
+    autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", disable=not progress,
                dynamic_ncols=True)
+    with_labels = data.dataset.with_organs and (cfg.lrc.enabled or cfg.method == "supervised")
     step = start
     batches = iter(loader)
     t_last, n_last = time.perf_counter(), 0
     try:
         while step < cfg.run.steps:
             batch = next(batches)
-            g = step_generator(cfg.run.seed, step)
+            g = step_generator(cfg.run.seed, step, ctx.rank)
             images = batch["image"].to(device, non_blocking=True)
             regions = batch["regions"].to(device, non_blocking=True)
             view1, regions1, view2, regions2 = augment(images, regions, g)
+            labels1 = labels2 = None
+            if with_labels:
+                labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device),
+                                                    step_generator(cfg.run.seed, step, ctx.rank))
             if cfg.run.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
                 view2 = view2.contiguous(memory_format=torch.channels_last)
             lr = cfg.optim.lr * warmup_cosine(step, cfg.run.steps, cfg.optim.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
+            views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
+                          labels1, labels2)
 
             with autocast:
-                out1, out2 = forward(view1), forward(view2)
-                loss_global, global_stats = global_objective(out1, out2, view1, view2, g)
-                if cfg.lrc.enabled:
-                    organs = batch["organs"].to(device)
-                    organs1 = organs2 = None
-                    if (organs >= 0).any():
-                        organs1, organs2 = _organs_in_views(augment, organs, g, cfg.run.seed, step)
-                    loss_lrc, lrc_stats = lrc(out1["local"].float(), out2["local"].float(),
-                                              regions1, regions2, generator=g,
-                                              organs1=organs1, organs2=organs2)
-                else:
-                    loss_lrc, lrc_stats = torch.zeros((), device=device), {}
-                loss = loss_global + cfg.lrc.weight * loss_lrc
+                loss, loss_global, loss_lrc, stats = train_step(
+                    view1, view2, regions1, regions2, views, labels1, labels2)
 
-            if not torch.isfinite(loss):
+            if not all_ranks_true(bool(torch.isfinite(loss)), device):
                 raise TrainingDiverged(
                     f"non-finite loss at step {step} (global {loss_global.item():.4g}, "
                     f"lrc {loss_lrc.item():.4g}); the last good checkpoint in {run_dir} is "
@@ -197,46 +345,61 @@ def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
             optimizer.step()
             global_objective.after_step(step, cfg.run.steps)
             step += 1
-            n_last += images.shape[0]
+            n_last += images.shape[0] * ctx.world_size
             bar.update(1)
 
             if step % cfg.run.log_every == 0 or step == cfg.run.steps:
                 now = time.perf_counter()
-                scalars = {"loss/total": loss.item(), "loss/global": loss_global.item(),
-                           "loss/lrc": loss_lrc.item(), "lr": lr, "grad_norm": grad_norm.item(),
-                           "slices_per_s": n_last / max(now - t_last, 1e-9)}
-                scalars.update({f"global/{k}": float(v) for k, v in global_stats.items()})
-                scalars.update({f"lrc/{k}": float(v) for k, v in lrc_stats.items()})
-                logger.log(step, scalars)
-                bar.set_postfix(loss=f"{scalars['loss/total']:.3f}",
-                                lrc=f"{scalars['loss/lrc']:.3f}")
+                scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
+                                           global_objective.logs_global, lrc is not None)
+                scalars.update({"lr": lr, "slices_per_s": n_last / max(now - t_last, 1e-9)})
+                if logger is not None:
+                    logger.log(step, scalars)
+                bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
                 t_last, n_last = now, 0
             if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
-                save_checkpoint(run_dir, state_dict(step))
+                checkpoint(step)
             if stop_at is not None and step >= stop_at and step < cfg.run.steps:
-                save_checkpoint(run_dir, state_dict(step))
+                checkpoint(step)
                 return run_dir
-        save_checkpoint(run_dir, state_dict(step), final=True)
+        checkpoint(step, final=True)
     except KeyboardInterrupt:
-        save_checkpoint(run_dir, state_dict(step))
-        bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
+        if ctx.is_main:
+            save_checkpoint(run_dir, state_dict(step))
+            bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
         raise
     finally:
         bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
     return run_dir
 
 
-def _organs_in_views(augment: PairedViewAugment, organs: torch.Tensor, g: torch.Generator,
-                     seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Organ labels carried through the same geometry as the views (for logging only).
+def _reduced_scalars(loss: Tensor, loss_global: Tensor, loss_lrc: Tensor, grad_norm: Tensor,
+                     stats: dict[str, Tensor], log_global: bool, log_lrc: bool
+                     ) -> dict[str, float]:
+    """The step's scalars, averaged over ranks (every rank calls this at the same steps)."""
+    values = {"loss/total": loss, "grad_norm": grad_norm}
+    if log_global:
+        values["loss/global"] = loss_global
+    if log_lrc:
+        values["loss/lrc"] = loss_lrc
+    values.update(stats)
+    names = sorted(values)
+    device = loss.device
+    stacked = torch.stack([values[k].detach().float().to(device).reshape(()) for k in names])
+    return dict(zip(names, all_reduce_mean(stacked).tolist(), strict=True))
 
-    Pixels outside the canvas come back as 0; they lie in region 0, which is never sampled.
 
-    Replays the augmentation from a fresh generator with the same seed, so the organ maps get
-    exactly the geometric transforms of the views; ``g`` itself is not advanced.
+def _labels_in_views(augment: PairedViewAugment, organs: Tensor, replay: torch.Generator
+                     ) -> tuple[Tensor, Tensor]:
+    """Organ labels (B, H, W) carried through the same geometry as the views.
+
+    ``replay`` must be a fresh copy of the generator the views were drawn from: the
+    augmentation is replayed on a dummy image, so the label maps get exactly the views'
+    geometric transforms (nearest neighbour). Pixels outside the canvas, and unlabelled
+    slices (-1), come back as 0 (background; for LRC they lie in region 0, never sampled).
     """
-    replay = step_generator(seed, step)
     dummy = torch.zeros(organs.shape[0], 1, *organs.shape[1:], device=organs.device)
-    _, organs1, _, organs2 = augment(dummy, organs.clamp(min=0), replay)
-    return organs1, organs2
+    _, labels1, _, labels2 = augment(dummy, organs.clamp(min=0), replay)
+    return labels1, labels2

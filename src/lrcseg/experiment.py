@@ -1,0 +1,492 @@
+"""The experiment runner: initialisations x labelled cases (K) x draws x seeds, fairly.
+
+    phantoms (optional) -> for each (initialisation, seed): one pre-training run (shared by
+    every K and draw) -> for each cell (initialisation, K, draw, seed): fine-tune on the K
+    cases drawn by ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget
+    -> evaluate on the test split -> results.csv, report.md, figures
+
+Output folder::
+
+    experiment.yaml                 the resolved configuration (a rerun must match it)
+    runs/pretrain/<init>_s<seed>/   pre-training run folders
+    runs/finetune/<init>/K<k>_d<draw>_s<seed>/   fine-tuning runs, each with metrics.json
+    results.csv, report.md, figures/, timings.json
+
+Resuming: a cell whose ``metrics.json`` exists is never rerun; a run folder with a
+``checkpoint.pt`` continues with ``resume=True``; a run folder that crashed before its first
+checkpoint is started again. Rows for pairs are matched on (draw, seed, case), so every
+initialisation sees the same labelled cases and the same test cases.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lrcseg.config import (
+    AugmentConfig,
+    FinetuneConfig,
+    LRCConfig,
+    ModelConfig,
+    OptimConfig,
+    PreprocessConfig,
+    PretrainConfig,
+    RunConfig,
+    SuperpixelConfig,
+    from_dict,
+    save_config,
+    stable_hash,
+    to_dict,
+)
+from lrcseg.errors import ConfigError
+from lrcseg.io_utils import atomic_write_json, atomic_write_text
+
+PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
+# Fields that may change between invocations of the same experiment without changing results.
+_RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass
+class PhantomSpec:
+    """Generate the dataset: ``write_phantom_dataset(out, cases, seed, spacing_mm)``.
+
+    out: folder for the dataset (relative paths are inside the experiment folder).
+    """
+
+    out: str = "phantoms"
+    cases: int = 20
+    seed: int = 0
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 5.0)
+
+    def __post_init__(self) -> None:
+        self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
+        _check(self.cases >= 3, f"Illegal phantoms.cases {self.cases}: need >= 3 (pretrain/train/test)")
+        _check(len(self.spacing_mm) == 3 and all(s > 0 for s in self.spacing_mm),
+               f"Illegal phantoms.spacing_mm {self.spacing_mm}: three values > 0")
+
+
+@dataclass
+class InitSpec:
+    """One initialisation of the matrix.
+
+    name: its label in results and the report (unique; a folder name).
+    method: "scratch" (no pre-training) or a pre-training method (moco, simclr, byol, none,
+        supervised); "none" = LRC alone.
+    lrc: add the LRC loss. regions: "felzenszwalb" or "grid" local regions.
+    lrc_weight, lrc_temperature: overrides of lambda and tau_local (None = the default).
+    """
+
+    name: str = ""
+    method: str = "scratch"
+    lrc: bool = False
+    regions: str = "felzenszwalb"
+    lrc_weight: float | None = None
+    lrc_temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(".", "").isalnum(),
+               f"Illegal initialisation name {self.name!r}: letters, digits, '_', '-', '.'")
+        _check(self.method in ("scratch", *PRETRAIN_METHODS),
+               f"initialisation {self.name}: illegal method {self.method!r}; one of scratch, "
+               + ", ".join(PRETRAIN_METHODS))
+        _check(self.regions in ("felzenszwalb", "grid"),
+               f"initialisation {self.name}: illegal regions {self.regions!r}: felzenszwalb or grid")
+        _check(self.method != "scratch" or not self.lrc,
+               f"initialisation {self.name}: scratch has no pre-training to add LRC to")
+        _check(self.method != "none" or self.lrc,
+               f"initialisation {self.name}: method 'none' needs lrc: true (LRC alone)")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.method != "scratch"
+
+
+@dataclass
+class ExperimentConfig:
+    """A matrix of initialisations x labelled-case counts x draws x seeds on fixed splits.
+
+    dataset: an existing labelled dataset with splits.json (pretrain/train/test), or None with
+        ``phantoms`` set to generate one. labels_dataset: labelled source for "supervised".
+    labeled: K values; draws: split seeds choosing the K labelled cases; seeds: training seeds.
+    pretrain_steps, finetune_steps: the budgets (identical for every cell).
+    eval_split: the split of splits.json the fine-tuned models are scored on: "test" for the
+        evidence, "pretrain" (the pre-training pool) to choose hyper-parameters without test cases.
+    baselines: initialisation names every other one is compared with (paired tests).
+    configurations_tried: how many configurations were run before this one (reported).
+    bootstrap_resamples, bootstrap_seed: the paired bootstrap of the report.
+    """
+
+    dataset: str | None = None
+    phantoms: PhantomSpec | None = None
+    labels_dataset: str | None = None
+    initialisations: list[InitSpec] = field(default_factory=lambda: [
+        InitSpec("scratch"), InitSpec("moco", "moco"), InitSpec("moco_lrc", "moco", lrc=True)])
+    labeled: list[int] = field(default_factory=lambda: [1, 2])
+    draws: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pretrain_steps: int = 2000
+    finetune_steps: int = 500
+    backbone: str = "resnet18"
+    image_size: int = 128
+    spacing_mm: float = 2.0
+    batch_size: int = 32
+    finetune_batch_size: int = 8
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 1e-3
+    warmup_steps: int = 50
+    device: str = "auto"
+    eval_split: str = "test"
+    baselines: list[str] = field(default_factory=lambda: ["scratch", "moco"])
+    configurations_tried: int = 0
+    bootstrap_resamples: int = 10000
+    bootstrap_seed: int = 0
+    qualitative_figure: bool = True
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
+                                for s in self.initialisations]
+        names = [s.name for s in self.initialisations]
+        _check(len(names) > 0, "initialisations: need at least one")
+        _check(len(set(names)) == len(names), f"initialisations: duplicate names in {names}")
+        _check((self.dataset is None) != (self.phantoms is None),
+               "give exactly one of dataset (a path) or phantoms (a block to generate them)")
+        self.labeled = [int(k) for k in self.labeled]
+        self.draws = [int(d) for d in self.draws]
+        self.seeds = [int(s) for s in self.seeds]
+        for key in ("labeled", "draws", "seeds"):
+            values = getattr(self, key)
+            _check(len(values) > 0 and len(set(values)) == len(values),
+                   f"Illegal {key} {values}: a non-empty list without repeats")
+        _check(all(k >= 1 for k in self.labeled), f"Illegal labeled {self.labeled}: counts >= 1")
+        _check(self.pretrain_steps >= 1 and self.finetune_steps >= 1,
+               f"Illegal budgets pretrain_steps={self.pretrain_steps}, "
+               f"finetune_steps={self.finetune_steps}: need >= 1")
+        _check(self.image_size >= 32 and self.image_size % 32 == 0,
+               f"Illegal image_size {self.image_size}: a multiple of 32, >= 32")
+        _check(self.batch_size >= 2, f"Illegal batch_size {self.batch_size}: need >= 2 (contrastive)")
+        _check(self.finetune_batch_size >= 1, f"Illegal finetune_batch_size {self.finetune_batch_size}")
+        _check(self.configurations_tried >= 0,
+               f"Illegal configurations_tried {self.configurations_tried}: need >= 0")
+        _check(self.bootstrap_resamples >= 100,
+               f"Illegal bootstrap_resamples {self.bootstrap_resamples}: need >= 100")
+        _check(self.eval_split != "train",
+               "Illegal eval_split 'train': the labelled cases are drawn from it; use test "
+               "(or pretrain for a hyper-parameter sweep)")
+        unknown = sorted(set(self.baselines) - set(names))
+        _check(not unknown, f"baselines {unknown} are not initialisations ({names})")
+        if any(s.method == "supervised" for s in self.initialisations):
+            _check(self.labels_dataset is not None,
+                   "a 'supervised' initialisation needs labels_dataset (the labelled source)")
+        # Validate the derived run configs now, so a bad field fails before any training.
+        ModelConfig(backbone=self.backbone)
+        PreprocessConfig(spacing_mm=self.spacing_mm)
+        OptimConfig(lr=self.pretrain_lr, warmup_steps=self.warmup_steps)
+        OptimConfig(lr=self.finetune_lr, warmup_steps=self.warmup_steps)
+
+    def init(self, name: str) -> InitSpec:
+        return next(s for s in self.initialisations if s.name == name)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fine-tuning run of the matrix."""
+
+    init: str
+    labeled: int
+    draw: int
+    seed: int
+
+    @property
+    def folder(self) -> str:
+        return f"{self.init}/K{self.labeled}_d{self.draw}_s{self.seed}"
+
+
+def cells(cfg: ExperimentConfig) -> list[Cell]:
+    """Every cell, ordered so each pre-training run is used as soon as it is finished."""
+    return [Cell(spec.name, k, draw, seed) for spec in cfg.initialisations for seed in cfg.seeds
+            for k in cfg.labeled for draw in cfg.draws]
+
+
+def dataset_path(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    if cfg.dataset is not None:
+        return Path(cfg.dataset)
+    assert cfg.phantoms is not None
+    path = Path(cfg.phantoms.out)
+    return path if path.is_absolute() else out_dir / path
+
+
+def _run(out: Path, steps: int, batch_size: int, seed: int, cfg: ExperimentConfig) -> RunConfig:
+    return RunConfig(out=str(out), steps=steps, batch_size=batch_size, seed=seed,
+                     device=cfg.device, checkpoint_every=max(1, min(200, steps // 4)),
+                     log_every=max(1, min(10, steps // 10)), cache_dir=cfg.cache_dir)
+
+
+def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path,
+                    out_dir: Path) -> PretrainConfig:
+    """The pre-training run of ``spec`` with ``seed`` (shared by every K and draw)."""
+    lrc = LRCConfig(enabled=spec.lrc)
+    if spec.lrc_weight is not None:
+        lrc.weight = float(spec.lrc_weight)
+    if spec.lrc_temperature is not None:
+        lrc.temperature = float(spec.lrc_temperature)
+    lrc = LRCConfig(**to_dict(lrc))  # validate the overrides
+    sources = [str(data)]
+    if spec.method == "supervised":
+        sources = [str(cfg.labels_dataset)]
+    return PretrainConfig(
+        data=sources, method=spec.method,
+        labels=cfg.labels_dataset if spec.method == "supervised" else None,
+        run=_run(out_dir / "runs" / "pretrain" / f"{spec.name}_s{seed}", cfg.pretrain_steps,
+                 cfg.batch_size, seed, cfg),
+        preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
+        superpixels=SuperpixelConfig(method=spec.regions),
+        augment=AugmentConfig(image_size=cfg.image_size),
+        model=ModelConfig(backbone=cfg.backbone), lrc=lrc,
+        optim=OptimConfig(lr=cfg.pretrain_lr, warmup_steps=cfg.warmup_steps))
+
+
+def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path) -> FinetuneConfig:
+    """The fine-tuning run of ``cell``: same budget and hyper-parameters for every init."""
+    spec = cfg.init(cell.init)
+    init = (str(out_dir / "runs" / "pretrain" / f"{spec.name}_s{cell.seed}")
+            if spec.pretrained else "scratch")
+    return FinetuneConfig(
+        dataset=str(data), init=init, labeled=cell.labeled, split_seed=cell.draw,
+        steps=cfg.finetune_steps,
+        run=_run(out_dir / "runs" / "finetune" / cell.folder, cfg.finetune_steps,
+                 cfg.finetune_batch_size, cell.seed, cfg),
+        preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
+        model=ModelConfig(backbone=cfg.backbone), image_size=cfg.image_size,
+        optim=OptimConfig(lr=cfg.finetune_lr, warmup_steps=cfg.warmup_steps))
+
+
+def _say(message: str) -> None:
+    print(f"[experiment] {message}", flush=True)
+
+
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    d = to_dict(cfg)
+    for key in _RUNTIME_FIELDS:
+        d.pop(key, None)
+    return stable_hash(d)
+
+
+def _check_same_experiment(cfg: ExperimentConfig, out_dir: Path) -> None:
+    """Refuse to mix cells of two different configurations in one folder."""
+    from lrcseg.config import load_config
+
+    path = out_dir / "experiment.yaml"
+    if not path.is_file():
+        return
+    previous = load_config(ExperimentConfig, path)
+    if _fingerprint(previous) != _fingerprint(cfg):
+        before, now = to_dict(previous), to_dict(cfg)
+        changed = sorted(k for k in now if k not in _RUNTIME_FIELDS and now[k] != before.get(k))
+        raise ConfigError(f"{path}: this folder holds an experiment with a different "
+                          f"configuration (changed: {', '.join(changed)}); use a new --out")
+
+
+def _ensure_run(train, run_cfg, final: Path, progress: bool) -> bool:
+    """Run ``train(run_cfg)`` unless ``final`` exists; resume from checkpoint.pt if there.
+
+    Returns True if training ran. A folder without checkpoint.pt (crashed before the first
+    one) holds nothing to keep and is started again.
+    """
+    run_dir = Path(run_cfg.run.out)
+    if final.is_file():
+        return False
+    resume = (run_dir / "checkpoint.pt").is_file()
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    train(run_cfg, resume=resume, progress=progress)
+    return True
+
+
+def _machine() -> dict[str, str]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "cpu": cpu, "gpu": gpu}
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run (or resume) the whole matrix in ``out_dir``; returns the path of results.csv.
+
+    Pre-training runs: one per (pre-trained initialisation, seed). Cells: one fine-tune per
+    (initialisation, K, draw, seed), evaluated on ``cfg.eval_split``; a cell with
+    metrics.json is never rerun. results.csv, report.md and figures are rewritten from all
+    finished cells at the end of every invocation.
+    """
+    from lrcseg.evaluate import write_metrics
+    from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.train.common import resolve_device
+    from lrcseg.train.finetune import finetune
+    from lrcseg.train.pretrain import pretrain
+
+    t0 = time.time()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_experiment(cfg, out_dir)
+    save_config(cfg, out_dir / "experiment.yaml")
+    data = dataset_path(cfg, out_dir)
+    if cfg.phantoms is not None and not (data / "dataset.json").is_file():
+        from lrcseg.data.phantoms import write_phantom_dataset
+
+        _say(f"writing {cfg.phantoms.cases} phantoms to {data}")
+        write_phantom_dataset(data, cases=cfg.phantoms.cases, seed=cfg.phantoms.seed,
+                              spacing_mm=cfg.phantoms.spacing_mm)
+    if not (data / "dataset.json").is_file() and not data.exists():
+        raise ConfigError(f"{data}: dataset not found")
+
+    all_cells = cells(cfg)
+    device = resolve_device(cfg.device)
+    trained = {"pretrain": 0, "finetune": 0}
+    for i, cell in enumerate(all_cells, 1):
+        ft_cfg = finetune_config(cfg, cell, data, out_dir)
+        ft_dir = Path(ft_cfg.run.out)
+        metrics_path = ft_dir / "metrics.json"
+        if metrics_path.is_file():
+            continue
+        spec = cfg.init(cell.init)
+        if spec.pretrained:
+            pt_cfg = pretrain_config(cfg, spec, cell.seed, data, out_dir)
+            pt_dir = Path(pt_cfg.run.out)
+            if not (pt_dir / "final.pt").is_file():
+                _say(f"pre-training {pt_dir.name} ({cfg.pretrain_steps} steps)")
+            trained["pretrain"] += _ensure_run(pretrain, pt_cfg, pt_dir / "final.pt", progress)
+        _say(f"cell {i}/{len(all_cells)}: {cell.folder} ({cfg.finetune_steps} steps)")
+        trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
+        result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
+        write_metrics(result, metrics_path)
+
+    seconds = time.time() - t0
+    timings = _record_time(out_dir, seconds, trained)
+    results_path = write_results_csv(cfg, out_dir)
+    from lrcseg.report import write_report
+
+    qualitative = _qualitative_rows(cfg, data, out_dir, device) if cfg.qualitative_figure else None
+    write_report(cfg, out_dir, results_path, machine=_machine(), timings=timings,
+                 qualitative=qualitative)
+    _say(f"done: {results_path}, {out_dir / 'report.md'} "
+         f"({trained['pretrain']} pre-training and {trained['finetune']} fine-tuning runs trained "
+         f"in this call, {seconds:.0f} s)")
+    return results_path
+
+
+def _record_time(out_dir: Path, seconds: float, trained: dict[str, int]) -> dict[str, Any]:
+    """Append this invocation to timings.json; returns the record with the running total."""
+    import json
+
+    path = out_dir / "timings.json"
+    record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    record["invocations"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "seconds": round(seconds, 1), "trained": trained,
+                                  "host": platform.node()})
+    record["total_seconds"] = round(sum(r["seconds"] for r in record["invocations"]), 1)
+    atomic_write_json(path, record)
+    return record
+
+
+def load_results(cfg: ExperimentConfig, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per finished cell and evaluated case, organ Dice (None if absent in both).
+
+    Row keys: init, K, draw, seed, case, each organ, and "mean" (the mean over the organs
+    with a Dice on that case). Returns (rows, organs).
+    """
+    import json
+
+    rows: list[dict[str, Any]] = []
+    organs: list[str] = []
+    for cell in cells(cfg):
+        path = out_dir / "runs" / "finetune" / cell.folder / "metrics.json"
+        if not path.is_file():
+            continue
+        metrics = json.loads(path.read_text())
+        organs = organs or list(metrics["organs"])
+        for case_id, per_organ in metrics["cases"].items():
+            dice = {o: per_organ.get(o, {}).get("dice") for o in organs}
+            values = [v for v in dice.values() if v is not None]
+            rows.append({"init": cell.init, "K": cell.labeled, "draw": cell.draw,
+                         "seed": cell.seed, "case": case_id, **dice,
+                         "mean": sum(values) / len(values) if values else None})
+    return rows, organs
+
+
+def write_results_csv(cfg: ExperimentConfig, out_dir: Path) -> Path:
+    """results.csv: init, K, draw, seed, case, organ Dice columns, mean (empty = no value)."""
+    rows, organs = load_results(cfg, out_dir)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["init", "K", "draw", "seed", "case", *organs, "mean"])
+    for row in rows:
+        writer.writerow([row["init"], row["K"], row["draw"], row["seed"], row["case"],
+                         *(_fmt(row[o]) for o in [*organs, "mean"])])
+    path = out_dir / "results.csv"
+    atomic_write_text(path, buf.getvalue())
+    return path
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.6f}"
+
+
+def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
+                      ) -> dict[str, Any] | None:
+    """Image, reference and each initialisation's prediction on one test slice.
+
+    Uses the first draw and seed and the smallest K; the slice is the test case's axial slice
+    with the most reference foreground. Returns None if any of those cells is missing.
+    """
+    import numpy as np
+
+    from lrcseg.data.layouts import apply_label_map, load_dataset
+    from lrcseg.data.readers import read_image, read_label
+    from lrcseg.evaluation_run import split_cases
+    from lrcseg.inference import predict_labels
+    from lrcseg.train.finetune import load_finetuned
+
+    k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
+    runs = {s.name: out_dir / "runs" / "finetune" / Cell(s.name, k, draw, seed).folder
+            for s in cfg.initialisations}
+    if not all((r / "metrics.json").is_file() for r in runs.values()):
+        return None
+    dataset = load_dataset(data)
+    case = split_cases(dataset, cfg.eval_split)[0]
+    image = read_image(case.image)
+    predictions = {}
+    labels: dict[str, int] = {}
+    for name, run_dir in runs.items():
+        model, meta = load_finetuned(run_dir, device)
+        labels = meta["labels"]
+        predictions[name] = predict_labels(model, image, meta["preprocess"], device=device,
+                                           num_classes=max(labels.values()) + 1)
+    ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels, None)
+    z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
+    lo, hi = PreprocessConfig().window_hu
+    return {"case": case.id, "z": z, "K": k, "draw": draw, "seed": seed,
+            "image": np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1),
+            "reference": ref[:, :, z], "labels": labels,
+            "predictions": {n: p[:, :, z] for n, p in predictions.items()},
+            "spacing_xy": image.spacing[:2]}

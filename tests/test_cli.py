@@ -1,0 +1,60 @@
+"""The command line: version, help for every subcommand, one-line errors with exit 1."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from lrcseg import __version__
+from lrcseg.cli import COMMANDS, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", [c[0] for c in COMMANDS])
+def test_every_subcommand_has_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert f"lrcseg {name}" in text and len(text) > 200
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line_with_exit_1(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    assert main(["pretrain", "--data", str(missing), "--out", str(tmp_path / "run"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrcseg pretrain: error:") and str(missing) in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_finetune_unknown_init_is_refused(tmp_path, capsys):
+    from lrcseg.data.phantoms import write_phantom_dataset
+
+    data = tmp_path / "d"
+    write_phantom_dataset(data, cases=2, seed=0, spacing_mm=(6.0, 6.0, 12.0), montage=False,
+                          pretrain_fraction=0.0, train_fraction=0.5)
+    assert main(["finetune", "--dataset", str(data), "--init", str(tmp_path / "nope"),
+                 "--out", str(tmp_path / "ft"), "--no-progress"]) == 1
+    assert "no such run folder" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_module_entry_point():
+    out = subprocess.run([sys.executable, "-m", "lrcseg", "--version"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and __version__ in out.stdout

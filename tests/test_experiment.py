@@ -1,0 +1,120 @@
+"""The experiment runner: configuration, derived run configs, and a tiny matrix end to end."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from lrcseg.config import load_config
+from lrcseg.errors import ConfigError
+from lrcseg.experiment import (
+    Cell,
+    ExperimentConfig,
+    cells,
+    finetune_config,
+    pretrain_config,
+    run_experiment,
+)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_evidence_config_loads_with_the_fixed_matrix():
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms.yaml")
+    names = [s.name for s in cfg.initialisations]
+    assert names == ["scratch", "moco", "moco_lrc", "lrc_only", "moco_lrc_grid"]
+    assert (cfg.labeled, len(cfg.draws), len(cfg.seeds)) == ([1, 2], 3, 5)
+    assert len(cells(cfg)) == 5 * 2 * 3 * 5
+    assert cfg.baselines == ["scratch", "moco"]
+    sweep = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms_sweep.yaml")
+    assert sweep.eval_split == "pretrain"
+    assert sweep.phantoms == cfg.phantoms  # the same phantoms, scored on the pool instead
+
+
+def test_derived_run_configs(tmp_path):
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms.yaml", {
+        "initialisations": [
+            {"name": "scratch"},
+            {"name": "lrc_grid", "method": "none", "lrc": True, "regions": "grid",
+             "lrc_weight": 0.5, "lrc_temperature": 0.3}], "baselines": ["scratch"]})
+    data = tmp_path / "phantoms"
+    pt = pretrain_config(cfg, cfg.init("lrc_grid"), 3, data, tmp_path)
+    assert (pt.method, pt.lrc.enabled, pt.superpixels.method) == ("none", True, "grid")
+    assert (pt.lrc.weight, pt.lrc.temperature) == (0.5, 0.3)
+    assert (pt.run.steps, pt.run.seed, pt.run.batch_size) == (1500, 3, 64)
+    assert Path(pt.run.out) == tmp_path / "runs" / "pretrain" / "lrc_grid_s3"
+    a = finetune_config(cfg, Cell("scratch", 2, 1, 3), data, tmp_path)
+    b = finetune_config(cfg, Cell("lrc_grid", 2, 1, 3), data, tmp_path)
+    assert a.init == "scratch" and b.init == pt.run.out
+    # Same labelled draw, budget and hyper-parameters whatever the initialisation.
+    for field in ("labeled", "split_seed", "steps", "image_size"):
+        assert getattr(a, field) == getattr(b, field)
+    assert (a.split_seed, a.steps, a.run.seed) == (1, 400, 3)
+    assert a.optim == b.optim and a.preprocess == b.preprocess == pt.preprocess
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"dataset": "x"}, "exactly one of dataset"),
+    ({"initialisations": [{"name": "a"}, {"name": "a"}], "baselines": []}, "duplicate"),
+    ({"baselines": ["nope"]}, "baselines"),
+    ({"labeled": [1, 1]}, "Illegal labeled"),
+    ({"eval_split": "train"}, "eval_split"),
+    ({"initialisations": [{"name": "s", "method": "scratch", "lrc": True}], "baselines": []},
+     "scratch has no pre-training"),
+    ({"initialisations": [{"name": "sup", "method": "supervised"}], "baselines": []},
+     "labels_dataset"),
+    ({"backbone": "vgg"}, "backbone"),
+])
+def test_bad_configs_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", overrides)
+
+
+@pytest.mark.slow
+def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch):
+    import lrcseg.train.finetune as finetune_module
+    import lrcseg.train.pretrain as pretrain_module
+
+    calls: list[tuple[str, str, bool]] = []
+
+    def counting(kind, real):
+        def wrapped(cfg, resume=False, progress=True, stop_at=None):
+            calls.append((kind, Path(cfg.run.out).name, resume))
+            return real(cfg, resume=resume, progress=progress, stop_at=stop_at)
+        return wrapped
+
+    monkeypatch.setattr(pretrain_module, "pretrain", counting("pretrain", pretrain_module.pretrain))
+    monkeypatch.setattr(finetune_module, "finetune", counting("finetune", finetune_module.finetune))
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml")
+    out = tmp_path / "exp"
+    results = run_experiment(cfg, out, progress=False)
+    assert sorted(calls) == [("finetune", "K1_d0_s0", False), ("finetune", "K1_d0_s0", False),
+                             ("pretrain", "moco_lrc_s0", False)]
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["init"], r["case"]) for r in rows] == [("scratch", "phantom_003"),
+                                                      ("moco_lrc", "phantom_003")]  # test split
+    assert all(0.0 <= float(r["mean"]) <= 1.0 for r in rows)
+    report = (out / "report.md").read_text()
+    assert "Configurations tried before this one: 0" in report
+    assert "| 1 | moco_lrc | scratch | 1 |" in report
+    for name in ("dice_vs_k.png", "organ_bars.png", "qualitative.png"):
+        assert (out / "figures" / name).stat().st_size > 1000
+    assert load_config(ExperimentConfig, out / "experiment.yaml") == cfg
+
+    # A second call recomputes nothing; a cell interrupted after its checkpoint resumes.
+    calls.clear()
+    cell_dir = out / "runs" / "finetune" / "moco_lrc" / "K1_d0_s0"
+    kept = (out / "runs" / "finetune" / "scratch" / "K1_d0_s0" / "metrics.json").stat().st_mtime_ns
+    (cell_dir / "metrics.json").unlink()
+    (cell_dir / "final.pt").unlink()
+    run_experiment(cfg, out, progress=False)
+    assert calls == [("finetune", "K1_d0_s0", True)]
+    assert (cell_dir / "metrics.json").is_file()
+    assert (out / "runs" / "finetune" / "scratch" / "K1_d0_s0" / "metrics.json").stat().st_mtime_ns == kept
+
+    changed = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {"finetune_steps": 5})
+    with pytest.raises(ConfigError, match="finetune_steps"):
+        run_experiment(changed, out, progress=False)
