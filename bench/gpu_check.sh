@@ -9,7 +9,7 @@
 #    region cache with skimage's Felzenszwalb);
 # 3. the CUDA tests of the augmentation and the training helpers (short);
 # 4. bench/throughput.py --preset h100 -> $OUT/throughput_h100.json (rewritten per row);
-# 5. if time is left: a short real `lrcseg pretrain` through the CLI on GPU phantoms.
+# 5. if time is left: bench/unet_vs_intervals.py (issue 3's U-Net vs intensity criterion) on GPU.
 # Everything is tee'd to $OUT/gpu_log.txt. Total wall time stays under ~9.5 minutes.
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_out}
@@ -51,20 +51,13 @@ echo "== throughput, preset h100  [$(left) s left]"
 timeout $(( $(left) - 60 )) python3 bench/throughput.py --preset h100 --out "$OUT/throughput_h100.json"
 echo "throughput exit code $?"
 
-if [ "$(left)" -gt 75 ]; then
-    echo "== CLI: lrcseg phantoms + pretrain on GPU  [$(left) s left]"
-    rm -rf /tmp/cli_phantoms /tmp/cli_run
-    timeout $(( $(left) - 10 )) bash -c '
-        python3 -m lrcseg phantoms --out /tmp/cli_phantoms --cases 6 --preset small &&
-        python3 -m lrcseg pretrain --data /tmp/cli_phantoms --out /tmp/cli_run --steps 40 \
-            --batch-size 64 --workers 8 --backbone resnet50 --no-progress \
-            --cache-dir /tmp/cli_cache'
-    echo "cli exit code $?"
-    if [ -f /tmp/cli_run/metrics.jsonl ]; then
-        cp /tmp/cli_run/metrics.jsonl "$OUT/cli_metrics.jsonl"
-        tail -n 3 /tmp/cli_run/metrics.jsonl
-    fi
+if [ "$(left)" -gt 60 ]; then
+    echo "== issue 3 criterion: U-Net (2 labelled phantoms) vs intensity intervals  [$(left) s left]"
+    timeout $(( $(left) - 10 )) python3 bench/unet_vs_intervals.py --work /tmp/uvi --cases 8 \
+        --steps 600 --image-size 128 --batch-size 16 --spacing 2.0 --device cuda \
+        --json "$OUT/unet_vs_intervals_h100.json"
+    echo "unet_vs_intervals exit code $?"
 else
-    echo "== CLI pretrain skipped: $(left) s left"
+    echo "== unet_vs_intervals skipped: $(left) s left"
 fi
 echo "== done in $(( $(date +%s) - T0 )) s"

@@ -44,9 +44,11 @@ def body_slices(volumes: Sequence, min_body_fraction: float = 0.05) -> list[tupl
 class PretrainSlices(Dataset):
     """Unlabelled slices with their superpixel regions for pre-training.
 
-    Item: {"image": (C, S, S) float32 in [0, 1], "regions": (S, S) int64 (0 = ignore),
-    "organs": (S, S) int64 organ labels or -1 everywhere when unlabelled} where
-    C = windows x context slices and S the canvas side.
+    Item: {"image": (C, S, S) float16 in [0, 1], "regions": (S, S) int32 (0 = ignore)} and,
+    with ``with_organs``, "organs": (S, S) int16 organ labels (-1 for an unlabelled slice),
+    where C = windows x context slices and S the canvas side. Items are kept compact (the
+    cache's float16, 8 bytes per pixel in all) because the loader ships them between
+    processes and to the GPU; the training step converts them on the device.
     """
 
     def __init__(self, volumes: Sequence, regions: Sequence[np.ndarray], context_slices: int,
@@ -66,21 +68,24 @@ class PretrainSlices(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         v, z = self.index[i]
         vol = self.volumes[v]
-        image = stack_context(vol.image, z, self.context_slices)
-        regions = np.asarray(self.regions[v][z], dtype=np.int64)
-        if self.with_organs and vol.label is not None:
-            organs = np.asarray(vol.label[z], dtype=np.int64)
-        else:
-            organs = np.full(regions.shape, -1, dtype=np.int64)
-        return {
-            "image": torch.from_numpy(pad_to_canvas(image, self.canvas).astype(np.float32)),
+        image = stack_context(vol.image, z, self.context_slices).astype(np.float16)
+        regions = np.asarray(self.regions[v][z], dtype=np.int32)
+        item = {
+            "image": torch.from_numpy(pad_to_canvas(image, self.canvas)),
             "regions": torch.from_numpy(pad_to_canvas(regions, self.canvas)),
-            "organs": torch.from_numpy(pad_to_canvas(organs + 1, self.canvas) - 1),
         }
+        if self.with_organs:
+            if vol.label is not None:
+                organs = np.asarray(vol.label[z], dtype=np.int16)
+            else:
+                organs = np.full(regions.shape, -1, dtype=np.int16)
+            item["organs"] = torch.from_numpy(pad_to_canvas(organs + 1, self.canvas) - 1)
+        return item
 
 
 class LabelledSlices(Dataset):
-    """Labelled slices for fine-tuning: {"image": (C, S, S) float32, "label": (S, S) int64}.
+    """Labelled slices for fine-tuning: {"image": (C, S, S) float16, "label": (S, S) int16}
+    (compact like PretrainSlices; converted on the device).
 
     label_lut: optional int array mapping the dataset's label ids to the model's (a label map).
     """
@@ -102,11 +107,11 @@ class LabelledSlices(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         v, z = self.index[i]
         vol = self.volumes[v]
-        image = stack_context(vol.image, z, self.context_slices)
-        label = np.asarray(vol.label[z], dtype=np.int64)
+        image = stack_context(vol.image, z, self.context_slices).astype(np.float16)
+        label = np.asarray(vol.label[z], dtype=np.int16)
         if self.label_lut is not None:
-            label = self.label_lut[label]
+            label = self.label_lut[label].astype(np.int16)
         return {
-            "image": torch.from_numpy(pad_to_canvas(image, self.canvas).astype(np.float32)),
+            "image": torch.from_numpy(pad_to_canvas(image, self.canvas)),
             "label": torch.from_numpy(pad_to_canvas(label, self.canvas)),
         }

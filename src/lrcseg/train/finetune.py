@@ -260,7 +260,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
         while step < steps:
             batch = next(batches)
             g = step_generator(cfg.run.seed, step)
-            images, targets = augment_batch(batch["image"].to(device), batch["label"].to(device),
+            images, targets = augment_batch(batch["image"].to(device).float(),
+                                            batch["label"].to(device).long(),
                                             cfg.image_size, cfg.rotation_deg, hflip, g)
             if cfg.run.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -314,12 +314,12 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
         while step < cfg.run.steps:
             batch = next(batches)
             g = step_generator(cfg.run.seed, step, ctx.rank)
-            images = batch["image"].to(device, non_blocking=True)
-            regions = batch["regions"].to(device, non_blocking=True)
+            images = batch["image"].to(device, non_blocking=True).float()
+            regions = batch["regions"].to(device, non_blocking=True).long()
             view1, regions1, view2, regions2 = augment(images, regions, g)
             labels1 = labels2 = None
             if with_labels:
-                labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device),
+                labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device).long(),
                                                     step_generator(cfg.run.seed, step, ctx.rank))
             if cfg.run.channels_last:
                 view1 = view1.contiguous(memory_format=torch.channels_last)
