@@ -22,7 +22,6 @@ from lrcseg.train.objectives import (
     SupervisedObjective,
     Views,
     build_global_objective,
-    decoder_forward,
 )
 
 
@@ -164,12 +163,12 @@ def small_cfg(method, **kw):
                                             proj_dim=16))
 
 
-def test_decoder_forward_agrees_with_the_network():
+def test_full_decoder_forward_agrees_with_the_network():
     cfg = small_cfg("supervised")
     torch.manual_seed(0)
     net = PretrainNetwork(cfg.model, 1).eval()
     x = torch.rand(2, 1, 64, 64)
-    full, plain = decoder_forward(net, x), net(x)
+    full, plain = net(x, full_decoder=True), net(x)
     assert torch.allclose(full["global"], plain["global"], atol=1e-6)
     assert torch.allclose(full["local"], plain["local"], atol=1e-6)
     assert full["decoder"].shape == (2, 8, 64, 64)

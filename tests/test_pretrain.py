@@ -12,6 +12,7 @@ import torch
 
 from lrcseg.config import (
     AugmentConfig,
+    DistributedConfig,
     LRCConfig,
     MocoConfig,
     ModelConfig,
@@ -111,11 +112,10 @@ def test_supervised_needs_labels_and_labels_need_supervised(phantoms, tmp_path):
 
 
 def test_sync_bn_is_refused_on_cpu(phantoms, tmp_path):
-    from lrcseg.train.distributed import DistributedConfig
-
+    cfg = make_cfg(phantoms, tmp_path / "run")
+    cfg.distributed = DistributedConfig(sync_bn=True)
     with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
-        pretrain(make_cfg(phantoms, tmp_path / "run"), progress=False,
-                 distributed=DistributedConfig(sync_bn=True))
+        pretrain(cfg, progress=False)
 
 
 def test_grid_regions_run(phantoms, tmp_path):

@@ -210,6 +210,41 @@ class MocoConfig:
 
 
 @dataclass
+class SimCLRConfig:
+    """SimCLR's NT-Xent over the 2B embeddings of a batch (Chen et al. 2020)."""
+
+    temperature: float = 0.2
+
+    def __post_init__(self) -> None:
+        _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
+
+
+@dataclass
+class BYOLConfig:
+    """BYOL (Grill et al. 2020): EMA target, momentum cosine-annealed from base_momentum to 1."""
+
+    base_momentum: float = 0.99
+    predictor_hidden: int = 512
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.base_momentum < 1, f"Illegal base_momentum {self.base_momentum}")
+        _check(self.predictor_hidden > 0, f"Illegal predictor_hidden {self.predictor_hidden}")
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-process options, used when started by torchrun with WORLD_SIZE > 1.
+
+    sync_bn: convert the online network's BatchNorm to SyncBatchNorm (CUDA only).
+    gather_negatives: contrast against the whole global batch: MoCo enqueues every rank's
+        keys, SimCLR's NT-Xent and LRC with ``negatives="batch"`` run on gathered embeddings.
+    """
+
+    sync_bn: bool = False
+    gather_negatives: bool = False
+
+
+@dataclass
 class OptimConfig:
     """AdamW with linear warm-up and cosine decay; gradient clipping by global norm."""
 
@@ -264,6 +299,9 @@ class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     lrc: LRCConfig = field(default_factory=LRCConfig)
     moco: MocoConfig = field(default_factory=MocoConfig)
+    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:

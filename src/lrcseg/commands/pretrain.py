@@ -54,6 +54,8 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
     set_nested(overrides, "superpixels", "method", args.regions)
     set_nested(overrides, "augment", "image_size", args.image_size)
     set_nested(overrides, "run", "compile", args.compile)
+    set_nested(overrides, "distributed", "sync_bn", args.sync_bn or None)
+    set_nested(overrides, "distributed", "gather_negatives", args.gather_negatives or None)
     config_file = args.config
     if args.resume and config_file is None:
         from pathlib import Path
@@ -66,15 +68,12 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from lrcseg.errors import ConfigError
-    from lrcseg.train.distributed import DistributedConfig
     from lrcseg.train.pretrain import pretrain
 
     cfg = build_config(args)
     if not cfg.data and not (cfg.method == "supervised" and cfg.labels):
         raise ConfigError("no --data given (and none in --config)")
-    distributed = DistributedConfig(sync_bn=args.sync_bn, gather_negatives=args.gather_negatives)
-    run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress,
-                       distributed=distributed)
+    run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":
         print(f"pre-training finished: {run_dir}")
     return 0

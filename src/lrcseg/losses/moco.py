@@ -17,6 +17,7 @@ local features LRC needs); ``MoCoV2`` takes the precomputed queries and computes
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -140,12 +141,14 @@ class MoCoV2(nn.Module):
         shuffle_splits: sub-batches for shuffled BatchNorm of the keys (1 = no shuffle).
         generator: seeds the queue's initial random keys.
 
-    forward(q1, q2, x1, x2, online, generator=None) -> (loss, stats):
+    forward(q1, q2, x1, x2, online, generator=None, key_forward=None) -> (loss, stats):
         q1, q2: (B, P) unit-norm queries from the online network on views 1 and 2.
         x1, x2: (B, C, H, W) the two views, encoded by the key encoder (encoder + global head
             only, shuffled BatchNorm).
         online: the online network, for the momentum update done first (MoCo's order).
         generator: drives the BatchNorm shuffle.
+        key_forward: ``key_forward(encode, x) -> keys`` replaces the one-device sub-batch
+            shuffle (under DDP: the cross-rank shuffle).
     The loss uses the queue *before* this step's keys are enqueued. stats holds "moco_acc",
     the share of queries whose positive beats every queue key.
     """
@@ -168,11 +171,15 @@ class MoCoV2(nn.Module):
         self.queue = MoCoQueue(online.cfg.proj_dim, queue_size, generator=generator)
 
     def forward(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor, online: nn.Module,
-                generator: torch.Generator | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                generator: torch.Generator | None = None,
+                key_forward: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor] | None = None,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        if key_forward is None:
+            def key_forward(encode: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+                return shuffled_forward(encode, x, self.shuffle_splits, generator)
         momentum_update(online, self.key_encoder, self.momentum)
         with torch.no_grad():
-            k1, k2 = (shuffled_forward(self.key_encoder.encode_global, x, self.shuffle_splits, generator)
-                      for x in (x1, x2))
+            k1, k2 = (key_forward(self.key_encoder.encode_global, x) for x in (x1, x2))
         queue = self.queue.keys.clone()
         loss = (moco_infonce(q1, k2, queue, self.temperature)
                 + moco_infonce(q2, k1, queue, self.temperature)) / 2

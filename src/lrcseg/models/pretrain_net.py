@@ -33,7 +33,9 @@ class PretrainNetwork(nn.Module):
         in_channels: C, input channels (windows x context slices).
 
     ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of 32, returns
-    ``{"global": (B, P), "local": (B, P, H/s, W/s)}``, both float32 and unit-norm.
+    ``{"global": (B, P), "local": (B, P, H/s, W/s)}``, both float32 and unit-norm; the decoder
+    runs only up to the local level (finer blocks feed nothing in pre-training), unless
+    ``full_decoder=True``.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int):
@@ -49,21 +51,21 @@ class PretrainNetwork(nn.Module):
     def local_stride(self) -> int:
         return self.cfg.local_stride
 
-    def _decode(self, features: list[Tensor]) -> Tensor:
-        """Decoder blocks 0..local_level, with the same skips as ``UNetDecoder.forward``."""
-        skips = features[:-1][::-1]
-        x = features[-1]
-        for i in range(self.cfg.local_level + 1):
-            skip = skips[i] if i < self.unet.skip_connect else None
-            x = self.unet.decoder.blocks[i](x, skip)
-        return x
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, x: Tensor, full_decoder: bool = False) -> dict[str, Tensor]:
+        """Decoder blocks 0..local_level (all five with ``full_decoder``, which adds
+        "decoder": (B, C_0, H, W) full-resolution features for a segmentation head), with the
+        same skips as MONAI's ``UNetDecoder.forward``."""
         features = self.unet.encoder(x)
-        return {
-            "global": self.global_head(features[-1]),
-            "local": self.local_head(self._decode(features)),
-        }
+        skips = features[:-1][::-1]
+        y, out = features[-1], {"global": self.global_head(features[-1])}
+        last = len(self.unet.decoder.blocks) - 1 if full_decoder else self.cfg.local_level
+        for i in range(last + 1):
+            y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
+            if i == self.cfg.local_level:
+                out["local"] = self.local_head(y)
+        if full_decoder:
+            out["decoder"] = y
+        return out
 
     def encode_global(self, x: Tensor) -> Tensor:
         """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P) unit vectors."""

@@ -27,19 +27,6 @@ from torch import Tensor
 from lrcseg.errors import ConfigError
 
 
-@dataclass
-class DistributedConfig:
-    """Multi-process options (proposed as ``PretrainConfig.distributed``).
-
-    sync_bn: convert the online network's BatchNorm to SyncBatchNorm (CUDA only).
-    gather_negatives: contrast against the whole global batch: MoCo enqueues every rank's
-        keys, SimCLR's NT-Xent and LRC with ``negatives="batch"`` run on gathered embeddings.
-    """
-
-    sync_bn: bool = False
-    gather_negatives: bool = False
-
-
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands: rank in [0, world_size), its device, whether it leads."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lrcseg.config import PretrainConfig
 from lrcseg.errors import ConfigError
 from lrcseg.losses.byol import BYOL, DEFAULT_BASE_MOMENTUM, DEFAULT_PREDICTOR_HIDDEN
-from lrcseg.losses.moco import MoCoQueue, MoCoV2, default_queue_size, moco_infonce, momentum_update
+from lrcseg.losses.moco import MoCoQueue, MoCoV2, default_queue_size
 from lrcseg.losses.simclr import DEFAULT_TEMPERATURE, SimCLRLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.train.distributed import (
@@ -96,25 +96,12 @@ class MoCoObjective(_Objective):
 
     def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
                 ) -> tuple[Tensor, dict[str, Tensor]]:
-        online = self._online[0]
-        if not self.cross_rank_shuffle:
-            return self.moco(out1["global"], out2["global"], views.view1, views.view2, online,
-                             views.generator)
-        moco = self.moco
-        momentum_update(online, moco.key_encoder, moco.momentum)
-        k1, k2 = (shuffled_forward_across_ranks(moco.key_encoder.encode_global, x,
-                                                views.shared_generator)
-                  for x in (views.view1, views.view2))
-        queue = moco.queue.keys.clone()
-        q1, q2 = out1["global"], out2["global"]
-        loss = (moco_infonce(q1, k2, queue, moco.temperature)
-                + moco_infonce(q2, k1, queue, moco.temperature)) / 2
-        with torch.no_grad():
-            q = torch.cat([q1, q2]).float()
-            positive = (q * torch.cat([k2, k1])).sum(dim=1)
-            acc = (positive > (q @ queue.t()).max(dim=1).values).float().mean()
-        moco.queue.enqueue(torch.cat([k1, k2]))
-        return loss, {"moco_acc": acc}
+        key_forward = None
+        if self.cross_rank_shuffle:
+            def key_forward(encode, x):
+                return shuffled_forward_across_ranks(encode, x, views.shared_generator)
+        return self.moco(out1["global"], out2["global"], views.view1, views.view2,
+                         self._online[0], views.generator, key_forward=key_forward)
 
 
 class SimCLRObjective(_Objective):
@@ -191,22 +178,6 @@ class SupervisedObjective(_Objective):
         return (losses[0] + losses[1]) / 2, {}
 
 
-def decoder_forward(net: PretrainNetwork, x: Tensor) -> dict[str, Tensor]:
-    """Like ``net(x)`` but running the whole decoder: adds "decoder" (B, C_0, H, W).
-
-    The skips follow MONAI's ``UNetDecoder.forward`` (as ``PretrainNetwork`` does); the local
-    head reads decoder block ``cfg.local_level`` on the way up.
-    """
-    features = net.unet.encoder(x)
-    skips = features[:-1][::-1]
-    y, local = features[-1], None
-    for i, block in enumerate(net.unet.decoder.blocks):
-        y = block(y, skips[i] if i < net.unet.skip_connect else None)
-        if i == net.cfg.local_level:
-            local = net.local_head(y)
-    return {"global": net.global_head(features[-1]), "local": local, "decoder": y}
-
-
 def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_slices: int,
                            world_size: int = 1, gather_negatives: bool = False,
                            num_classes: int | None = None) -> nn.Module:
@@ -227,12 +198,9 @@ def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_sli
         return MoCoObjective(online, queue, cfg.moco.temperature, cfg.moco.momentum,
                              cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=gather)
     if cfg.method == "simclr":
-        simclr = getattr(cfg, "simclr", None)
-        return SimCLRObjective(simclr.temperature if simclr else DEFAULT_TEMPERATURE, gather=gather)
+        return SimCLRObjective(cfg.simclr.temperature, gather=gather)
     if cfg.method == "byol":
-        byol = getattr(cfg, "byol", None)
-        return BYOLObjective(online, byol.base_momentum if byol else DEFAULT_BASE_MOMENTUM,
-                             byol.predictor_hidden if byol else DEFAULT_PREDICTOR_HIDDEN)
+        return BYOLObjective(online, cfg.byol.base_momentum, cfg.byol.predictor_hidden)
     if cfg.method == "none":
         return NoGlobalObjective()
     if cfg.method == "supervised":

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrcseg.augment import PairedViewAugment
-from lrcseg.config import PretrainConfig, save_config, to_dict
+from lrcseg.config import DistributedConfig, PretrainConfig, save_config, to_dict
 from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import load_dataset
 from lrcseg.data.slices import PretrainSlices
@@ -51,7 +51,6 @@ from lrcseg.train.common import (
 )
 from lrcseg.train.distributed import (
     DistContext,
-    DistributedConfig,
     all_ranks_true,
     all_reduce_mean,
     barrier,
@@ -60,7 +59,7 @@ from lrcseg.train.distributed import (
     init_distributed,
     teardown,
 )
-from lrcseg.train.objectives import Views, build_global_objective, decoder_forward
+from lrcseg.train.objectives import Views, build_global_objective
 from lrcseg.train.runlog import RunLogger, write_run_card
 
 #: generator stream shared by all ranks (ranks use streams 0..W-1 for per-sample randomness)
@@ -184,10 +183,8 @@ class PretrainStep(nn.Module):
     def forward(self, view1: Tensor, view2: Tensor, regions1: Tensor, regions2: Tensor,
                 views: Views, organs1: Tensor | None = None, organs2: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        if self.objective.full_decoder:
-            out1, out2 = decoder_forward(self.net, view1), decoder_forward(self.net, view2)
-        else:
-            out1, out2 = self._forward[0](view1), self._forward[0](view2)
+        full = self.objective.full_decoder
+        out1, out2 = (self._forward[0](v, full_decoder=full) for v in (view1, view2))
         loss_global, global_stats = self.objective(out1, out2, views)
         stats = {f"global/{k}": v for k, v in global_stats.items()}
         if self.lrc is None:
@@ -207,18 +204,16 @@ class PretrainStep(nn.Module):
 
 
 def pretrain(cfg: PretrainConfig, resume: bool = False, progress: bool = True,
-             stop_at: int | None = None, distributed: DistributedConfig | None = None) -> Path:
+             stop_at: int | None = None) -> Path:
     """Run (or resume) pre-training as configured; returns the run folder.
 
     stop_at: leave (with a checkpoint) once this step is reached, as an interruption would;
-    ``resume=True`` later continues exactly where it stopped.
-    distributed: --sync-bn / --gather-negatives (used when started by torchrun with
-    WORLD_SIZE > 1; the defaults otherwise).
+    ``resume=True`` later continues exactly where it stopped. Started by torchrun
+    (WORLD_SIZE > 1) it runs data-parallel with ``cfg.distributed``'s options.
     """
-    dcfg = distributed or getattr(cfg, "distributed", None) or DistributedConfig()
     ctx = init_distributed(resolve_device(cfg.run.device))
     try:
-        return _pretrain(cfg, resume, progress, stop_at, dcfg, ctx)
+        return _pretrain(cfg, resume, progress, stop_at, cfg.distributed, ctx)
     finally:
         teardown(ctx)
 
