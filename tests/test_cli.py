@@ -50,7 +50,7 @@ def test_finetune_unknown_init_is_refused(tmp_path, capsys):
                           pretrain_fraction=0.0, train_fraction=0.5)
     assert main(["finetune", "--dataset", str(data), "--init", str(tmp_path / "nope"),
                  "--out", str(tmp_path / "ft"), "--no-progress"]) == 1
-    assert "no such run folder" in capsys.readouterr().err
+    assert "no such pre-training run folder" in capsys.readouterr().err
     assert not (tmp_path / "ft").exists()
 
 

@@ -224,3 +224,61 @@ def test_label_map_merges_classes(workspace, tmp_path):
     dataset_ids = json.loads((workspace["data"] / "dataset.json").read_text())["labels"]
     assert lut[dataset_ids["kidney_left"]] == lut[dataset_ids["kidney_right"]] == 1
     assert lut[dataset_ids["liver"]] == 2 and lut[dataset_ids["spleen"]] == 0
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_resumes_exactly(workspace, monkeypatch):
+    import os
+    import signal
+
+    import lrcseg.train.finetune as ft
+
+    straight = finetune(ft_config(workspace, workspace["root"] / "straight_int", steps=6),
+                        progress=False)
+    calls = {"n": 0}
+    real_set_lr = ft.set_lr
+
+    def set_lr_then_interrupt(optimizer, lr):
+        calls["n"] += 1
+        if calls["n"] == 3:  # Ctrl-C in the middle of step 2 (0-based)
+            os.kill(os.getpid(), signal.SIGINT)
+        real_set_lr(optimizer, lr)
+
+    monkeypatch.setattr(ft, "set_lr", set_lr_then_interrupt)
+    cfg = ft_config(workspace, workspace["root"] / "interrupted", steps=6)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, progress=False)
+    state = torch.load(workspace["root"] / "interrupted" / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 3  # step 2 finished, then the checkpoint
+    assert not (workspace["root"] / "interrupted" / "final.pt").exists()
+    monkeypatch.setattr(ft, "set_lr", real_set_lr)
+    resumed = finetune(cfg, resume=True, progress=False)
+    a = torch.load(straight / "final.pt", weights_only=False)["model"]
+    b = torch.load(resumed / "final.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_predict_writes_on_a_non_canonical_input_grid(workspace, trained, tmp_path):
+    """An LPS, axis-swapped input gets a mask in its own voxel order, shape and affine."""
+    source = nib.load(next((workspace["data"] / "imagesTr").glob("*.nii.gz")))
+    ras = np.asarray(source.dataobj)
+    # flip x and y (RAS -> LPS) and swap them: voxel (i, j, k) now is RAS (X-1-j, Y-1-i, k)
+    lps = np.ascontiguousarray(ras[::-1, ::-1].transpose(1, 0, 2))
+    swap = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:2, 3] = [ras.shape[0] - 1, ras.shape[1] - 1]
+    affine = source.affine @ flip @ swap
+    path = tmp_path / "lps.nii.gz"
+    nib.save(nib.Nifti1Image(lps, affine), path)
+    out = tmp_path / "mask.nii.gz"
+    assert main(["predict", "--model", str(trained), "--input", str(path), "--output", str(out),
+                 "--no-progress"]) == 0
+    mask = nib.load(out)
+    assert mask.shape == lps.shape
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+    reference = tmp_path / "ref.nii.gz"
+    main(["predict", "--model", str(trained), "--input",
+          str(next((workspace["data"] / "imagesTr").glob("*.nii.gz"))), "--output", str(reference),
+          "--no-progress"])
+    ras_mask = np.asarray(nib.load(reference).dataobj)
+    np.testing.assert_array_equal(np.asarray(mask.dataobj),
+                                  ras_mask[::-1, ::-1].transpose(1, 0, 2))

@@ -170,7 +170,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(phantoms, tmp_path, monkey
         return loss * float("nan"), stats
 
     monkeypatch.setattr(pretrain_module.LRCLoss, "forward", nan_lrc)
-    with pytest.raises(TrainingDiverged, match="non-finite loss at step 2"):
+    with pytest.raises(TrainingDiverged, match="non-finite loss between steps 2 and 3"):
         pretrain(cfg, resume=True, progress=False)
     assert ckpt.read_bytes() == before
     assert not (tmp_path / "run" / "final.pt").exists()

@@ -75,17 +75,18 @@ def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str 
         metrics.add(case.id, pred, ref_ids, image.spacing)
         if figures_dir is not None:
             write_case_figure(figures_dir / f"{case.id}.png", image, ref_ids, pred,
-                              meta["labels"], case.id)
+                              meta["labels"], case.id, meta["preprocess"].window_hu)
     return metrics.result()
 
 
 def write_case_figure(path: Path, image, ref: np.ndarray, pred: np.ndarray,
-                      labels: dict[str, int], title: str) -> None:
-    """Overlay figure of the axial slice with the most reference foreground."""
+                      labels: dict[str, int], title: str, window_hu: tuple[float, float]) -> None:
+    """Overlay figure of the axial slice with the most reference foreground, shown in the
+    model's HU window."""
     from lrcseg.viz import prediction_figure
 
     z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
-    lo, hi = -175.0, 250.0
+    lo, hi = window_hu
     slice_hu = np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1)
     prediction_figure(slice_hu, ref[:, :, z], pred[:, :, z], path, title=f"{title} z={z}",
                       label_names=labels, spacing_xy=image.spacing[:2])

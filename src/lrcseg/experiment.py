@@ -484,7 +484,7 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
                                            num_classes=max(labels.values()) + 1)
     ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels, None)
     z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
-    lo, hi = PreprocessConfig().window_hu
+    lo, hi = meta["preprocess"].window_hu
     return {"case": case.id, "z": z, "K": k, "draw": draw, "seed": seed,
             "image": np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1),
             "reference": ref[:, :, z], "labels": labels,

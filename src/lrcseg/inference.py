@@ -30,7 +30,7 @@ from torch import nn
 
 from lrcseg.config import PreprocessConfig
 from lrcseg.data.preprocess import preprocess_volume, stack_context
-from lrcseg.data.readers import Volume, is_nifti, write_nifti
+from lrcseg.data.readers import Volume, is_nifti, to_source_grid, write_nifti
 
 # Network input sides must be multiples of this (5 stride-2 stages of the U-Net encoder).
 PAD_MULTIPLE = 32
@@ -116,11 +116,12 @@ def predict_labels(model: nn.Module, volume: Volume, cfg: PreprocessConfig,
 
 
 def write_prediction(labels: np.ndarray, volume: Volume, path: str | os.PathLike) -> None:
-    """Write ``labels`` ``(X, Y, Z)`` as a NIfTI mask with ``volume``'s grid and affine.
+    """Write ``labels`` ``(X, Y, Z)`` (canonical grid) as a NIfTI mask on the input's grid.
 
-    The affine is the input's canonical RAS+ affine (for a DICOM series: the series' geometry
-    as read by ``read_dicom_series``), so the mask overlays the image in any viewer. Written
-    atomically; a path that is not ``.nii``/``.nii.gz`` raises ValueError before writing.
+    For a NIfTI input the mask has the input file's own voxel order, shape and affine (so
+    voxel-wise tools line up); for a DICOM series the series' geometry in RAS as read by
+    ``read_dicom_series``. Written atomically; a path that is not ``.nii``/``.nii.gz`` raises
+    ValueError before writing.
     """
     labels = np.asarray(labels)
     if labels.shape != volume.shape:
@@ -131,4 +132,5 @@ def write_prediction(labels: np.ndarray, volume: Volume, path: str | os.PathLike
     if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(np.int16).max):
         raise ValueError(f"label ids out of range [0, {np.iinfo(np.int16).max}]")
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.int16
-    write_nifti(path, labels, volume.affine, dtype=dtype)
+    array, affine = to_source_grid(labels, volume)
+    write_nifti(path, np.ascontiguousarray(array), affine, dtype=dtype)

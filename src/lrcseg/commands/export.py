@@ -20,24 +20,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.config import PretrainConfig, from_dict
+    from lrcseg.config import PretrainConfig, from_dict, to_dict
     from lrcseg.errors import ConfigError
     from lrcseg.models.export import export_weights
     from lrcseg.models.pretrain_net import PretrainNetwork
-    from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint
+    from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
 
-    path = Path(args.run)
-    ckpt = find_checkpoint(path) if path.is_dir() else path
-    if ckpt is None or not ckpt.is_file():
-        raise ConfigError(f"{args.run}: no pre-training checkpoint (final.pt or checkpoint.pt)")
+    ckpt = resolve_checkpoint(args.run, "pre-training run")
     state = load_checkpoint(ckpt)
     if state.get("kind") != "pretrain":
         raise ConfigError(f"{ckpt}: not a pre-training checkpoint (kind={state.get('kind')})")
     cfg = from_dict(PretrainConfig, state["config"])
     net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels)
     net.load_state_dict(state["network"])
-    from lrcseg.config import to_dict
-
     export_weights(net, cfg.model, cfg.preprocess.in_channels, preprocess=to_dict(cfg.preprocess),
                    superpixels=to_dict(cfg.superpixels), out_path=Path(args.out))
     print(f"exported {ckpt} (step {state['step']}) -> {args.out} and {Path(args.out).with_suffix('.json')}")

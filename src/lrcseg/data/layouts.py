@@ -54,6 +54,14 @@ class Dataset:
     def all_cases(self) -> list[Case]:
         return [*self.cases, *self.test_cases]
 
+    def held_out_ids(self) -> set[str]:
+        """Cases that must never be trained on: imagesTs/"test" cases and the "test"/"val"
+        lists of splits.json."""
+        ids = {c.id for c in self.test_cases}
+        for key in ("test", "val"):
+            ids |= set((self.splits or {}).get(key, []))
+        return ids
+
     def case(self, case_id: str) -> Case:
         for c in self.all_cases:
             if c.id == case_id:

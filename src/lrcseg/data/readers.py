@@ -48,11 +48,14 @@ class Volume:
     array: ``(X, Y, Z)``; float32 HU for images, an integer dtype for labels.
     affine: ``(4, 4)`` float64, voxel index -> RAS mm.
     path: the file or DICOM folder it was read from.
+    source_affine: for a NIfTI file, its own affine before canonicalisation (its voxel order),
+        so outputs can be written on exactly the input's grid; None for DICOM series.
     """
 
     array: np.ndarray
     affine: np.ndarray
     path: Path
+    source_affine: np.ndarray | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -93,12 +96,12 @@ def read_image(path: str | os.PathLike) -> Volume:
     if path.is_dir():
         vol = read_dicom_series(path)
     elif is_nifti(path):
-        img = _load_nifti(path)
+        img, source_affine = _load_nifti(path, return_source_affine=True)
         try:
             array = np.asarray(img.get_fdata(dtype=np.float32))
         except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
             raise DataError(path, f"corrupt or truncated NIfTI file ({exc})") from exc
-        vol = Volume(array, img.affine.astype(np.float64), path)
+        vol = Volume(array, img.affine.astype(np.float64), path, source_affine)
     elif is_dicom_file(path):
         raise DataError(path, "a single DICOM file: pass the folder holding the whole series")
     else:
@@ -148,6 +151,17 @@ def read_label(path: str | os.PathLike, reference: Volume, atol_mm: float = 1e-3
     return Volume(array, affine, path)
 
 
+def to_source_grid(array: np.ndarray, volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` on ``volume``'s canonical grid -> (array, affine) in the input file's own voxel
+    order and affine (identity for DICOM series and already-canonical files)."""
+    if volume.source_affine is None:
+        return array, volume.affine
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(volume.affine),
+        nib.orientations.io_orientation(volume.source_affine))
+    return nib.orientations.apply_orientation(array, transform), volume.source_affine
+
+
 def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
                 dtype: np.dtype | type | str | None = None) -> None:
     """Write ``array`` ``(X, Y, Z)`` with its voxel -> RAS ``affine`` as NIfTI, atomically.
@@ -177,8 +191,11 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
 # --------------------------------------------------------------------------- NIfTI
 
 
-def _load_nifti(path: Path) -> nib.Nifti1Image:
-    """Load, check dimensionality and canonicalise (header-level: no pixel data decoded yet)."""
+def _load_nifti(path: Path, return_source_affine: bool = False):
+    """Load, check dimensionality and canonicalise (header-level: no pixel data decoded yet).
+
+    Returns the canonical image, and with ``return_source_affine`` also the file's own affine.
+    """
     try:
         img = nib.load(path)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile,
@@ -189,7 +206,8 @@ def _load_nifti(path: Path) -> nib.Nifti1Image:
         img = img.slicer[..., 0]
     elif len(shape) != 3:
         raise DataError(path, f"expected a 3D volume, got shape {shape}")
-    return nib.as_closest_canonical(img)
+    canonical = nib.as_closest_canonical(img)
+    return (canonical, img.affine.astype(np.float64)) if return_source_affine else canonical
 
 
 def _check_finite(array: np.ndarray, path: Path) -> None:

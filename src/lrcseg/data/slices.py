@@ -61,6 +61,8 @@ class PretrainSlices(Dataset):
         self.canvas = canvas or canvas_size(self.volumes)
         self.with_organs = with_organs
         self.index = body_slices(self.volumes, min_body_fraction)
+        #: the largest region id in the data: lets the LRC loss size its tables without a sync
+        self.max_region_id = max((int(np.max(r)) for r in self.regions if np.size(r)), default=0)
 
     def __len__(self) -> int:
         return len(self.index)

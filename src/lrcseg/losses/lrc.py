@@ -93,10 +93,15 @@ def region_counts(regions_lr: Tensor, num_ids: int) -> Tensor:
     return torch.bincount(flat, minlength=B * num_ids).view(B, num_ids)
 
 
-def _counts_and_validity(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int
-                         ) -> tuple[Tensor, Tensor, Tensor]:
-    """Counts (B, R + 1) of both views and the validity mask (B, R + 1), R = largest id."""
-    num_ids = int(max(regions1_lr.max(), regions2_lr.max())) + 1
+def _counts_and_validity(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int,
+                         num_ids: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Counts (B, R + 1) of both views and the validity mask (B, R + 1).
+
+    num_ids: R + 1, an upper bound of the ids + 1 known in advance (no host-device sync);
+    None = the largest id in the maps + 1 (one sync).
+    """
+    if num_ids is None:
+        num_ids = int(max(regions1_lr.max(), regions2_lr.max())) + 1
     counts1 = region_counts(regions1_lr, num_ids)
     counts2 = region_counts(regions2_lr, num_ids)
     valid = (counts1 >= min_pixels) & (counts2 >= min_pixels)
@@ -144,7 +149,7 @@ def _sample_pixels(
 
 def sample_regions(
     regions1_lr: Tensor, regions2_lr: Tensor, num_regions: int, pixels_per_region: int,
-    min_pixels: int, generator: torch.Generator | None = None,
+    min_pixels: int, generator: torch.Generator | None = None, num_ids: int | None = None,
 ) -> RegionSample:
     """Area-proportional region sampling and uniform pixel sampling (steps 2-3 above).
 
@@ -153,11 +158,12 @@ def sample_regions(
     a_r = count_view1(r) + count_view2(r), by Efraimidis-Spirakis keys u^(1/a_r) (top-N of
     the keys = sequential weighted sampling without replacement; invalid regions get key -1
     and are never chosen before a valid one). All randomness comes from ``generator``: region
-    keys (B, R + 1), then pixel keys of view 1 (B, h*w), then of view 2.
+    keys (B, R + 1), then pixel keys of view 1 (B, h*w), then of view 2. num_ids: see
+    ``_counts_and_validity``.
     """
     if regions1_lr.shape[0] != regions2_lr.shape[0]:
         raise ValueError("the two views' region maps have different batch sizes")
-    counts1, counts2, valid = _counts_and_validity(regions1_lr, regions2_lr, min_pixels)
+    counts1, counts2, valid = _counts_and_validity(regions1_lr, regions2_lr, min_pixels, num_ids)
     B, num_ids = valid.shape
     area = (counts1 + counts2).double()
     keys = _rand((B, num_ids), generator, valid.device).double().pow(1.0 / area.clamp(min=1))
@@ -250,13 +256,17 @@ class LRCLoss(nn.Module):
         variant: "pixel" (sampled pixels as anchors) or "region" (segment means).
         negatives: "image" (other regions of the same image) or "batch" (of all images).
 
-    forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None):
+    forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None,
+            num_ids=None):
         feat1, feat2: (B, D, h, w) L2-normalised local features of the two views.
         regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
             ids corresponding across views; brought to (h, w) by ``downsample_regions``.
         generator: torch.Generator for the sampling (None = global RNG).
         organs1, organs2: optional (B, H, W) organ labels (phantoms) for the statistics; only
-            view 1's are used (the majority organ of each region).
+            view 1's are used (the majority organ of each region). Computing it syncs the
+            host with the device: pass them on logging steps only.
+        num_ids: an upper bound of the region ids + 1 (e.g. from the region cache), which
+            spares a host-device sync per call; None = the maps' largest id + 1.
     Returns (loss, stats): a float32 scalar and detached scalars
         {"valid_regions": mean valid regions per image, "sampled_regions": mean sampled
         regions per image, "same_organ_negatives": share of negative region pairs with the
@@ -287,7 +297,8 @@ class LRCLoss(nn.Module):
 
     def forward(self, feat1: Tensor, feat2: Tensor, regions1: Tensor, regions2: Tensor,
                 generator: torch.Generator | None = None, organs1: Tensor | None = None,
-                organs2: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                organs2: Tensor | None = None, num_ids: int | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
         if feat1.ndim != 4 or feat1.shape != feat2.shape:
             raise ValueError(f"feat1/feat2 must be equal (B, D, h, w), got {tuple(feat1.shape)}, {tuple(feat2.shape)}")
         if regions1.ndim != 3 or regions1.shape[0] != feat1.shape[0] or regions1.shape != regions2.shape:
@@ -299,7 +310,8 @@ class LRCLoss(nn.Module):
         size = tuple(feat1.shape[-2:])
         r1 = downsample_regions(regions1, size)
         r2 = downsample_regions(regions2, size)
-        sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels, generator)
+        sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels,
+                                generator, num_ids)
         loss = self.loss_from_sample(feat1, feat2, r1, r2, sample)
         B = feat1.shape[0]
         stats = {

@@ -76,6 +76,14 @@ class MoCoQueue(nn.Module):
             raise ValueError(f"Illegal queue size {size}: must be >= 1")
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        # A host copy of ``ptr`` so enqueueing never waits for the device; the buffer stays
+        # the saved truth and refreshes the copy on load_state_dict.
+        self._ptr = 0
+        self.register_load_state_dict_post_hook(MoCoQueue._sync_host_pointer)
+
+    @staticmethod
+    def _sync_host_pointer(module: MoCoQueue, incompatible_keys) -> None:
+        module._ptr = int(module.ptr)
 
     @property
     def size(self) -> int:
@@ -88,9 +96,10 @@ class MoCoQueue(nn.Module):
             raise ValueError(f"keys must be (B, {self.keys.shape[1]}), got {tuple(keys.shape)}")
         if self.size % batch != 0:
             raise ValueError(f"queue size {self.size} is not a multiple of the key batch {batch}")
-        start = int(self.ptr)
+        start = self._ptr
         self.keys[start:start + batch] = keys.detach().to(self.keys.dtype)
-        self.ptr.fill_((start + batch) % self.size)
+        self._ptr = (start + batch) % self.size
+        self.ptr.fill_(self._ptr)
 
 
 def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from lrcseg.errors import LrcsegError
+from lrcseg.errors import ConfigError, LrcsegError
 from lrcseg.io_utils import atomic_save
 
 LATEST = "checkpoint.pt"
@@ -44,3 +44,19 @@ def find_checkpoint(run_dir: Path, prefer_final: bool = True) -> Path | None:
         if (run_dir / name).is_file():
             return run_dir / name
     return None
+
+
+def resolve_checkpoint(path: str | Path, what: str) -> Path:
+    """A run folder's checkpoint (final.pt, else checkpoint.pt), or ``path`` itself if a file.
+
+    what: the kind of run expected, for the error message ("pre-training run", ...).
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = find_checkpoint(path)
+        if found is None:
+            raise ConfigError(f"{path}: not a {what} folder (no final.pt or checkpoint.pt)")
+        return found
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such {what} folder or checkpoint file")
+    return path

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,34 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrcseg.errors import ConfigError
 from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint
+
+
+class GracefulInterrupt:
+    """Turn the first Ctrl-C (SIGINT) into a flag that the loop checks between steps.
+
+    The loop then saves a checkpoint at a step boundary (never mid-step, when the weights,
+    optimiser or MoCo queue may already hold part of the next step) and raises
+    KeyboardInterrupt; ``--resume`` continues exactly. A second Ctrl-C stops at once, and the
+    last periodic checkpoint stands. Outside the main thread it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -112,11 +142,6 @@ def prepare_run_dir(out: str | Path, resume: bool, create: bool = True) -> Path:
     if create:
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"{run_dir}: run folder exists and is not empty; use --resume to "
-                          "continue it or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -140,9 +165,13 @@ def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractCont
     return contextlib.nullcontext()
 
 
-def load_resume_checkpoint(run_dir: Path, device: torch.device) -> dict[str, Any]:
-    """The latest checkpoint of ``run_dir`` (for --resume); ConfigError if there is none."""
+def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The latest checkpoint of ``run_dir`` (for --resume); ConfigError if there is none.
+
+    Loaded on the CPU: ``load_state_dict`` moves weights and optimiser state to their
+    parameters' device, and the RNG state must stay a CPU ByteTensor.
+    """
     ckpt_path = find_checkpoint(run_dir, prefer_final=False)
     if ckpt_path is None:
         raise ConfigError(f"{run_dir}: --resume given but no checkpoint.pt in it")
-    return load_checkpoint(ckpt_path, map_location=device)
+    return load_checkpoint(ckpt_path, map_location="cpu")

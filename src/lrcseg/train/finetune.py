@@ -12,6 +12,7 @@ checkpoint is the result (no model selection on extra labelled cases).
 from __future__ import annotations
 
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -32,14 +33,21 @@ from lrcseg.config import (
     to_dict,
 )
 from lrcseg.data.cache import SliceCache
-from lrcseg.data.layouts import Dataset, label_lookup, load_dataset, load_label_map
+from lrcseg.data.layouts import (
+    Dataset,
+    check_label_values,
+    label_lookup,
+    load_dataset,
+    load_label_map,
+)
 from lrcseg.data.slices import LabelledSlices
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_json
 from lrcseg.models.export import load_exported
 from lrcseg.models.unet import build_unet, flexible_unet_kwargs
-from lrcseg.train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lrcseg.train.common import (
+    GracefulInterrupt,
     ResumableSampler,
     autocast_context,
     load_resume_checkpoint,
@@ -59,16 +67,17 @@ from lrcseg.train.runlog import RunLogger, write_run_card
 def choose_labelled(dataset: Dataset, labeled: float, split_seed: int) -> dict[str, list[str]]:
     """Draw the K labelled training cases reproducibly; test cases are never candidates.
 
-    Candidates are the dataset's "train" split if it has ``splits.json``, else every labelled
-    training case. ``labeled`` >= 1 is a count, < 1 a fraction (at least one case).
+    Candidates are the dataset's "train" split if its ``splits.json`` has one, else every
+    labelled training case that is not held out (imagesTs, splits "test"/"val"). ``labeled``
+    >= 1 is a count, < 1 a fraction (at least one case).
     Returns {"labeled": [...], "candidates": [...], "test": [...]}.
     """
-    labelled = [c.id for c in dataset.cases if c.label is not None]
+    held_out = dataset.held_out_ids()
+    labelled = {c.id for c in dataset.cases if c.label is not None} - held_out
     candidates = sorted(labelled)
-    test = sorted(c.id for c in dataset.test_cases if c.label is not None)
     if dataset.splits and "train" in dataset.splits:
-        candidates = sorted(set(dataset.splits["train"]) & set(labelled))
-        test = sorted(dataset.splits.get("test", test))
+        candidates = sorted(set(dataset.splits["train"]) & labelled)
+    test = sorted(c.id for c in dataset.all_cases if c.id in held_out and c.label is not None)
     if not candidates:
         raise ConfigError(f"{dataset.root}: no labelled training cases to fine-tune on")
     k = int(labeled) if labeled >= 1 else max(1, int(round(labeled * len(candidates))))
@@ -109,10 +118,10 @@ def default_steps(num_slices: int, batch_size: int) -> int:
 
 
 def has_laterality(label_names: list[str]) -> bool:
-    """True if any label name says left/right (then left-right flips would swap classes)."""
-    tokens = ("left", "right", "_l", "_r")
-    return any(name.lower().endswith(tokens) or "left" in name.lower() or "right" in name.lower()
-               for name in label_names)
+    """True if a label name has a left/right token ("kidney_left", "Lung R", "adrenal-l"):
+    then left-right flips would swap classes."""
+    sides = {"left", "right", "l", "r", "lt", "rt"}
+    return any(sides & set(re.split(r"[^a-z]+", name.lower())) for name in label_names)
 
 
 def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: PreprocessConfig,
@@ -126,14 +135,7 @@ def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: Preproces
     """
     if init == "scratch":
         return None, {"init": "scratch"}
-    path = Path(init)
-    if path.is_dir():
-        found = find_checkpoint(path)
-        if found is None:
-            raise ConfigError(f"{path}: not a pre-training run folder (no final.pt or checkpoint.pt)")
-        path = found
-    if not path.is_file():
-        raise ConfigError(f"--init {init}: no such run folder or weights file")
+    path = resolve_checkpoint(init, "pre-training run")
     if path.with_suffix(".json").is_file():
         weights, meta = load_exported(path)
         their_pre = from_dict(PreprocessConfig, meta["preprocess"])
@@ -204,6 +206,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     by_id = {c.id: c for c in dataset.cases}
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
     volumes = [slice_cache.get(by_id[i]) for i in split["labeled"]]
+    for case_id, vol in zip(split["labeled"], volumes, strict=True):
+        check_label_values(np.asarray(vol.label), dataset.labels, by_id[case_id].label)
     data = LabelledSlices(volumes, cfg.preprocess.context_slices, label_lut=label_lut)
     prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
     steps = cfg.steps or default_steps(len(data), cfg.run.batch_size)
@@ -230,7 +234,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
 
     start = 0
     if resume:
-        state = load_resume_checkpoint(run_dir, device)
+        state = load_resume_checkpoint(run_dir)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -256,47 +260,49 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     step, batches = start, iter(loader)
     t_last, n_last = time.perf_counter(), 0
     model.train()
+    interrupt = GracefulInterrupt()
     try:
-        while step < steps:
-            batch = next(batches)
-            g = step_generator(cfg.run.seed, step)
-            images, targets = augment_batch(batch["image"].to(device).float(),
-                                            batch["label"].to(device).long(),
-                                            cfg.image_size, cfg.rotation_deg, hflip, g)
-            if cfg.run.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            lr = cfg.optim.lr * warmup_cosine(step, steps, cfg.optim.warmup_steps)
-            set_lr(optimizer, lr)
-            with autocast:
-                logits = forward(images)
-            loss = loss_fn(logits.float(), targets[:, None])
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
-                                       f"in {run_dir} is untouched. Lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            step += 1
-            n_last += images.shape[0]
-            bar.update(1)
-            if step % cfg.run.log_every == 0 or step == steps:
-                now = time.perf_counter()
-                logger.log(step, {"loss/seg": loss.item(), "lr": lr,
-                                  "slices_per_s": n_last / max(now - t_last, 1e-9)})
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                t_last, n_last = now, 0
-            if step % cfg.run.checkpoint_every == 0 and step < steps:
-                save_checkpoint(run_dir, state_dict(step))
-            if stop_at is not None and step >= stop_at and step < steps:
-                save_checkpoint(run_dir, state_dict(step))
-                return run_dir
+        with interrupt:
+            while step < steps:
+                if interrupt.requested:
+                    save_checkpoint(run_dir, state_dict(step))
+                    bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
+                    raise KeyboardInterrupt
+                batch = next(batches)
+                g = step_generator(cfg.run.seed, step)
+                images, targets = augment_batch(batch["image"].to(device).float(),
+                                                batch["label"].to(device).long(),
+                                                cfg.image_size, cfg.rotation_deg, hflip, g)
+                if cfg.run.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                lr = cfg.optim.lr * warmup_cosine(step, steps, cfg.optim.warmup_steps)
+                set_lr(optimizer, lr)
+                with autocast:
+                    logits = forward(images)
+                loss = loss_fn(logits.float(), targets[:, None])
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
+                                           f"in {run_dir} is untouched. Lower --lr.")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                step += 1
+                n_last += images.shape[0]
+                bar.update(1)
+                if step % cfg.run.log_every == 0 or step == steps:
+                    now = time.perf_counter()
+                    logger.log(step, {"loss/seg": loss.item(), "lr": lr,
+                                      "slices_per_s": n_last / max(now - t_last, 1e-9)})
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    t_last, n_last = now, 0
+                if step % cfg.run.checkpoint_every == 0 and step < steps:
+                    save_checkpoint(run_dir, state_dict(step))
+                if stop_at is not None and step >= stop_at and step < steps:
+                    save_checkpoint(run_dir, state_dict(step))
+                    return run_dir
         save_checkpoint(run_dir, state_dict(step), final=True)
-    except KeyboardInterrupt:
-        save_checkpoint(run_dir, state_dict(step))
-        bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
-        raise
     finally:
         bar.close()
         logger.close()
@@ -309,12 +315,7 @@ def load_finetuned(run_or_file: str | Path, device: torch.device | str = "cpu"):
     Returns (model in eval mode, meta) where meta has "preprocess" (PreprocessConfig),
     "labels" (name -> id) and "flexible_unet" (constructor kwargs).
     """
-    path = Path(run_or_file)
-    if path.is_dir():
-        found = find_checkpoint(path)
-        if found is None:
-            raise ConfigError(f"{path}: not a fine-tuning run folder (no final.pt or checkpoint.pt)")
-        path = found
+    path = resolve_checkpoint(run_or_file, "fine-tuning run")
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") != "finetune":
         raise ConfigError(f"{path}: not a fine-tuned model (kind={state.get('kind')})")

@@ -37,6 +37,7 @@ from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.superpixels.cache import RegionCache
 from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
+    GracefulInterrupt,
     ResumableSampler,
     autocast_context,
     load_resume_checkpoint,
@@ -80,17 +81,18 @@ class PretrainData:
 def pretraining_cases(paths: list[str]) -> tuple[list, list[dict[str, Any]]]:
     """Cases for the pre-training pool from each data path.
 
-    A dataset with ``splits.json`` contributes its "pretrain" cases only (evaluation cases
-    never enter the pool); otherwise all of its training cases (imagesTr / "training" /
-    every volume of an unlabelled folder), never its test cases.
+    A dataset with a "pretrain" list in ``splits.json`` contributes those cases; otherwise all
+    of its training cases (imagesTr / "training" / every volume of an unlabelled folder).
+    Evaluation cases (imagesTs, splits "test"/"val") never enter the pool.
     """
     cases, sources = [], []
     for path in paths:
         ds = load_dataset(path)
-        chosen = ds.cases
+        held_out = ds.held_out_ids()
+        chosen = [c for c in ds.cases if c.id not in held_out]
         if ds.splits and "pretrain" in ds.splits:
             wanted = set(ds.splits["pretrain"])
-            chosen = [c for c in ds.cases if c.id in wanted]
+            chosen = [c for c in chosen if c.id in wanted]
         cases.extend(chosen)
         sources.append({"path": str(Path(path).resolve()), "layout": ds.layout,
                         "cases": [c.id for c in chosen]})
@@ -110,7 +112,8 @@ def supervised_cases(path: str) -> tuple[list, list[dict[str, Any]], int]:
     if not ds.labels:
         raise ConfigError(f"{path}: --labels needs a dataset with label names "
                           "(nnU-Net dataset.json or datalist)")
-    chosen = [c for c in ds.cases if c.label is not None]
+    held_out = ds.held_out_ids()
+    chosen = [c for c in ds.cases if c.label is not None and c.id not in held_out]
     if ds.splits and "train" in ds.splits:
         wanted = set(ds.splits["train"])
         chosen = [c for c in chosen if c.id in wanted]
@@ -173,11 +176,13 @@ class PretrainStep(nn.Module):
     """
 
     def __init__(self, net: PretrainNetwork, objective: nn.Module, lrc: LRCLoss | None,
-                 lrc_weight: float, gather_lrc: bool = False, compile_net: bool = False):
+                 lrc_weight: float, gather_lrc: bool = False, compile_net: bool = False,
+                 num_region_ids: int | None = None):
         super().__init__()
         self.net, self.objective, self.lrc = net, objective, lrc
         self.lrc_weight = lrc_weight
         self.gather_lrc = gather_lrc
+        self.num_region_ids = num_region_ids
         self._forward = [torch.compile(net) if compile_net else net]  # not a second submodule
 
     def forward(self, view1: Tensor, view2: Tensor, regions1: Tensor, regions2: Tensor,
@@ -198,7 +203,8 @@ class PretrainStep(nn.Module):
                 organs1, organs2 = concat_all_gather(organs1), concat_all_gather(organs2)
             generator = views.shared_generator
         loss_lrc, lrc_stats = self.lrc(feat1, feat2, regions1, regions2, generator=generator,
-                                       organs1=organs1, organs2=organs2)
+                                       organs1=organs1, organs2=organs2,
+                                       num_ids=self.num_region_ids)
         stats.update({f"lrc/{k}": v for k, v in lrc_stats.items()})
         return loss_global + self.lrc_weight * loss_lrc, loss_global, loss_lrc, stats
 
@@ -250,7 +256,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                       variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)
     step_module = PretrainStep(net, global_objective, lrc, cfg.lrc.weight,
                                gather_lrc=gather and cfg.lrc.negatives == "batch",
-                               compile_net=cfg.run.compile)
+                               compile_net=cfg.run.compile,
+                               num_region_ids=data.dataset.max_region_id + 1)
     train_step = step_module
     if ctx.enabled:
         train_step = nn.parallel.DistributedDataParallel(
@@ -262,7 +269,12 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
 
     start = 0
     if resume:
-        state = load_resume_checkpoint(run_dir, device)
+        state = load_resume_checkpoint(run_dir)
+        if state.get("world_size", 1) != ctx.world_size:
+            raise ConfigError(f"{run_dir}: the run was started with {state.get('world_size', 1)} "
+                              f"process(es), this resume has {ctx.world_size}; the sample order, "
+                              "per-rank randomness and queue size depend on it. Resume with the "
+                              "same number of processes.")
         net.load_state_dict(state["network"])
         global_objective.load_state_dict(state["global_objective"])
         optimizer.load_state_dict(state["optimizer"])
@@ -305,64 +317,78 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     step = start
     batches = iter(loader)
     t_last, n_last = time.perf_counter(), 0
+    interrupt = GracefulInterrupt()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    checked = [start]
+
+    def check_finite(step: int) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync, not per step)."""
+        if not all_ranks_true(not bool(nonfinite), device):
+            raise TrainingDiverged(
+                f"non-finite loss between steps {checked[0]} and {step}; the last good "
+                f"checkpoint in {run_dir} is untouched. Lower --lr or check the data.")
+        checked[0] = step
+
     try:
-        while step < cfg.run.steps:
-            batch = next(batches)
-            g = step_generator(cfg.run.seed, step, ctx.rank)
-            images = batch["image"].to(device, non_blocking=True).float()
-            regions = batch["regions"].to(device, non_blocking=True).long()
-            view1, regions1, view2, regions2 = augment(images, regions, g)
-            labels1 = labels2 = None
-            if with_labels:
-                labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device).long(),
-                                                    step_generator(cfg.run.seed, step, ctx.rank))
-            if cfg.run.channels_last:
-                view1 = view1.contiguous(memory_format=torch.channels_last)
-                view2 = view2.contiguous(memory_format=torch.channels_last)
-            lr = cfg.optim.lr * warmup_cosine(step, cfg.run.steps, cfg.optim.warmup_steps)
-            set_lr(optimizer, lr)
-            views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
-                          labels1, labels2)
+        with interrupt:
+            while step < cfg.run.steps:
+                if interrupt.requested:
+                    check_finite(step)
+                    checkpoint(step)
+                    bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
+                    raise KeyboardInterrupt
+                batch = next(batches)
+                g = step_generator(cfg.run.seed, step, ctx.rank)
+                images = batch["image"].to(device, non_blocking=True).float()
+                regions = batch["regions"].to(device, non_blocking=True).long()
+                view1, regions1, view2, regions2 = augment(images, regions, g)
+                labels1 = labels2 = None
+                logging_step = (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps
+                if with_labels and (cfg.method == "supervised" or logging_step):
+                    labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device).long(),
+                                                        step_generator(cfg.run.seed, step, ctx.rank))
+                if cfg.run.channels_last:
+                    view1 = view1.contiguous(memory_format=torch.channels_last)
+                    view2 = view2.contiguous(memory_format=torch.channels_last)
+                lr = cfg.optim.lr * warmup_cosine(step, cfg.run.steps, cfg.optim.warmup_steps)
+                set_lr(optimizer, lr)
+                views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
+                              labels1, labels2)
 
-            with autocast:
-                loss, loss_global, loss_lrc, stats = train_step(
-                    view1, view2, regions1, regions2, views, labels1, labels2)
+                with autocast:
+                    loss, loss_global, loss_lrc, stats = train_step(
+                        view1, view2, regions1, regions2, views, labels1, labels2)
 
-            if not all_ranks_true(bool(torch.isfinite(loss)), device):
-                raise TrainingDiverged(
-                    f"non-finite loss at step {step} (global {loss_global.item():.4g}, "
-                    f"lrc {loss_lrc.item():.4g}); the last good checkpoint in {run_dir} is "
-                    "untouched. Lower --lr or check the data.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            global_objective.after_step(step, cfg.run.steps)
-            step += 1
-            n_last += images.shape[0] * ctx.world_size
-            bar.update(1)
+                nonfinite |= ~torch.isfinite(loss.detach())  # checked at sync points, below
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+                optimizer.step()
+                global_objective.after_step(step, cfg.run.steps)
+                step += 1
+                n_last += images.shape[0] * ctx.world_size
+                bar.update(1)
 
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                now = time.perf_counter()
-                scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
-                                           global_objective.logs_global, lrc is not None)
-                scalars.update({"lr": lr, "slices_per_s": n_last / max(now - t_last, 1e-9)})
-                if logger is not None:
-                    logger.log(step, scalars)
-                bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
-                t_last, n_last = now, 0
-            if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
-                checkpoint(step)
-            if stop_at is not None and step >= stop_at and step < cfg.run.steps:
-                checkpoint(step)
-                return run_dir
+                saving = (step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps
+                          or (stop_at is not None and step >= stop_at))
+                if step % cfg.run.log_every == 0 or saving:
+                    check_finite(step)
+                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                    now = time.perf_counter()
+                    scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
+                                               global_objective.logs_global, lrc is not None)
+                    scalars.update({"lr": lr, "slices_per_s": n_last / max(now - t_last, 1e-9)})
+                    if logger is not None:
+                        logger.log(step, scalars)
+                    bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")
+                    t_last, n_last = now, 0
+                if step % cfg.run.checkpoint_every == 0 and step < cfg.run.steps:
+                    checkpoint(step)
+                if stop_at is not None and step >= stop_at and step < cfg.run.steps:
+                    checkpoint(step)
+                    return run_dir
         checkpoint(step, final=True)
-    except KeyboardInterrupt:
-        if ctx.is_main:
-            save_checkpoint(run_dir, state_dict(step))
-            bar.write(f"interrupted: checkpoint at step {step} saved; continue with --resume")
-        raise
     finally:
         bar.close()
         if logger is not None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg import __version__
-from lrcseg.io_utils import atomic_write_json
+from lrcseg.io_utils import atomic_write_json, atomic_write_text
 
 _PACKAGES = ("torch", "monai", "numpy", "scipy", "nibabel", "pydicom", "scikit-image", "numba")
 
@@ -112,7 +112,7 @@ class RunLogger:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
