@@ -3,6 +3,7 @@
 # h100 setting: ResNet-50, 224 px, batch 128) for the code in .baseline/src (the previous
 # commit, carried) and in src, in one run on one machine, so the two rates compare as a ratio.
 #   run(command="bash bench/e2e_compare.sh", carry=[".whl", ".baseline"], timeout_s=420)
+# VARIANTS="name:src_path:workers ..." overrides the default list.
 set -u -o pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
@@ -10,7 +11,7 @@ exec > >(tee -a "$OUT/e2e_log.txt") 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONUNBUFFERED=1
-for variant in baseline:.baseline/src:8 compact:src:8 compact_w14:src:14; do
+for variant in ${VARIANTS:-baseline:.baseline/src:8 compact:src:8 compact_w14:src:14}; do
     IFS=: read -r name src workers <<< "$variant"
     echo "== $name ($src, $workers workers)"
     PYTHONPATH=/tmp/site:$PWD/$src timeout 150 python3 - "$name" "$workers" "$OUT" <<'PY'
