@@ -42,7 +42,7 @@ class DemoSize:
 
 
 FULL = DemoSize(cases=10, phantom_spacing=(2.0, 2.0, 5.0), spacing_mm=3.0, image_size=96,
-                pretrain_steps=100, finetune_steps=100, batch_size=8)
+                pretrain_steps=100, finetune_steps=250, batch_size=8)
 FAST = DemoSize(cases=6, phantom_spacing=(3.0, 3.0, 6.0), spacing_mm=3.0, image_size=64,
                 pretrain_steps=10, finetune_steps=15, batch_size=4)
 
