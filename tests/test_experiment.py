@@ -118,3 +118,19 @@ def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch)
     changed = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {"finetune_steps": 5})
     with pytest.raises(ConfigError, match="finetune_steps"):
         run_experiment(changed, out, progress=False)
+
+
+def test_time_budget_stops_before_new_cells(tmp_path, monkeypatch):
+    import lrcseg.train.finetune as finetune_module
+    import lrcseg.train.pretrain as pretrain_module
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("no training may start once the time budget is spent")
+
+    monkeypatch.setattr(pretrain_module, "pretrain", forbidden)
+    monkeypatch.setattr(finetune_module, "finetune", forbidden)
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml")
+    results = run_experiment(cfg, tmp_path / "exp", progress=False, max_seconds=0)
+    assert results.read_text().startswith("init,K,draw,seed,case,")
+    assert len(results.read_text().splitlines()) == 1
+    assert not (tmp_path / "exp" / "report.md").exists()

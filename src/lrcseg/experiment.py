@@ -331,13 +331,16 @@ def _machine() -> dict[str, str]:
             "torch": torch.__version__, "cpu": cpu, "gpu": gpu}
 
 
-def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True) -> Path:
+def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = True,
+                   max_seconds: float | None = None) -> Path:
     """Run (or resume) the whole matrix in ``out_dir``; returns the path of results.csv.
 
     Pre-training runs: one per (pre-trained initialisation, seed). Cells: one fine-tune per
     (initialisation, K, draw, seed), evaluated on ``cfg.eval_split``; a cell with
     metrics.json is never rerun. results.csv, report.md and figures are rewritten from all
     finished cells at the end of every invocation.
+    max_seconds: start no new cell after this much time (the running one finishes), so a
+    long matrix can be run in chunks (e.g. one per working session); rerun to continue.
     """
     from lrcseg.evaluate import write_metrics
     from lrcseg.evaluation_run import evaluate_model
@@ -369,6 +372,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
         metrics_path = ft_dir / "metrics.json"
         if metrics_path.is_file():
             continue
+        if max_seconds is not None and time.time() - t0 >= max_seconds:
+            _say(f"time budget of {max_seconds:.0f} s reached before cell {i}/{len(all_cells)}; "
+                 "rerun the same command to continue")
+            break
         spec = cfg.init(cell.init)
         if spec.pretrained:
             pt_cfg = pretrain_config(cfg, spec, cell.seed, data, out_dir)
@@ -384,6 +391,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     seconds = time.time() - t0
     timings = _record_time(out_dir, seconds, trained)
     results_path = write_results_csv(cfg, out_dir)
+    if not load_results(cfg, out_dir)[0]:
+        _say("no finished cell yet: results.csv has only its header, no report")
+        return results_path
     from lrcseg.report import write_report
 
     qualitative = _qualitative_rows(cfg, data, out_dir, device) if cfg.qualitative_figure else None

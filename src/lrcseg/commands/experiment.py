@@ -16,6 +16,9 @@ from lrcseg.cli import add_device_argument
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (ExperimentConfig)")
     parser.add_argument("--out", required=True, help="experiment folder (rerun to resume)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new cell after this many minutes (run a long matrix in "
+                             "chunks; rerun the same command to continue)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_argument(parser)
 
@@ -26,6 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {"device": args.device} if args.device else None
     cfg = load_config(ExperimentConfig, args.config, overrides)
-    results = run_experiment(cfg, args.out, progress=not args.no_progress)
+    max_seconds = None if args.max_minutes is None else 60 * args.max_minutes
+    results = run_experiment(cfg, args.out, progress=not args.no_progress, max_seconds=max_seconds)
     print(results)
     return 0
