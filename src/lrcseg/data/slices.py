@@ -41,7 +41,30 @@ def body_slices(volumes: Sequence, min_body_fraction: float = 0.05) -> list[tupl
     return index
 
 
-class PretrainSlices(Dataset):
+class _CanvasSlices(Dataset):
+    """Body slices of cached volumes, centre-padded to one canvas (shared by the datasets)."""
+
+    def __init__(self, volumes: Sequence, context_slices: int, canvas: int | None,
+                 min_body_fraction: float):
+        self.volumes = list(volumes)
+        self.context_slices = context_slices
+        self.canvas = canvas or canvas_size(self.volumes)
+        self.index = body_slices(self.volumes, min_body_fraction)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _slice(self, i: int) -> tuple[int, int, torch.Tensor]:
+        """(volume index, z, padded image (C, S, S) float16) of item ``i``."""
+        v, z = self.index[i]
+        image = stack_context(self.volumes[v].image, z, self.context_slices).astype(np.float16)
+        return v, z, torch.from_numpy(pad_to_canvas(image, self.canvas))
+
+    def _padded(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(pad_to_canvas(array, self.canvas))
+
+
+class PretrainSlices(_CanvasSlices):
     """Unlabelled slices with their superpixel regions for pre-training.
 
     Item: {"image": (C, S, S) float16 in [0, 1], "regions": (S, S) int32 (0 = ignore)} and,
@@ -56,36 +79,27 @@ class PretrainSlices(Dataset):
                  min_body_fraction: float = 0.05):
         if len(volumes) != len(regions):
             raise ValueError(f"{len(volumes)} volumes but {len(regions)} region maps")
-        self.volumes, self.regions = list(volumes), list(regions)
-        self.context_slices = context_slices
-        self.canvas = canvas or canvas_size(self.volumes)
+        super().__init__(volumes, context_slices, canvas, min_body_fraction)
+        self.regions = list(regions)
         self.with_organs = with_organs
-        self.index = body_slices(self.volumes, min_body_fraction)
         #: the largest region id in the data: lets the LRC loss size its tables without a sync
         self.max_region_id = max((int(np.max(r)) for r in self.regions if np.size(r)), default=0)
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        v, z = self.index[i]
-        vol = self.volumes[v]
-        image = stack_context(vol.image, z, self.context_slices).astype(np.float16)
+        v, z, image = self._slice(i)
         regions = np.asarray(self.regions[v][z], dtype=np.int32)
-        item = {
-            "image": torch.from_numpy(pad_to_canvas(image, self.canvas)),
-            "regions": torch.from_numpy(pad_to_canvas(regions, self.canvas)),
-        }
+        item = {"image": image, "regions": self._padded(regions)}
         if self.with_organs:
-            if vol.label is not None:
-                organs = np.asarray(vol.label[z], dtype=np.int16)
+            label = self.volumes[v].label
+            if label is not None:
+                organs = np.asarray(label[z], dtype=np.int16)
             else:
                 organs = np.full(regions.shape, -1, dtype=np.int16)
-            item["organs"] = torch.from_numpy(pad_to_canvas(organs + 1, self.canvas) - 1)
+            item["organs"] = self._padded(organs + 1) - 1
         return item
 
 
-class LabelledSlices(Dataset):
+class LabelledSlices(_CanvasSlices):
     """Labelled slices for fine-tuning: {"image": (C, S, S) float16, "label": (S, S) int16}
     (compact like PretrainSlices; converted on the device).
 
@@ -97,23 +111,12 @@ class LabelledSlices(Dataset):
         for v in volumes:
             if v.label is None:
                 raise ValueError(f"case {v.case_id} has no label")
-        self.volumes = list(volumes)
-        self.context_slices = context_slices
-        self.canvas = canvas or canvas_size(self.volumes)
-        self.index = body_slices(self.volumes, min_body_fraction)
+        super().__init__(volumes, context_slices, canvas, min_body_fraction)
         self.label_lut = label_lut
 
-    def __len__(self) -> int:
-        return len(self.index)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        v, z = self.index[i]
-        vol = self.volumes[v]
-        image = stack_context(vol.image, z, self.context_slices).astype(np.float16)
-        label = np.asarray(vol.label[z], dtype=np.int16)
+        v, z, image = self._slice(i)
+        label = np.asarray(self.volumes[v].label[z], dtype=np.int16)
         if self.label_lut is not None:
             label = self.label_lut[label].astype(np.int16)
-        return {
-            "image": torch.from_numpy(pad_to_canvas(image, self.canvas)),
-            "label": torch.from_numpy(pad_to_canvas(label, self.canvas)),
-        }
+        return {"image": image, "label": self._padded(label)}
