@@ -59,7 +59,7 @@ import time
 import traceback
 import types
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -496,19 +496,13 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
 
 @dataclass
 class Plan:
-    preset: str
-    settings: tuple[Setting, ...]
-    warmup: int
-    steps: int
-    warmup_s: float
-    max_s: float
-    cap_s: float
-    budget_s: float
-    compile: tuple[str, ...]
-    e2e: E2E | None
+    """What one run does: a named preset with the command line's overrides applied."""
+
+    name: str
+    preset: Preset
     device: torch.device
     out: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    cudnn_benchmark: bool = False
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -588,13 +582,15 @@ def floor_seconds(floors: dict[tuple[str, str], float], mode: str) -> float | No
 
 def run_plan(plan: Plan) -> dict[str, Any]:
     started = time.perf_counter()
-    report: dict[str, Any] = {"preset": plan.preset, "environment": environment(plan.device),
-                              "plan": {"warmup": plan.warmup, "steps": plan.steps,
-                                       "warmup_s": plan.warmup_s, "max_s": plan.max_s,
-                                       "cap_s": plan.cap_s, "budget_s": plan.budget_s,
-                                       "compile": list(plan.compile),
-                                       "e2e": asdict(plan.e2e) if plan.e2e else None,
-                                       **plan.extra},
+    p = plan.preset
+    report: dict[str, Any] = {"preset": plan.name, "environment": environment(plan.device),
+                              "plan": {"warmup": p.warmup, "steps": p.steps,
+                                       "warmup_s": p.warmup_s, "max_s": p.max_s,
+                                       "cap_s": p.cap_s, "budget_s": p.budget_s,
+                                       "compile": list(p.compile),
+                                       "e2e": asdict(p.e2e) if p.e2e else None,
+                                       "cudnn_benchmark": plan.cudnn_benchmark,
+                                       "threads": p.threads},
                               "results": [], "targets": [], "complete": False}
 
     def save() -> None:
@@ -605,33 +601,33 @@ def run_plan(plan: Plan) -> dict[str, Any]:
 
     print(HEADER, flush=True)
     with tempfile.TemporaryDirectory(prefix="lrcseg_bench_") as tmp:
-        for setting in plan.settings:
+        for setting in p.settings:
             inputs = make_inputs(setting, plan.device, channels_last=plan.device.type == "cuda")
             floors: dict[tuple[str, str], float] = {}
             jobs: list[tuple[str, str]] = [(c, "eager") for c in MODEL_CONFIGS]
             jobs += [("augment", "eager")]
-            if plan.e2e is not None:
+            if p.e2e is not None:
                 jobs += [("e2e", "eager")]
-            jobs += [(c, "compile") for c in MODEL_CONFIGS if c in plan.compile]
+            jobs += [(c, "compile") for c in MODEL_CONFIGS if c in p.compile]
             for config, mode in jobs:
                 row: dict[str, Any] = {"setting": setting.name, "backbone": setting.backbone,
                                        "image_size": setting.image_size, "batch": setting.batch,
                                        "config": config, "mode": mode, "status": "ok"}
-                remaining = plan.budget_s - (time.perf_counter() - started)
+                remaining = p.budget_s - (time.perf_counter() - started)
                 if remaining <= 0:
                     row.update(status="skipped", error="run time budget spent")
                 else:
                     _reset_memory(plan.device)
                     try:
-                        cap = plan.cap_s * (1.5 if config == "e2e" else 1.0)  # + data prep
+                        cap = p.cap_s * (1.5 if config == "e2e" else 1.0)  # + data prep
                         with time_cap(min(cap, remaining + 30)):
                             if config == "e2e":
-                                row.update(run_e2e(setting, plan.e2e, plan.device, Path(tmp)))
+                                row.update(run_e2e(setting, p.e2e, plan.device, Path(tmp)))
                             else:
                                 step = build_step(config, setting, inputs, plan.device,
                                                   compiled=mode == "compile")
-                                row.update(time_steps(step, plan.device, plan.warmup, plan.steps,
-                                                      plan.warmup_s, plan.max_s))
+                                row.update(time_steps(step, plan.device, p.warmup, p.steps,
+                                                      p.warmup_s, p.max_s))
                                 del step
                         row.update(_memory(plan.device))
                     except Exception as exc:  # a failed compile or run is a result, not a crash
@@ -715,22 +711,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
         compile_ = MODEL_CONFIGS
     elif args.compile is False:
         compile_ = ()
-    return Plan(preset=args.preset, settings=settings,
-                warmup=args.warmup if args.warmup is not None else preset.warmup,
-                steps=args.steps or preset.steps, warmup_s=preset.warmup_s,
-                max_s=args.max_s or preset.max_s, cap_s=preset.cap_s,
-                budget_s=args.budget_s or preset.budget_s, compile=tuple(compile_),
-                e2e=None if args.no_e2e else preset.e2e, device=device, out=args.out,
-                extra={"cudnn_benchmark": args.cudnn_benchmark,
-                       "threads": args.threads or preset.threads})
+    overridden = replace(
+        preset, settings=settings,
+        warmup=args.warmup if args.warmup is not None else preset.warmup,
+        steps=args.steps or preset.steps, max_s=args.max_s or preset.max_s,
+        budget_s=args.budget_s or preset.budget_s, compile=tuple(compile_),
+        e2e=None if args.no_e2e else preset.e2e, threads=args.threads or preset.threads)
+    return Plan(name=args.preset, preset=overridden, device=device, out=args.out,
+                cudnn_benchmark=bool(args.cudnn_benchmark))
 
 
 def main(argv: list[str] | None = None) -> int:
     plan = make_plan(parse_args(argv))
     # Off by default, as in the training loops; on with --cudnn-benchmark (an optimisation).
-    torch.backends.cudnn.benchmark = bool(plan.extra.get("cudnn_benchmark"))
-    if plan.extra.get("threads"):
-        torch.set_num_threads(plan.extra["threads"])
+    torch.backends.cudnn.benchmark = plan.cudnn_benchmark
+    if plan.preset.threads:
+        torch.set_num_threads(plan.preset.threads)
     run_plan(plan)
     return 0
 
