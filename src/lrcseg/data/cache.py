@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from lrcseg.config import PreprocessConfig, to_dict
 from lrcseg.data.layouts import Case
-from lrcseg.data.preprocess import preprocess_volume
+from lrcseg.data.preprocess import PreprocessedVolume, preprocess_volume
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.io_utils import atomic_dir
 from lrcseg.paths import cache_root
@@ -35,21 +35,13 @@ CACHE_FORMAT = 1
 
 
 @dataclass
-class CachedVolume:
-    """A case's preprocessed slices, memory-mapped read-only.
+class CachedVolume(PreprocessedVolume):
+    """A case's ``PreprocessedVolume`` memory-mapped read-only from the cache.
 
-    image: ``(Z, W_n, H, W)`` float16 memmap in [0, 1]; body: ``(Z, H, W)`` bool memmap;
-    label: ``(Z, H, W)`` int16 memmap or None; spacing_mm ``(s, s, z)``; original_shape
-    ``(X, Y, Z)``; affine ``(4, 4)`` original voxel -> RAS; dir: the case's cache folder (the
-    region cache may put sibling files there).
+    The arrays are memmaps (image float16); case_id: the case; dir: the case's cache folder
+    (the region cache may put sibling files there).
     """
 
-    image: np.ndarray
-    body: np.ndarray
-    label: np.ndarray | None
-    spacing_mm: tuple[float, float, float]
-    original_shape: tuple[int, int, int]
-    affine: np.ndarray
     case_id: str
     dir: Path
 
