@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,119 @@ def test_time_budget_stops_before_new_cells(tmp_path, monkeypatch):
     assert results.read_text().startswith("init,K,draw,seed,case,")
     assert len(results.read_text().splitlines()) == 1
     assert not (tmp_path / "exp" / "report.md").exists()
+
+
+def _fake_training(monkeypatch, calls: list[str]):
+    """Replace training and evaluation by stand-ins that record the cells and write metrics."""
+    import lrcseg.evaluate as evaluate_module
+    import lrcseg.evaluation_run as evaluation_module
+    import lrcseg.train.finetune as finetune_module
+    import lrcseg.train.pretrain as pretrain_module
+
+    def pretrain(cfg, resume=False, progress=True):
+        calls.append("pretrain " + Path(cfg.run.out).name)
+        Path(cfg.run.out).mkdir(parents=True)
+        (Path(cfg.run.out) / "final.pt").write_bytes(b"x")
+
+    def finetune(cfg, resume=False, progress=True):
+        calls.append("finetune " + "/".join(Path(cfg.run.out).parts[-2:]))
+        Path(cfg.run.out).mkdir(parents=True)
+        (Path(cfg.run.out) / "final.pt").write_bytes(b"x")
+
+    def evaluate(run_dir, data, split, device, progress=True):
+        calls.append("evaluate " + "/".join(Path(run_dir).parts[-2:]))
+        score = 0.5 + 0.1 * ("lrc" in str(run_dir))
+        return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
+
+    monkeypatch.setattr(pretrain_module, "pretrain", pretrain)
+    monkeypatch.setattr(finetune_module, "finetune", finetune)
+    monkeypatch.setattr(evaluation_module, "evaluate_model", evaluate)
+    monkeypatch.setattr(evaluate_module, "write_metrics",
+                        lambda result, path: Path(path).write_text(json.dumps(result)))
+
+
+def _hold(path: Path, until, then=None):
+    """Another "process": hold the flock on ``path`` in a thread until ``until()`` is true
+    (at most 60 s), then run ``then`` and release. Returns the thread once the lock is held."""
+    import threading
+
+    from lrcseg.experiment import _lock
+
+    taken = threading.Event()
+
+    def body():
+        with _lock(path, wait=True):
+            taken.set()
+            deadline = time.time() + 60
+            while not until() and time.time() < deadline:
+                time.sleep(0.01)
+            if then is not None:
+                then()
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    taken.wait()
+    return thread
+
+
+def test_cells_held_by_another_process_are_skipped_then_finished(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_training(monkeypatch, calls)
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml",
+                      {"seeds": [0, 1], "qualitative_figure": False})
+    out = tmp_path / "exp"
+    # Another process pre-trains moco_lrc_s0 for a moment: its cell is skipped first, the
+    # rest of the matrix runs, then this process waits for the lock and does the cell itself.
+    holder = _hold(out / "locks" / "pretrain_moco_lrc_s0.lock",
+                   until=lambda: "evaluate moco_lrc/K1_d0_s1" in calls)
+    run_experiment(cfg, out, progress=False)
+    holder.join()
+    assert [c for c in calls if not c.startswith("evaluate")] == [
+        "finetune scratch/K1_d0_s0", "finetune scratch/K1_d0_s1",
+        "pretrain moco_lrc_s1", "finetune moco_lrc/K1_d0_s1",
+        "pretrain moco_lrc_s0", "finetune moco_lrc/K1_d0_s0"]
+    # A cell that another process is fine-tuning, and finishes: waited for, never redone here.
+    cell = out / "runs" / "finetune" / "scratch" / "K1_d0_s1"
+    done = (cell / "metrics.json").read_text()
+    (cell / "metrics.json").unlink()
+    calls.clear()
+    holder = _hold(out / "locks" / "finetune_scratch_K1_d0_s1.lock",
+                   until=lambda: time.sleep(1.0) is None,  # this process arrives meanwhile
+                   then=lambda: (cell / "metrics.json").write_text(done))
+    run_experiment(cfg, out, progress=False)
+    holder.join()
+    assert calls == []
+    rows = list(csv.DictReader(open(out / "results.csv", newline="")))
+    assert len(rows) == 4 and {r["init"] for r in rows} == {"scratch", "moco_lrc"}
+    assert len(json.loads((out / "timings.json").read_text())["invocations"]) == 2
+
+
+def test_a_finished_experiment_can_gain_initialisations_but_not_redefine_them(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_training(monkeypatch, calls)
+    out = tmp_path / "exp"
+    first = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {
+        "initialisations": [{"name": "scratch"}], "baselines": ["scratch"],
+        "qualitative_figure": False})
+    run_experiment(first, out, progress=False)
+    calls.clear()
+    extended = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml",
+                           {"draws": [0, 1], "qualitative_figure": False})
+    run_experiment(extended, out, progress=False)
+    assert [c for c in calls if not c.startswith("evaluate")] == [
+        "finetune scratch/K1_d1_s0", "pretrain moco_lrc_s0",
+        "finetune moco_lrc/K1_d0_s0", "finetune moco_lrc/K1_d1_s0"]
+    report = (out / "report.md").read_text()
+    assert "| 1 | moco_lrc | scratch |" in report
+    # A narrower invocation afterwards neither hides moco_lrc from the report nor lets a
+    # later one redefine it.
+    run_experiment(first, out, progress=False)
+    assert "| 1 | moco_lrc | scratch |" in (out / "report.md").read_text()
+    redefined = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {
+        "initialisations": [{"name": "scratch"},
+                            {"name": "moco_lrc", "method": "moco", "lrc": True, "lrc_weight": 2.0}]})
+    with pytest.raises(ConfigError, match="moco_lrc are defined differently"):
+        run_experiment(redefined, out, progress=False)
+    with pytest.raises(ConfigError, match="changed: pretrain_steps"):
+        run_experiment(load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml",
+                                   {"pretrain_steps": 7}), out, progress=False)

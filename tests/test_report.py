@@ -13,6 +13,7 @@ from lrcseg.report import (
     comparisons,
     paired_difference,
     paired_values,
+    paired_run_values,
     read_results_csv,
     summary,
     summary_markdown,
@@ -92,6 +93,15 @@ def test_pairs_match_on_draw_seed_case():
     (r,) = comparisons(_rows(), ["A", "B"], ["B"], [1], ["mean"], resamples=1000)
     assert (r["init"], r["baseline"], r["n"]) == ("A", "B", 3)
     assert r["mean_diff"] == pytest.approx((0.1 + 0.1 + 0.3) / 3)
+
+
+def test_per_run_pairs_average_the_same_cases_on_both_sides():
+    a, b = paired_run_values(_rows(), "A", "B", 1, "mean")
+    # draw 0: both have c1 and c2; draw 1: A lacks c2, so B's c2 is left out as well.
+    np.testing.assert_allclose(a, [(0.5 + 0.7) / 2, 0.9])
+    np.testing.assert_allclose(b, [(0.4 + 0.6) / 2, 0.6])
+    (r,) = comparisons(_rows(), ["A", "B"], ["B"], [1], ["mean"], resamples=1000, per_run=True)
+    assert r["n"] == 2 and r["mean_diff"] == pytest.approx((0.1 + 0.3) / 2)
 
 
 def test_read_results_csv_types_and_missing(tmp_path):

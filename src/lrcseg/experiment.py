@@ -16,16 +16,30 @@ Resuming: a cell whose ``metrics.json`` exists is never rerun; a run folder with
 ``checkpoint.pt`` continues with ``resume=True``; a run folder that crashed before its first
 checkpoint is started again. Rows for pairs are matched on (draw, seed, case), so every
 initialisation sees the same labelled cases and the same test cases.
+
+Parallel invocations: several processes may run the same experiment folder at once (one per
+GPU or CPU core, on one machine): each pre-training run and each cell is claimed with an
+exclusive ``flock`` under ``locks/`` while it trains, and a process skips what another one
+holds. The lock dies with its process, so a killed run leaves nothing stale behind.
+
+Extending: the matrix axes (initialisations, labeled, draws, seeds) and the report settings
+may change between invocations of one folder, so a finished experiment can gain an
+initialisation or a seed; everything that changes what a cell computes may not, and neither
+may the definition of an initialisation that already has a name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import math
+import os
 import platform
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +65,10 @@ from lrcseg.io_utils import atomic_write_json, atomic_write_text
 PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
 # Fields that may change between invocations of the same experiment without changing results.
 _RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note")
+# Fields that choose which cells exist and how they are reported: a finished cell stays valid
+# when they change (an initialisation's definition is checked name by name instead).
+_MATRIX_FIELDS = ("initialisations", "labeled", "draws", "seeds", "baselines",
+                  "bootstrap_resamples", "bootstrap_seed", "qualitative_figure")
 
 
 def _check(condition: bool, message: str) -> None:
@@ -279,24 +297,73 @@ def _say(message: str) -> None:
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
-    for key in _RUNTIME_FIELDS:
+    for key in (*_RUNTIME_FIELDS, *_MATRIX_FIELDS):
         d.pop(key, None)
     return stable_hash(d)
 
 
-def _check_same_experiment(cfg: ExperimentConfig, out_dir: Path) -> None:
-    """Refuse to mix cells of two different configurations in one folder."""
+def _register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
+    """Check ``cfg`` against the folder, record it, and return the folder's whole matrix.
+
+    Refused: a change to what a cell computes (compared with ``experiment.yaml``), or a new
+    definition under an initialisation name the folder has ever had (``initialisations.yaml``
+    keeps every definition, so a narrower invocation in between cannot hide one). Returns
+    ``cfg`` with ``initialisations`` = every one the folder has seen (recorded order first):
+    the matrix that results.csv and report.md cover. Check and record happen under one lock.
+    """
+    import yaml
+
     from lrcseg.config import load_config
 
     path = out_dir / "experiment.yaml"
-    if not path.is_file():
-        return
-    previous = load_config(ExperimentConfig, path)
-    if _fingerprint(previous) != _fingerprint(cfg):
-        before, now = to_dict(previous), to_dict(cfg)
-        changed = sorted(k for k in now if k not in _RUNTIME_FIELDS and now[k] != before.get(k))
-        raise ConfigError(f"{path}: this folder holds an experiment with a different "
-                          f"configuration (changed: {', '.join(changed)}); use a new --out")
+    record_path = out_dir / "initialisations.yaml"
+    with _lock(out_dir / "locks" / "config.lock", wait=True):
+        if path.is_file():
+            previous = load_config(ExperimentConfig, path)
+            if _fingerprint(previous) != _fingerprint(cfg):
+                before, now = to_dict(previous), to_dict(cfg)
+                changed = sorted(k for k in now if k not in (*_RUNTIME_FIELDS, *_MATRIX_FIELDS)
+                                 and now[k] != before.get(k))
+                raise ConfigError(f"{path}: this folder holds an experiment with a different "
+                                  f"configuration (changed: {', '.join(changed)}); use a new --out")
+        recorded = [from_dict(InitSpec, d) for d in
+                    (yaml.safe_load(record_path.read_text()) or [])] if record_path.is_file() else []
+        known = {s.name: s for s in recorded}
+        redefined = sorted(s.name for s in cfg.initialisations
+                           if s.name in known and known[s.name] != s)
+        if redefined:
+            raise ConfigError(f"{record_path}: initialisation(s) {', '.join(redefined)} are "
+                              "defined differently in this folder; give the new definition a "
+                              "new name")
+        union = recorded + [s for s in cfg.initialisations if s.name not in known]
+        atomic_write_text(record_path, yaml.safe_dump([to_dict(s) for s in union], sort_keys=False))
+        save_config(cfg, path)
+    whole = from_dict(ExperimentConfig, to_dict(cfg))
+    whole.initialisations = union
+    return whole
+
+
+@contextlib.contextmanager
+def _lock(path: Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path``; yields False if ``wait`` is off and it is held.
+
+    flock locks belong to the open file, so they also exclude a second claim inside one
+    process, and they vanish when the process dies (no stale locks). Local file systems only.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _ensure_run(train, run_cfg, final: Path, progress: bool) -> bool:
@@ -351,54 +418,91 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     t0 = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _check_same_experiment(cfg, out_dir)
-    save_config(cfg, out_dir / "experiment.yaml")
+    whole = _register(cfg, out_dir)
     data = dataset_path(cfg, out_dir)
-    if cfg.phantoms is not None and not (data / "dataset.json").is_file():
+    if cfg.phantoms is not None:
         from lrcseg.data.phantoms import write_phantom_dataset
 
-        _say(f"writing {cfg.phantoms.cases} phantoms to {data}")
-        write_phantom_dataset(data, cases=cfg.phantoms.cases, seed=cfg.phantoms.seed,
-                              spacing_mm=cfg.phantoms.spacing_mm)
+        with _lock(out_dir / "locks" / "phantoms.lock", wait=True):
+            if not (data / "dataset.json").is_file():
+                _say(f"writing {cfg.phantoms.cases} phantoms to {data}")
+                write_phantom_dataset(data, cases=cfg.phantoms.cases, seed=cfg.phantoms.seed,
+                                      spacing_mm=cfg.phantoms.spacing_mm)
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
 
     all_cells = cells(cfg)
     device = resolve_device(cfg.device)
     trained = {"pretrain": 0, "finetune": 0}
-    for i, cell in enumerate(all_cells, 1):
+    locks = out_dir / "locks"
+
+    def attempt(i: int, cell: Cell, wait: bool) -> bool:
+        """Train and evaluate ``cell`` unless done; False if another process holds it."""
         ft_cfg = finetune_config(cfg, cell, data, out_dir)
         ft_dir = Path(ft_cfg.run.out)
         metrics_path = ft_dir / "metrics.json"
-        if metrics_path.is_file():
-            continue
-        if max_seconds is not None and time.time() - t0 >= max_seconds:
-            _say(f"time budget of {max_seconds:.0f} s reached before cell {i}/{len(all_cells)}; "
-                 "rerun the same command to continue")
-            break
         spec = cfg.init(cell.init)
-        if spec.pretrained:
-            pt_cfg = pretrain_config(cfg, spec, cell.seed, data, out_dir)
-            pt_dir = Path(pt_cfg.run.out)
-            if not (pt_dir / "final.pt").is_file():
-                _say(f"pre-training {pt_dir.name} ({cfg.pretrain_steps} steps)")
-            trained["pretrain"] += _ensure_run(pretrain, pt_cfg, pt_dir / "final.pt", progress)
-        _say(f"cell {i}/{len(all_cells)}: {cell.folder} ({cfg.finetune_steps} steps)")
-        trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
-        result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
-        write_metrics(result, metrics_path)
+        with _lock(locks / f"finetune_{cell.init}_{Path(cell.folder).name}.lock", wait) as held:
+            if not held:
+                return False
+            if metrics_path.is_file():  # finished by another process meanwhile
+                return True
+            if spec.pretrained:
+                pt_cfg = pretrain_config(cfg, spec, cell.seed, data, out_dir)
+                pt_dir = Path(pt_cfg.run.out)
+                if not (pt_dir / "final.pt").is_file():
+                    with _lock(locks / f"pretrain_{pt_dir.name}.lock", wait) as pt_held:
+                        if not pt_held:
+                            return False
+                        if not (pt_dir / "final.pt").is_file():
+                            _say(f"pre-training {pt_dir.name} ({cfg.pretrain_steps} steps)")
+                            trained["pretrain"] += _ensure_run(pretrain, pt_cfg,
+                                                               pt_dir / "final.pt", progress)
+            _say(f"cell {i}/{len(all_cells)}: {cell.folder} ({cfg.finetune_steps} steps)")
+            trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
+            result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
+            write_metrics(result, metrics_path)
+            return True
+
+    def out_of_time(i: int) -> bool:
+        if max_seconds is None or time.time() - t0 < max_seconds:
+            return False
+        _say(f"time budget of {max_seconds:.0f} s reached before cell {i}/{len(all_cells)}; "
+             "rerun the same command to continue")
+        return True
+
+    # First pass: skip what other processes hold; second pass: wait for it, so every process
+    # helps until the matrix is done (a holder never waits on anything, so nothing deadlocks).
+    skipped: list[tuple[int, Cell]] = []
+    stopped = False
+    for i, cell in enumerate(all_cells, 1):
+        if (out_dir / "runs" / "finetune" / cell.folder / "metrics.json").is_file():
+            continue
+        if stopped := out_of_time(i):
+            break
+        if not attempt(i, cell, wait=False):
+            _say(f"cell {i}/{len(all_cells)}: {cell.folder} is held by another process; later")
+            skipped.append((i, cell))
+    for i, cell in skipped:
+        if stopped or (stopped := out_of_time(i)):
+            break
+        attempt(i, cell, wait=True)
 
     seconds = time.time() - t0
     timings = _record_time(out_dir, seconds, trained)
-    results_path = write_results_csv(cfg, out_dir)
-    if not load_results(cfg, out_dir)[0]:
-        _say("no finished cell yet: results.csv has only its header, no report")
-        return results_path
     from lrcseg.report import write_report
 
-    qualitative = _qualitative_rows(cfg, data, out_dir, device) if cfg.qualitative_figure else None
-    write_report(cfg, out_dir, results_path, machine=_machine(), timings=timings,
-                 qualitative=qualitative)
+    # One writer at a time, reading the finished cells inside the lock, so a report never
+    # replaces a newer one with older numbers; it covers every initialisation of the folder.
+    with _lock(locks / "report.lock", wait=True):
+        results_path = write_results_csv(whole, out_dir)
+        if not load_results(whole, out_dir)[0]:
+            _say("no finished cell yet: results.csv has only its header, no report")
+            return results_path
+        qualitative = (_qualitative_rows(whole, data, out_dir, device)
+                       if cfg.qualitative_figure else None)
+        write_report(whole, out_dir, results_path, machine=_machine(), timings=timings,
+                     qualitative=qualitative)
     _say(f"done: {results_path}, {out_dir / 'report.md'} "
          f"({trained['pretrain']} pre-training and {trained['finetune']} fine-tuning runs trained "
          f"in this call, {seconds:.0f} s)")
@@ -410,12 +514,13 @@ def _record_time(out_dir: Path, seconds: float, trained: dict[str, int]) -> dict
     import json
 
     path = out_dir / "timings.json"
-    record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
-    record["invocations"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                  "seconds": round(seconds, 1), "trained": trained,
-                                  "host": platform.node()})
-    record["total_seconds"] = round(sum(r["seconds"] for r in record["invocations"]), 1)
-    atomic_write_json(path, record)
+    with _lock(out_dir / "locks" / "timings.lock", wait=True):  # parallel invocations
+        record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+        record["invocations"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                      "seconds": round(seconds, 1), "trained": trained,
+                                      "host": platform.node(), "pid": os.getpid()})
+        record["total_seconds"] = round(sum(r["seconds"] for r in record["invocations"]), 1)
+        atomic_write_json(path, record)
     return record
 
 

@@ -127,11 +127,33 @@ def paired_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k
             np.array([b[key] for key in keys], dtype=np.float64))
 
 
+def paired_run_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
+                      column: str) -> tuple[np.ndarray, np.ndarray]:
+    """Matched ``(runs,)`` arrays: per (draw, seed), the mean of ``column`` over the cases that
+    both ``init`` and ``baseline`` have (so both sides average the same cases).
+
+    One value per fine-tuned run is the conservative analysis: the pairs are independent up to
+    the labelled cases a draw shares (docs/EXPERIMENTS.md).
+    """
+    a, b = {}, {}
+    for name, out in ((init, a), (baseline, b)):
+        for r in rows:
+            if r["init"] == name and int(r["K"]) == k and r[column] is not None:
+                out[(r["draw"], r["seed"], r["case"])] = r[column]
+    runs: dict[tuple, list[tuple]] = {}
+    for key in sorted(set(a) & set(b)):
+        runs.setdefault(key[:2], []).append(key)
+    return (np.array([np.mean([a[key] for key in keys]) for keys in runs.values()]),
+            np.array([np.mean([b[key] for key in keys]) for keys in runs.values()]))
+
+
 def comparisons(rows: Sequence[Mapping[str, Any]], inits: Sequence[str], baselines: Sequence[str],
-                ks: Sequence[int], columns: Sequence[str], resamples: int = 10000, seed: int = 0
-                ) -> list[dict[str, Any]]:
+                ks: Sequence[int], columns: Sequence[str], resamples: int = 10000, seed: int = 0,
+                per_run: bool = False) -> list[dict[str, Any]]:
     """:func:`paired_difference` of every initialisation against every baseline, per K and
-    column; one dict per comparison with "init", "baseline", "K", "column" added."""
+    column; one dict per comparison with "init", "baseline", "K", "column" added.
+    per_run: pair per fine-tuned run (:func:`paired_run_values`) instead of per case."""
+    pairing = paired_run_values if per_run else paired_values
     out = []
     for baseline in baselines:
         for init in inits:
@@ -139,7 +161,7 @@ def comparisons(rows: Sequence[Mapping[str, Any]], inits: Sequence[str], baselin
                 continue
             for k in ks:
                 for col in columns:
-                    a, b = paired_values(rows, init, baseline, k, col)
+                    a, b = pairing(rows, init, baseline, k, col)
                     if a.size == 0:
                         continue
                     out.append({"init": init, "baseline": baseline, "K": k, "column": col,
@@ -335,6 +357,8 @@ def write_report(cfg: Any, out_dir: Path, results_path: Path, machine: Mapping[s
     table = summary(rows, columns)
     results = comparisons(rows, inits, cfg.baselines, ks, columns, cfg.bootstrap_resamples,
                           cfg.bootstrap_seed)
+    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
+                          cfg.bootstrap_seed, per_run=True)
     figures = out_dir / "figures"
     figure_lines = []
     if rows:
@@ -358,8 +382,8 @@ backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm in-plane
 **Configurations tried before this one: {cfg.configurations_tried}.**
 
 Machine: {machine.get('platform')}; CPU {machine.get('cpu')}; GPU {machine.get('gpu')};
-torch {machine.get('torch')}. Wall time: {wall} over {len(timings.get('invocations', []))}
-invocation(s) (`timings.json`).
+torch {machine.get('torch')}. Time: {wall} summed over {len(timings.get('invocations', []))}
+invocation(s), counting parallel ones separately (`timings.json`).
 
 ## Dice per initialisation and K
 
@@ -376,6 +400,13 @@ signed-rank p-value (scipy). `*` marks intervals that exclude 0. Rows of one fin
 share its draw and seed, so they are not independent: see docs/EXPERIMENTS.md.
 
 {comparisons_markdown(results, "mean")}
+
+### Per fine-tuned run (the conservative view)
+
+Each run's Dice averaged over its evaluated cases first, then paired on (draw, seed): n is
+the number of paired runs, not of cases. Claim a difference only where both views agree.
+
+{comparisons_markdown(per_run, "mean")}
 
 ### Per organ: Δ Dice [bootstrap 95% CI]
 

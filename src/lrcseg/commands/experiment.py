@@ -2,7 +2,9 @@
 
 Pre-training runs are shared by the cells that use them; every fine-tune gets the same
 budget; finished cells (metrics.json present) are never rerun, so rerunning the same command
-resumes. Writes results.csv, report.md, figures/ and experiment.yaml in --out.
+resumes. Several processes may run one --out at once (one per GPU or core): each run is
+claimed with a file lock and the others skip it. Writes results.csv, report.md, figures/ and
+experiment.yaml in --out.
 See docs/EXPERIMENTS.md and configs/experiment_phantoms.yaml.
 """
 
