@@ -11,6 +11,7 @@ from scipy.stats import wilcoxon
 from lrcseg.report import (
     bootstrap_mean_ci,
     comparisons,
+    comparisons_markdown,
     paired_difference,
     paired_values,
     paired_run_values,
@@ -102,6 +103,10 @@ def test_per_run_pairs_average_the_same_cases_on_both_sides():
     np.testing.assert_allclose(b, [(0.4 + 0.6) / 2, 0.6])
     (r,) = comparisons(_rows(), ["A", "B"], ["B"], [1], ["mean"], resamples=1000, per_run=True)
     assert r["n"] == 2 and r["mean_diff"] == pytest.approx((0.1 + 0.3) / 2)
+    # A single pair has no interval: shown as such, never starred as "excluding 0".
+    one = comparisons([x for x in _rows() if x["draw"] == 0], ["A", "B"], ["B"], [1], ["mean"],
+                      resamples=1000, per_run=True)
+    assert "| 1 | A | B | 1 | +0.100 | — | — |" in comparisons_markdown(one, "mean")
 
 
 def test_read_results_csv_types_and_missing(tmp_path):

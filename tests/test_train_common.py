@@ -80,3 +80,17 @@ def test_resolve_device():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_final_state_is_stored_once_and_later_checkpoints_leave_it_alone(tmp_path):
+    from lrcseg.train.checkpoint import load_checkpoint, save_checkpoint
+
+    w = torch.arange(1000, dtype=torch.float32)
+    save_checkpoint(tmp_path, {"step": 5, "w": w}, final=True)
+    final, latest = tmp_path / "final.pt", tmp_path / "checkpoint.pt"
+    assert final.stat().st_ino == latest.stat().st_ino  # one file, two names
+    assert load_checkpoint(latest)["step"] == 5
+    assert torch.equal(load_checkpoint(final)["w"], w)
+    save_checkpoint(tmp_path, {"step": 7, "w": w + 1})  # e.g. a resumed, longer run
+    assert load_checkpoint(latest)["step"] == 7 and load_checkpoint(final)["step"] == 5
+    assert not list(tmp_path.glob(".*"))  # no temporary files left behind

@@ -231,6 +231,10 @@ def comparisons_markdown(results: Sequence[Mapping[str, Any]], column: str) -> s
     for r in results:
         if r["column"] != column:
             continue
+        if r["n"] < 2:  # one pair: no interval and no test
+            lines.append(f"| {r['K']} | {r['init']} | {r['baseline']} | {r['n']} | "
+                         f"{r['mean_diff']:+.3f} | — | — |")
+            continue
         excl = " *" if r["ci_low"] > 0 or r["ci_high"] < 0 else ""
         lines.append(f"| {r['K']} | {r['init']} | {r['baseline']} | {r['n']} | "
                      f"{r['mean_diff']:+.3f}{excl} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] | "

@@ -6,6 +6,7 @@ renamed). ``final.pt`` is written once at the end of a run.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,23 @@ FINAL = "final.pt"
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], final: bool = False) -> Path:
-    """Write ``state`` atomically as the latest checkpoint (and as final.pt if ``final``)."""
+    """Write ``state`` atomically as the latest checkpoint (and as final.pt if ``final``).
+
+    The final state is stored once: checkpoint.pt becomes a hard link to final.pt (a copy
+    where the file system has no hard links), so a finished run does not hold two copies of
+    the weights and optimizer state.
+    """
     target = Path(run_dir) / (FINAL if final else LATEST)
     atomic_save(target, lambda tmp: torch.save(state, tmp))
     if final:
-        atomic_save(Path(run_dir) / LATEST, lambda tmp: torch.save(state, tmp))
+        def link(tmp: Path) -> None:
+            tmp.unlink()  # the placeholder atomic_save made
+            try:
+                os.link(target, tmp)
+            except OSError:
+                torch.save(state, tmp)
+
+        atomic_save(Path(run_dir) / LATEST, link)
     return target
 
 
