@@ -35,6 +35,21 @@ def test_evidence_config_loads_with_the_fixed_matrix():
     assert sweep.phantoms == cfg.phantoms  # the same phantoms, scored on the pool instead
 
 
+def test_cpu_evidence_config_uses_the_sweeps_budgets_and_its_choice():
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms_cpu.yaml")
+    sweep = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms_cpu_sweep.yaml")
+    assert (cfg.labeled, len(cfg.draws), len(cfg.seeds)) == ([1, 2], 3, 5)
+    assert cfg.eval_split == "test" and sweep.eval_split == "pretrain"
+    same = ("phantoms", "pretrain_steps", "finetune_steps", "backbone", "image_size",
+            "spacing_mm", "batch_size", "finetune_batch_size", "pretrain_lr", "finetune_lr",
+            "warmup_steps")
+    assert all(getattr(cfg, key) == getattr(sweep, key) for key in same)
+    chosen = cfg.init("moco_lrc")
+    assert any((s.lrc_weight, s.lrc_temperature) == (chosen.lrc_weight, chosen.lrc_temperature)
+               for s in sweep.initialisations if s.lrc)
+    assert cfg.configurations_tried >= len(sweep.initialisations)
+
+
 def test_derived_run_configs(tmp_path):
     cfg = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms.yaml", {
         "initialisations": [
