@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import fcntl
 import io
 import math
@@ -69,6 +70,7 @@ _RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note")
 # when they change (an initialisation's definition is checked name by name instead).
 _MATRIX_FIELDS = ("initialisations", "labeled", "draws", "seeds", "baselines",
                   "bootstrap_resamples", "bootstrap_seed", "qualitative_figure")
+_NOT_COMPARED = (*_RUNTIME_FIELDS, *_MATRIX_FIELDS)
 
 
 def _check(condition: bool, message: str) -> None:
@@ -238,6 +240,16 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
             for k in cfg.labeled for draw in cfg.draws]
 
 
+def pretrain_dir(out_dir: Path, init: str, seed: int) -> Path:
+    """The pre-training run of initialisation ``init`` with ``seed`` (shared by its cells)."""
+    return out_dir / "runs" / "pretrain" / f"{init}_s{seed}"
+
+
+def cell_dir(out_dir: Path, cell: Cell) -> Path:
+    """The fine-tuning run of ``cell``; its ``metrics.json`` marks the cell as finished."""
+    return out_dir / "runs" / "finetune" / cell.folder
+
+
 def dataset_path(cfg: ExperimentConfig, out_dir: Path) -> Path:
     if cfg.dataset is not None:
         return Path(cfg.dataset)
@@ -267,7 +279,7 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
     return PretrainConfig(
         data=sources, method=spec.method,
         labels=cfg.labels_dataset if spec.method == "supervised" else None,
-        run=_run(out_dir / "runs" / "pretrain" / f"{spec.name}_s{seed}", cfg.pretrain_steps,
+        run=_run(pretrain_dir(out_dir, spec.name, seed), cfg.pretrain_steps,
                  cfg.batch_size, seed, cfg),
         preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
         superpixels=SuperpixelConfig(method=spec.regions),
@@ -279,12 +291,12 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
 def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path) -> FinetuneConfig:
     """The fine-tuning run of ``cell``: same budget and hyper-parameters for every init."""
     spec = cfg.init(cell.init)
-    init = (str(out_dir / "runs" / "pretrain" / f"{spec.name}_s{cell.seed}")
+    init = (str(pretrain_dir(out_dir, spec.name, cell.seed))
             if spec.pretrained else "scratch")
     return FinetuneConfig(
         dataset=str(data), init=init, labeled=cell.labeled, split_seed=cell.draw,
         steps=cfg.finetune_steps,
-        run=_run(out_dir / "runs" / "finetune" / cell.folder, cfg.finetune_steps,
+        run=_run(cell_dir(out_dir, cell), cfg.finetune_steps,
                  cfg.finetune_batch_size, cell.seed, cfg),
         preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
         model=ModelConfig(backbone=cfg.backbone), image_size=cfg.image_size,
@@ -297,7 +309,7 @@ def _say(message: str) -> None:
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
     d = to_dict(cfg)
-    for key in (*_RUNTIME_FIELDS, *_MATRIX_FIELDS):
+    for key in _NOT_COMPARED:
         d.pop(key, None)
     return stable_hash(d)
 
@@ -322,12 +334,12 @@ def _register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
             previous = load_config(ExperimentConfig, path)
             if _fingerprint(previous) != _fingerprint(cfg):
                 before, now = to_dict(previous), to_dict(cfg)
-                changed = sorted(k for k in now if k not in (*_RUNTIME_FIELDS, *_MATRIX_FIELDS)
-                                 and now[k] != before.get(k))
+                changed = sorted(k for k in now
+                                 if k not in _NOT_COMPARED and now[k] != before.get(k))
                 raise ConfigError(f"{path}: this folder holds an experiment with a different "
                                   f"configuration (changed: {', '.join(changed)}); use a new --out")
-        recorded = [from_dict(InitSpec, d) for d in
-                    (yaml.safe_load(record_path.read_text()) or [])] if record_path.is_file() else []
+        entries = yaml.safe_load(record_path.read_text()) if record_path.is_file() else None
+        recorded = [from_dict(InitSpec, d) for d in entries or []]
         known = {s.name: s for s in recorded}
         redefined = sorted(s.name for s in cfg.initialisations
                            if s.name in known and known[s.name] != s)
@@ -338,9 +350,7 @@ def _register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
         union = recorded + [s for s in cfg.initialisations if s.name not in known]
         atomic_write_text(record_path, yaml.safe_dump([to_dict(s) for s in union], sort_keys=False))
         save_config(cfg, path)
-    whole = from_dict(ExperimentConfig, to_dict(cfg))
-    whole.initialisations = union
-    return whole
+    return dataclasses.replace(cfg, initialisations=union)
 
 
 @contextlib.contextmanager
@@ -436,6 +446,18 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     trained = {"pretrain": 0, "finetune": 0}
     locks = out_dir / "locks"
 
+    def ensure_pretrained(spec: InitSpec, seed: int, wait: bool) -> bool:
+        """Make sure the pre-training run exists; False if another process is training it."""
+        pt_cfg = pretrain_config(cfg, spec, seed, data, out_dir)
+        final = Path(pt_cfg.run.out) / "final.pt"
+        if final.is_file():
+            return True
+        with _lock(locks / f"pretrain_{spec.name}_s{seed}.lock", wait) as held:
+            if held and not final.is_file():
+                _say(f"pre-training {spec.name}_s{seed} ({cfg.pretrain_steps} steps)")
+                trained["pretrain"] += _ensure_run(pretrain, pt_cfg, final, progress)
+            return held
+
     def attempt(i: int, cell: Cell, wait: bool) -> bool:
         """Train and evaluate ``cell`` unless done; False if another process holds it."""
         ft_cfg = finetune_config(cfg, cell, data, out_dir)
@@ -447,17 +469,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                 return False
             if metrics_path.is_file():  # finished by another process meanwhile
                 return True
-            if spec.pretrained:
-                pt_cfg = pretrain_config(cfg, spec, cell.seed, data, out_dir)
-                pt_dir = Path(pt_cfg.run.out)
-                if not (pt_dir / "final.pt").is_file():
-                    with _lock(locks / f"pretrain_{pt_dir.name}.lock", wait) as pt_held:
-                        if not pt_held:
-                            return False
-                        if not (pt_dir / "final.pt").is_file():
-                            _say(f"pre-training {pt_dir.name} ({cfg.pretrain_steps} steps)")
-                            trained["pretrain"] += _ensure_run(pretrain, pt_cfg,
-                                                               pt_dir / "final.pt", progress)
+            if spec.pretrained and not ensure_pretrained(spec, cell.seed, wait):
+                return False
             _say(f"cell {i}/{len(all_cells)}: {cell.folder} ({cfg.finetune_steps} steps)")
             trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
             result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
@@ -476,7 +489,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     skipped: list[tuple[int, Cell]] = []
     stopped = False
     for i, cell in enumerate(all_cells, 1):
-        if (out_dir / "runs" / "finetune" / cell.folder / "metrics.json").is_file():
+        if (cell_dir(out_dir, cell) / "metrics.json").is_file():
             continue
         if stopped := out_of_time(i):
             break
@@ -535,7 +548,7 @@ def load_results(cfg: ExperimentConfig, out_dir: Path) -> tuple[list[dict[str, A
     rows: list[dict[str, Any]] = []
     organs: list[str] = []
     for cell in cells(cfg):
-        path = out_dir / "runs" / "finetune" / cell.folder / "metrics.json"
+        path = cell_dir(out_dir, cell) / "metrics.json"
         if not path.is_file():
             continue
         metrics = json.loads(path.read_text())
@@ -583,7 +596,7 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
     from lrcseg.train.finetune import load_finetuned
 
     k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
-    runs = {s.name: out_dir / "runs" / "finetune" / Cell(s.name, k, draw, seed).folder
+    runs = {s.name: cell_dir(out_dir, Cell(s.name, k, draw, seed))
             for s in cfg.initialisations}
     if not all((r / "metrics.json").is_file() for r in runs.values()):
         return None

@@ -113,15 +113,18 @@ def summary(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
     return out
 
 
+def _by_case(rows: Sequence[Mapping[str, Any]], init: str, k: int, column: str
+             ) -> dict[tuple, float]:
+    """``{(draw, seed, case): value}`` of ``column`` for ``init`` at K = ``k`` (None dropped)."""
+    return {(r["draw"], r["seed"], r["case"]): r[column] for r in rows
+            if r["init"] == init and int(r["K"]) == k and r[column] is not None}
+
+
 def paired_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
                   column: str) -> tuple[np.ndarray, np.ndarray]:
     """Matched ``(n,)`` arrays of ``column`` for ``init`` and ``baseline`` at K = ``k``, paired
     on (draw, seed, case); pairs where either value is missing are dropped."""
-    def index(name: str) -> dict[tuple, float]:
-        return {(r["draw"], r["seed"], r["case"]): r[column] for r in rows
-                if r["init"] == name and int(r["K"]) == k and r[column] is not None}
-
-    a, b = index(init), index(baseline)
+    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
     keys = sorted(set(a) & set(b))
     return (np.array([a[key] for key in keys], dtype=np.float64),
             np.array([b[key] for key in keys], dtype=np.float64))
@@ -135,11 +138,7 @@ def paired_run_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: st
     One value per fine-tuned run is the conservative analysis: the pairs are independent up to
     the labelled cases a draw shares (docs/EXPERIMENTS.md).
     """
-    a, b = {}, {}
-    for name, out in ((init, a), (baseline, b)):
-        for r in rows:
-            if r["init"] == name and int(r["K"]) == k and r[column] is not None:
-                out[(r["draw"], r["seed"], r["case"])] = r[column]
+    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
     runs: dict[tuple, list[tuple]] = {}
     for key in sorted(set(a) & set(b)):
         runs.setdefault(key[:2], []).append(key)
