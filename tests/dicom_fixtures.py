@@ -29,12 +29,19 @@ def write_dicom_series(
     file_order: np.ndarray | None = None,
     transfer_syntax: str = ExplicitVRLittleEndian,
     positions: list[np.ndarray] | None = None,
+    rescale: bool = True,
+    signed: bool = False,
+    modality: str = "CT",
+    extra: dict | None = None,
 ) -> list[Path]:
     """Write ``stored`` ``(Z, Rows, Columns)`` uint16 as one file per slice under ``folder``.
 
     ``file_order[k]`` gives the file number of slice k (names ``img_{n:03d}.dcm``), so a
     permutation writes the series in shuffled file-name order. ``positions`` overrides the
-    ImagePositionPatient of each slice (to make gaps). Returns the written paths by slice.
+    ImagePositionPatient of each slice (to make gaps). ``rescale=False`` leaves out
+    RescaleSlope/RescaleIntercept; ``signed`` stores int16 (PixelRepresentation 1); ``extra``
+    sets further attributes by keyword (e.g. ``GantryDetectorTilt``). Returns the written
+    paths by slice.
     """
     folder.mkdir(parents=True, exist_ok=True)
     nz, rows, cols = stored.shape
@@ -56,7 +63,7 @@ def write_dicom_series(
         ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-        ds.Modality = "CT"
+        ds.Modality = modality
         ds.PatientName = "Test^Phantom"
         ds.InstanceNumber = int(file_order[k]) + 1
         ds.ImagePositionPatient = [float(v) for v in pos]
@@ -69,10 +76,14 @@ def write_dicom_series(
         ds.BitsAllocated = 16
         ds.BitsStored = 16
         ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.RescaleSlope = float(slope)
-        ds.RescaleIntercept = float(intercept)
-        ds.PixelData = np.ascontiguousarray(stored[k].astype(np.uint16)).tobytes()
+        ds.PixelRepresentation = 1 if signed else 0
+        if rescale:
+            ds.RescaleSlope = float(slope)
+            ds.RescaleIntercept = float(intercept)
+        for keyword, value in (extra or {}).items():
+            setattr(ds, keyword, value)
+        dtype = np.int16 if signed else np.uint16
+        ds.PixelData = np.ascontiguousarray(stored[k].astype(dtype)).tobytes()
         if transfer_syntax != ExplicitVRLittleEndian:
             ds.compress(transfer_syntax)
         path = folder / f"img_{int(file_order[k]):03d}.dcm"
@@ -80,3 +91,25 @@ def write_dicom_series(
         paths.append(path)
     return paths
 
+
+
+def write_rtstruct(path: Path, series_uid: str | None = None) -> Path:
+    """Write a minimal RT Structure Set file (no pixel data, no geometry) at ``path``."""
+    from pydicom.uid import RTStructureSetStorage
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.Modality = "RTSTRUCT"
+    ds.PatientName = "Test^Phantom"
+    ds.StructureSetLabel = "organs"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -1,14 +1,18 @@
-"""The command line: version, help for every subcommand, one-line errors with exit 1."""
+"""The command line: version, help for every subcommand, one-line errors with exit 1,
+environment faults with exit 2, data warnings once each."""
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
+import warnings
 
 import pytest
 
 from lrcseg import __version__
-from lrcseg.cli import COMMANDS, main
+from lrcseg.cli import COMMANDS, describe_os_error, main
+from lrcseg.errors import DataWarning, handle_data_warnings
 
 
 def test_version(capsys):
@@ -58,3 +62,22 @@ def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "lrcseg", "--version"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0 and __version__ in out.stdout
+
+
+def test_environment_fault_names_the_path_and_the_cause():
+    fault = OSError(errno.EROFS, "Read-only file system", "/data/run/config.yaml")
+    assert describe_os_error(fault) == "/data/run/config.yaml: Read-only file system (EROFS)"
+    assert describe_os_error(OSError(errno.ENOSPC, "No space left on device")) == \
+        "No space left on device (ENOSPC)"
+    moved = OSError(errno.ENOTEMPTY, "Directory not empty", "/c/.tmp1", None, "/c/slices")
+    assert describe_os_error(moved) == "/c/.tmp1 -> /c/slices: Directory not empty (ENOTEMPTY)"
+
+
+def test_data_warnings_go_to_the_handler_and_others_pass(recwarn):
+    seen = []
+    with handle_data_warnings(seen.append):
+        for _ in range(2):
+            warnings.warn(DataWarning("/x.nii", "constant image"), stacklevel=1)
+        warnings.warn("not about data", UserWarning, stacklevel=1)
+    assert [str(w) for w in seen] == ["/x.nii: constant image"] * 2
+    assert [str(w.message) for w in recwarn] == ["not about data"]

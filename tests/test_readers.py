@@ -50,7 +50,7 @@ def test_nifti_round_trip_keeps_array_affine_spacing(tmp_path):
 
 
 def test_nifti_non_canonical_is_reoriented_to_ras(tmp_path):
-    array = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3)
+    array = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3) * 10 - 1000  # HU
     affine = np.diag([-2.0, 1.0, 1.0, 1.0])  # x runs to the Left: LAS
     affine[0, 3] = 10.0
     write_nifti(tmp_path / "las.nii", array, affine)
@@ -120,7 +120,8 @@ def test_real_chest_ct(chest_ct_dir):
 
 
 def _image(tmp_path) -> Volume:
-    write_nifti(tmp_path / "img.nii.gz", np.zeros((6, 7, 4), np.float32), _oblique_affine())
+    hu = np.linspace(-1000, 100, 6 * 7 * 4, dtype=np.float32).reshape(6, 7, 4)
+    write_nifti(tmp_path / "img.nii.gz", hu, _oblique_affine())
     return read_image(tmp_path / "img.nii.gz")
 
 

@@ -2,14 +2,20 @@
 
 Every file lrcseg writes that another process (or a resumed run) may read goes through these
 helpers, so an interrupted write never leaves a half-written file under the final name.
+
+Files and folders get the modes a plain ``open``/``mkdir`` would give (0666/0777 less the
+umask), not the private 0600/0700 of ``tempfile``: colleagues on a shared server can read
+results when the umask lets them. A failed write raises ``OSError`` naming the target (the CLI
+turns it into one line, exit 2); torch's "unexpected pos" write failures become one too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,18 +28,26 @@ def atomic_path(target: str | os.PathLike, suffix: str | None = None) -> Iterato
 
     The temporary file keeps the target's suffix (``.nii.gz``, ``.png``...) so libraries that
     choose a format from the name still work. On an exception the temporary file is removed
-    and ``target`` is left untouched.
+    and ``target`` is left untouched; an ``OSError`` without a file name gets ``target``'s.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(target.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _create_unique(target, suffix, _new_file)
+    except OSError as exc:
+        _name_target(exc, target)
+        raise
     try:
         yield tmp_path
         os.replace(tmp_path, target)
+    except OSError as exc:
+        if exc.errno is None:  # a short write reported without a cause (numpy's tofile)
+            exc = _write_failure(tmp_path, target, exc)
+        tmp_path.unlink(missing_ok=True)
+        _name_target(exc, target, tmp_path)
+        raise exc from None
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -51,9 +65,30 @@ def atomic_write_json(target: str | os.PathLike, obj: Any, indent: int = 2) -> N
 
 
 def atomic_save(target: str | os.PathLike, save: Callable[[Path], None]) -> None:
-    """Call ``save(tmp_path)`` and rename the result onto ``target`` (for torch.save, savefig...)."""
+    """Call ``save(tmp_path)`` and rename the result onto ``target`` (for torch.save, savefig...).
+
+    torch.save to a path reports a failed write (disk full, file too large) as a RuntimeError
+    ("unexpected pos ..."); it is raised as an OSError naming ``target``.
+    """
     with atomic_path(target) as tmp:
-        save(tmp)
+        try:
+            save(tmp)
+        except RuntimeError as exc:
+            if not any(m in str(exc) for m in _TORCH_WRITE_FAILURES):
+                raise
+            raise _write_failure(tmp, target, exc) from exc
+
+
+def atomic_torch_save(target: str | os.PathLike, obj: Any) -> None:
+    """``torch.save(obj)`` to ``target`` atomically, through a Python file object so a failed
+    write raises the operating system's OSError (ENOSPC, EFBIG...) naming ``target``."""
+    import torch
+
+    def save(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+    atomic_save(target, save)
 
 
 @contextmanager
@@ -64,15 +99,76 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """
     target = Path(target)
     if target.exists():
-        raise FileExistsError(f"{target} already exists")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        raise FileExistsError(errno.EEXIST, "already exists", str(target))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _create_unique(target, "", _new_dir)
+    except OSError as exc:
+        _name_target(exc, target)
+        raise
     try:
         yield tmp
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno is None:  # a short write reported without a cause (numpy's tofile)
+            exc = _write_failure(tmp / ".probe", target, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+        _name_target(exc, target, tmp)
+        raise exc from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# Messages of torch's zip writer when the underlying write fails.
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def _new_file(path: Path) -> None:
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode 0666 & ~umask
+
+
+def _new_dir(path: Path) -> None:
+    os.mkdir(path, 0o777)  # mode 0777 & ~umask
+
+
+def _create_unique(target: Path, suffix: str, create: Callable[[Path], None]) -> Path:
+    """Create ``.<name>.<random><suffix>`` beside ``target`` with ``create`` (exclusive)."""
+    for _ in range(100):
+        path = target.parent / f".{target.name}.{secrets.token_hex(4)}{suffix}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _name_target(exc, target, path)
+            raise
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target))
+
+
+def _name_target(exc: OSError, target: Path, tmp: Path | None = None) -> None:
+    """Let ``exc`` name ``target``, not the temporary name (or no name: writes through an open
+    file raise OSErrors without one)."""
+    if exc.filename is None or (tmp is not None and exc.filename == str(tmp)):
+        exc.filename = str(target)
+        if exc.filename2 is not None:
+            exc.filename2 = None
+
+
+def _write_failure(probe: Path, target: Path, exc: Exception) -> OSError:
+    """The OSError behind a write reported without a cause (torch's RuntimeError, numpy's
+    "N requested and M written"): appending to ``probe`` makes the operating system say why
+    (ENOSPC, EFBIG, EDQUOT...)."""
+    try:
+        with open(probe, "ab") as fh:
+            fh.write(bytes(2**20))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as reason:
+        if reason.errno is not None:
+            return OSError(reason.errno, reason.strerror, str(target))
+    return OSError(errno.EIO, f"write failed ({str(exc).strip()[:120]})", str(target))
 
 
 def _json_default(obj: Any) -> Any:

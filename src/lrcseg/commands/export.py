@@ -26,6 +26,8 @@ def run(args: argparse.Namespace) -> int:
     from lrcseg.models.pretrain_net import PretrainNetwork
     from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
 
+    if Path(args.out).is_dir():
+        raise ConfigError(f"{args.out}: --out is a folder; name the .pt file to write")
     ckpt = resolve_checkpoint(args.run, "pre-training run")
     state = load_checkpoint(ckpt)
     if state.get("kind") != "pretrain":

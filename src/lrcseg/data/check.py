@@ -1,16 +1,20 @@
 """``check_data``: read every case of a dataset and report geometry, intensities and labels.
 
 Errors are collected per case (a broken case does not stop the check of the others) as
-``{"case", "file", "message"}``; the result is the JSON object printed by
-``lrcseg check-data --json``::
+``{"case", "file", "message"}``; warnings (``DataWarning``: data that is read but may not be
+what the user means, docs/ACCEPTED_DATA.md) are listed with the case they concern. The result
+is the JSON object printed by ``lrcseg check-data --json``::
 
     {"root", "layout", "labels": {name: id} | null,
      "cases": [{"id", "split", "image", "label", "shape": [x, y, z], "spacing_mm": [x, y, z],
-                "orientation": "RAS", "intensity_min", "intensity_max", "labels": [ids] | null}],
-     "errors": [{"case", "file", "message"}]}
+                "orientation": "RAS", "intensity_min", "intensity_max", "labels": [ids] | null,
+                "warnings": [{"file", "message"}]}],
+     "errors": [{"case", "file", "message"}],
+     "warnings": [{"case", "file", "message"}]}
 
 Shape and spacing are after canonical (RAS+) orientation; ``labels`` lists the ids present in
-the case's label map (null for an unlabelled case).
+the case's label map (null for an unlabelled case). The top-level ``warnings`` holds those not
+listed under a case in "cases" (about the dataset as a whole, or a case that failed).
 """
 
 from __future__ import annotations
@@ -23,26 +27,43 @@ import numpy as np
 
 from lrcseg.data.layouts import Case, check_label_values, load_dataset
 from lrcseg.data.readers import read_image, read_label
-from lrcseg.errors import DataError
+from lrcseg.errors import DataError, DataWarning, handle_data_warnings
 
 
 def check_data(path: str | os.PathLike) -> dict:
     """Validate the dataset, NIfTI file or DICOM folder at ``path`` (see module doc)."""
     path = Path(path)
-    report: dict = {"root": str(path), "layout": None, "labels": None, "cases": [], "errors": []}
+    report: dict = {"root": str(path), "layout": None, "labels": None, "cases": [], "errors": [],
+                    "warnings": []}
+    dataset_warnings: list[DataWarning] = []
     try:
-        ds = load_dataset(path)
+        with handle_data_warnings(dataset_warnings.append):
+            ds = load_dataset(path)
     except DataError as exc:
         report["errors"].append({"case": None, "file": exc.path, "message": exc.message})
+        report["warnings"] = [_row(w, w.case) for w in dataset_warnings]
         return report
     report.update(root=str(ds.root), layout=ds.layout, labels=ds.labels)
+    ids = {c.id for c in ds.all_cases}
+    unplaced = [_row(w, w.case) for w in dataset_warnings if w.case not in ids]
     for split, cases in (("training", ds.cases), ("test", ds.test_cases)):
         for case in cases:
+            caught = [w for w in dataset_warnings if w.case == case.id]
             try:
-                report["cases"].append(_check_case(case, split, ds.labels))
+                with handle_data_warnings(caught.append):
+                    entry = _check_case(case, split, ds.labels)
             except DataError as exc:
                 report["errors"].append({"case": case.id, "file": exc.path, "message": exc.message})
+                unplaced += [_row(w, case.id) for w in caught]
+                continue
+            entry["warnings"] = [{"file": w.path, "message": w.message} for w in caught]
+            report["cases"].append(entry)
+    report["warnings"] = unplaced
     return report
+
+
+def _row(warning: DataWarning, case: str | None) -> dict:
+    return {"case": case, "file": warning.path, "message": warning.message}
 
 
 def _check_case(case: Case, split: str, declared: dict[str, int] | None) -> dict:
@@ -83,9 +104,11 @@ def format_report(report: dict) -> str:
     if rows:
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
-    for e in report["errors"]:
-        who = f"[{e['case']}] " if e["case"] else ""
-        lines.append(f"ERROR {who}{e['file']}: {e['message']}")
-    n_err = len(report["errors"])
-    lines.append(f"{len(report['cases'])} case(s) ok, {n_err} error(s)")
+    warnings = [{"case": c["id"], **w} for c in report["cases"] for w in c["warnings"]]
+    for kind, items in (("WARNING", warnings + report["warnings"]), ("ERROR", report["errors"])):
+        for e in items:
+            who = f"[{e['case']}] " if e["case"] else ""
+            lines.append(f"{kind} {who}{e['file']}: {e['message']}")
+    lines.append(f"{len(report['cases'])} case(s) ok, {len(report['errors'])} error(s), "
+                 f"{len(warnings) + len(report['warnings'])} warning(s)")
     return "\n".join(lines)

@@ -11,8 +11,16 @@ Accepted (``load_dataset`` picks by what it finds):
 - ``single``: one NIfTI file or one DICOM series folder.
 
 ``<root>/splits.json`` (``{"train": [ids], "val": [ids], ...}``), if present, becomes
-``Dataset.splits``. Splits are made with :func:`split_cases`; label maps with
-:func:`apply_label_map`.
+``Dataset.splits``; a case may be listed in one split only. Splits are made with
+:func:`split_cases`; label maps with :func:`apply_label_map`.
+
+Refused (DataError): a folder with ``imagesTr/`` or ``labelsTr/`` but no ``dataset.json`` (it
+would be read as a plain folder, label maps as images), a case in two splits. Warned about
+(``DataWarning``, naming the files): in an nnU-Net folder, images whose ending differs from
+``file_ending`` (e.g. ``X_0000.nii`` beside ``X_0000.nii.gz``), NIfTI files not named
+``<case>_<NNNN><ending>``, and channel files (``_0001``...) not declared in ``channel_names``,
+all ignored; in a plain folder, DICOM folders without CT images (an RTSTRUCT or MR series
+stored beside the CT series), skipped.
 """
 
 from __future__ import annotations
@@ -20,13 +28,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lrcseg.data.readers import is_dicom_file, is_nifti, list_dicom_files
-from lrcseg.errors import ConfigError, DataError
+from lrcseg.data.readers import dicom_modality, is_dicom_file, is_nifti, list_dicom_files
+from lrcseg.errors import ConfigError, DataError, warn_data
 from lrcseg.io_utils import atomic_write_json
 
 
@@ -97,6 +106,11 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         if isinstance(data, dict) and "training" in data:
             return _finish(_load_datalist(dataset_json, data), path)
         return _finish(_load_nnunet(path), path)
+    nnunet_dirs = [d for d in ("imagesTr", "labelsTr", "imagesTs") if (path / d).is_dir()]
+    if nnunet_dirs:
+        raise DataError(dataset_json, f"not found: {path} has {', '.join(nnunet_dirs)} (an nnU-Net "
+                                      "raw dataset) but no dataset.json; add it (labels, "
+                                      "channel_names, file_ending)")
     if list_dicom_files(path) and not any(p.is_dir() for p in path.iterdir()):
         return Dataset(path, "single", [Case(path.name, path)])
     return _finish(_load_folder(path), path)
@@ -117,21 +131,40 @@ def _load_nnunet(root: Path) -> Dataset:
     channels = meta.get("channel_names", {"0": "CT"})
     if not isinstance(channels, dict) or "0" not in {str(k) for k in channels}:
         raise DataError(meta_path, "channel_names must map '0' to the CT channel")
-    train = _nnunet_split(root, "imagesTr", "labelsTr", ending)
-    test = _nnunet_split(root, "imagesTs", "labelsTs", ending)
+    declared = {str(k).lstrip("0") or "0" for k in channels}
+    train = _nnunet_split(root, "imagesTr", "labelsTr", ending, declared)
+    test = _nnunet_split(root, "imagesTs", "labelsTs", ending, declared)
     if not train and not test:
         raise DataError(root, f"no images (*_0000{ending}) in imagesTr or imagesTs")
     return Dataset(root, "nnunet", train, test, labels)
 
 
-def _nnunet_split(root: Path, images: str, labels: str, ending: str) -> list[Case]:
+# <case>_<channel><ending> of an nnU-Net image file.
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$")
+
+
+def _nnunet_split(root: Path, images: str, labels: str, ending: str,
+                  channels: set[str]) -> list[Case]:
+    """Cases of one nnU-Net split; channels: the declared channel numbers ("0", "1", ...)."""
     image_dir, label_dir = root / images, root / labels
     suffix = "_0000" + ending
     cases = []
     if image_dir.is_dir():
         for f in sorted(image_dir.iterdir()):
-            if f.name.endswith(suffix) and not f.name.startswith("."):
-                cid = f.name[: -len(suffix)]
+            if f.name.startswith(".") or not is_nifti(f.name):
+                continue
+            match = _CHANNEL_FILE.match(f.name)
+            if match is None:
+                warn_data(f, f"ignored: not named <case>_0000{ending} (nnU-Net image naming)")
+                continue
+            cid, channel = match["case"], match["channel"]
+            if match["ending"] != ending:
+                _warn_other_ending(f, image_dir / f"{cid}_{channel}{ending}", ending, cid)
+            elif channel != "0000":
+                if (channel.lstrip("0") or "0") not in channels:
+                    warn_data(f, f"ignored: channel {int(channel)} is not declared in dataset.json "
+                                 "channel_names (only channel 0, the CT, is used)", case=cid)
+            else:
                 label = label_dir / (cid + ending) if label_dir.is_dir() else None
                 if label is not None and not label.is_file():
                     raise DataError(label, f"missing label file for image {f}")
@@ -139,10 +172,24 @@ def _nnunet_split(root: Path, images: str, labels: str, ending: str) -> list[Cas
     if label_dir.is_dir():
         known = {c.id for c in cases}
         for f in sorted(label_dir.iterdir()):
-            if f.name.endswith(ending) and f.name[: -len(ending)] not in known:
+            if f.name.startswith(".") or not is_nifti(f.name):
+                continue
+            if not f.name.endswith(ending):
+                cid = _strip_nifti(f.name)
+                _warn_other_ending(f, label_dir / (cid + ending), ending, cid)
+            elif f.name[: -len(ending)] not in known:
                 raise DataError(image_dir / (f.name[: -len(ending)] + suffix),
                                 f"missing image file for label {f}")
     return cases
+
+
+def _warn_other_ending(ignored: Path, used: Path, ending: str, case: str) -> None:
+    if used.is_file():
+        warn_data(ignored, f"ignored: two files for one image, {used} is used (dataset.json "
+                           f"file_ending {ending!r}); remove one", case=case)
+    else:
+        warn_data(ignored, f"ignored: its ending differs from dataset.json file_ending "
+                           f"{ending!r}", case=case)
 
 
 def _load_datalist(json_path: Path, data: dict) -> Dataset:
@@ -181,25 +228,46 @@ def _datalist_cases(json_path: Path, base: Path, entries, section: str) -> list[
 
 
 def _load_folder(root: Path) -> Dataset:
-    cases = []
+    cases, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         here = Path(dirpath)
         if any(is_dicom_file(here / f) for f in filenames if not f.startswith(".")):
-            cases.append(Case(_relative_id(here, root), here))
+            modalities = _non_ct_modalities(here)
+            if modalities:
+                skipped.append(f"{here} ({modalities})")
+                warn_data(here, f"skipped: a DICOM folder without CT images ({modalities})")
+            else:
+                cases.append(Case(_relative_id(here, root), here))
         for f in sorted(filenames):
             if is_nifti(f) and not f.startswith("."):
                 cases.append(Case(_relative_id(here / _strip_nifti(f), root), here / f))
+    if not cases and skipped:
+        raise DataError(root, f"no CT images: only DICOM folders without CT, {', '.join(skipped)}")
     if not cases:
         raise DataError(root, "no NIfTI files or DICOM series found (folder empty?)")
-    ids = [c.id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    by_id: dict[str, list[Path]] = {}
+    for c in cases:
+        by_id.setdefault(c.id, []).append(c.image)
+    dup = {cid: images for cid, images in sorted(by_id.items()) if len(images) > 1}
     if dup:
-        raise DataError(root, f"ambiguous case ids {dup} (same name as .nii and .nii.gz?)")
+        cid, images = next(iter(dup.items()))
+        raise DataError(root, f"{len(dup)} ambiguous case id(s), e.g. {cid!r} is both "
+                              f"{' and '.join(str(p) for p in images)}; remove or rename one")
     return Dataset(root, "folder", sorted(cases, key=lambda c: c.id))
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _non_ct_modalities(folder: Path) -> str | None:
+    """"RTSTRUCT" (say) if no DICOM file of ``folder`` is a CT image, else None. Files without
+    a Modality count as CT. Reads one header unless the first file is not CT."""
+    files = list_dicom_files(folder)
+    if not files or dicom_modality(files[0]) in ("CT", ""):
+        return None
+    modalities = {dicom_modality(f) for f in files}
+    return None if modalities & {"CT", ""} else ", ".join(sorted(modalities))
 
 
 def _finish(ds: Dataset, root: Path) -> Dataset:
@@ -315,6 +383,18 @@ def load_splits(path: str | os.PathLike, known_ids: set[str] | None = None) -> d
         unknown = sorted({i for v in data.values() for i in v} - known_ids)
         if unknown:
             raise DataError(path, f"unknown case ids {unknown[:5]} in splits")
+    first_split: dict[str, str] = {}
+    twice = []
+    for name, ids in data.items():
+        for cid in ids:
+            if cid in first_split:
+                twice.append(f"{cid!r} in {first_split[cid]!r} and {name!r}")
+            else:
+                first_split[cid] = name
+    if twice:
+        raise DataError(path, f"{len(twice)} case(s) listed twice: {', '.join(twice[:5])}; a case "
+                              "belongs to one split only (a training case in a test split "
+                              "inflates the test metrics)")
     return {str(k): list(v) for k, v in data.items()}
 
 

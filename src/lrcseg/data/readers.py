@@ -17,6 +17,13 @@ Sources:
 Compressed transfer syntaxes: RLE is decoded by pydicom itself; JPEG (lossless), JPEG-LS and
 JPEG 2000 use pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg (installed with lrcseg).
 A syntax no installed decoder handles gives an error naming the transfer syntax.
+
+Checks (docs/ACCEPTED_DATA.md): images whose values cannot be CT in HU (outside
+-32768..32767, or no value below 0 HU: MR, or stored values without the rescale) and zero voxel
+spacing are refused (DataError); oblique or sheared grids (gantry tilt), spacing outside
+0.05..50 mm, a constant image, a CT series without RescaleSlope/RescaleIntercept whose values
+still look like HU, and non-CT series skipped beside the CT series are warned about
+(``DataWarning``).
 """
 
 from __future__ import annotations
@@ -32,13 +39,21 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from lrcseg.errors import DataError
+from lrcseg.errors import DataError, warn_data
 from lrcseg.io_utils import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Relative tolerance on the slice step before a series counts as unevenly spaced.
 _SPACING_RTOL = 0.05
+# The range of CT values in HU (16-bit signed: air -1000, padding down to -32768, metal up).
+_HU_RANGE = (-32768.0, 32767.0)
+# Voxel sizes outside this range (mm) are warned about: no CT scanner makes them.
+_SPACING_RANGE_MM = (0.05, 50.0)
+# Angles (degrees) from the scanner axes / from orthogonal axes beyond which a grid is called
+# oblique / sheared.
+_OBLIQUE_DEG = 1.0
+_SHEAR_DEG = 0.5
 
 
 @dataclass
@@ -89,25 +104,26 @@ def read_image(path: str | os.PathLike) -> Volume:
 
     Returns a :class:`Volume` with a float32 ``(X, Y, Z)`` HU array in RAS+ orientation.
     Raises DataError naming the file for anything unreadable, non-3D or non-finite.
+    Refuses values that cannot be CT in HU and zero spacing; warns (``DataWarning``) about
+    oblique or sheared grids, absurd spacing and constant images (see module doc).
     """
     path = Path(path)
     if not path.exists():
         raise DataError(path, "image not found")
     if path.is_dir():
-        vol = read_dicom_series(path)
-    elif is_nifti(path):
+        return read_dicom_series(path)
+    if is_nifti(path):
         img, source_affine = _load_nifti(path, return_source_affine=True)
         try:
             array = np.asarray(img.get_fdata(dtype=np.float32))
         except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile) as exc:
             raise DataError(path, f"corrupt or truncated NIfTI file ({exc})") from exc
         vol = Volume(array, img.affine.astype(np.float64), path, source_affine)
-    elif is_dicom_file(path):
+        _check_image(vol)
+        return vol
+    if is_dicom_file(path):
         raise DataError(path, "a single DICOM file: pass the folder holding the whole series")
-    else:
-        raise DataError(path, "not a NIfTI file (.nii, .nii.gz) or DICOM series folder")
-    _check_finite(vol.array, path)
-    return vol
+    raise DataError(path, "not a NIfTI file (.nii, .nii.gz) or DICOM series folder")
 
 
 def read_label(path: str | os.PathLike, reference: Volume, atol_mm: float = 1e-3) -> Volume:
@@ -192,12 +208,12 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
 
 
 def _load_nifti(path: Path, return_source_affine: bool = False):
-    """Load, check dimensionality and canonicalise (header-level: no pixel data decoded yet).
-
-    Returns the canonical image, and with ``return_source_affine`` also the file's own affine.
-    """
+    """Load, check dimensionality and spacing, canonicalise (header-level: no pixel data decoded
+    yet). Returns the canonical image, and with ``return_source_affine`` also the file's own
+    affine."""
     try:
-        img = nib.load(path)
+        with nib.imageglobals.LoggingOutputSuppressor():  # header fixes: checked below instead
+            img = nib.load(path)
     except (EOFError, OSError, ValueError, zlib.error, gzip.BadGzipFile,
             nib.filebasedimages.ImageFileError) as exc:
         raise DataError(path, f"cannot read NIfTI file ({exc})") from exc
@@ -206,14 +222,78 @@ def _load_nifti(path: Path, return_source_affine: bool = False):
         img = img.slicer[..., 0]
     elif len(shape) != 3:
         raise DataError(path, f"expected a 3D volume, got shape {shape}")
+    _check_nifti_spacing(path, img)
     canonical = nib.as_closest_canonical(img)
     return (canonical, img.affine.astype(np.float64)) if return_source_affine else canonical
 
 
-def _check_finite(array: np.ndarray, path: Path) -> None:
+def _check_nifti_spacing(path: Path, img) -> None:
+    """DataError for a zero (or non-finite) voxel size in the geometry nibabel will use.
+
+    Without an sform the geometry comes from pixdim, where nibabel silently turns 0 into 1 mm,
+    so the header is re-read as stored.
+    """
+    if int(img.header["sform_code"]) == 0:
+        with nib.openers.ImageOpener(path) as fh:
+            stored = type(img.header).from_fileobj(fh, check=False)
+        pixdim = [float(v) for v in stored["pixdim"][1:4]]
+        bad = [i for i, v in enumerate(pixdim) if not (np.isfinite(v) and v > 0)]
+        if bad:
+            raise DataError(path, f"voxel size pixdim[{bad[0] + 1}] = {pixdim[bad[0]]:g} and no "
+                                  "sform: zero or invalid spacing; fix the header (pixdim or "
+                                  "sform)")
+    columns = np.linalg.norm(img.affine[:3, :3], axis=0)
+    bad = [i for i, v in enumerate(columns) if not (np.isfinite(v) and v > 1e-6)]
+    if bad:
+        raise DataError(path, f"affine column {bad[0]} (voxel axis {'ijk'[bad[0]]}) is zero or "
+                              "invalid: zero voxel spacing; fix the header's sform/qform")
+
+
+def _check_image(vol: Volume, shear_cause: str = "sheared affine", hint: str = "") -> None:
+    """Refuse values that cannot be CT in HU; warn about the grid and constant images.
+
+    hint: appended to the refusal (e.g. why the values may be raw stored values).
+    """
+    array, path = vol.array, vol.path
+    if array.size == 0:
+        raise DataError(path, f"empty image (shape {array.shape})")
     if not np.all(np.isfinite(array)):
         n = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise DataError(path, f"image contains {n} NaN or infinite values")
+    lo, hi = float(array.min()), float(array.max())
+    if lo < _HU_RANGE[0] or hi > _HU_RANGE[1]:
+        raise DataError(path, f"intensities {lo:.6g}..{hi:.6g} cannot be CT Hounsfield units "
+                              f"(CT lies within {_HU_RANGE[0]:.0f}..{_HU_RANGE[1]:.0f} HU){hint}")
+    if lo == hi:
+        warn_data(path, f"constant image: every voxel is {lo:g} HU")
+    elif lo >= 0:
+        raise DataError(path, f"intensities {lo:.6g}..{hi:.6g} have no value below 0, so they are "
+                              "not CT Hounsfield units (air is -1000 HU, fat -100 HU): an MR "
+                              f"image, or CT stored values without their rescale?{hint}")
+    _warn_geometry(vol, shear_cause)
+
+
+def _warn_geometry(vol: Volume, shear_cause: str) -> None:
+    """DataWarnings for oblique axes, non-orthogonal (sheared) axes and absurd spacing."""
+    affine = vol.affine
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    directions = affine[:3, :3] / spacing
+    cosines = np.abs(directions.T @ directions)[np.triu_indices(3, 1)]
+    shear = float(np.degrees(np.arcsin(np.clip(cosines.max(), 0, 1))))
+    oblique = float(np.degrees(np.arccos(np.clip(np.abs(directions).max(axis=0), 0, 1))).max())
+    if shear > _SHEAR_DEG:  # a sheared grid is oblique too; one warning says it
+        warn_data(vol.path, f"{shear_cause}: voxel axes meet {shear:.1f} deg off 90 deg; slices "
+                            "are used as stored, so the 2D model sees sheared anatomy (resample "
+                            "to an orthogonal grid first)")
+    elif oblique > _OBLIQUE_DEG:
+        warn_data(vol.path, f"oblique grid: voxel axes up to {oblique:.1f} deg off the scanner "
+                            "axes; slices are taken along the voxel grid (not resampled to "
+                            "axial), so the 2D model sees tilted slices")
+    lo, hi = _SPACING_RANGE_MM
+    if spacing.min() < lo or spacing.max() > hi:
+        shown = " x ".join(f"{v:.4g}" for v in spacing)
+        warn_data(vol.path, f"voxel spacing {shown} mm is outside {lo:g}..{hi:g} mm, which no CT "
+                            "scanner makes: check the header's spacing")
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -226,8 +306,21 @@ def list_dicom_files(folder: Path) -> list[Path]:
                   and is_dicom_file(p))
 
 
+def dicom_modality(path: Path) -> str:
+    """The Modality of one DICOM file, upper case ("" if absent or unreadable)."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Modality"])
+    except (InvalidDicomError, OSError, EOFError, ValueError):
+        return ""
+    return str(ds.get("Modality", "") or "").upper()
+
+
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
-    """Read one DICOM series folder into a RAS+ float32 HU :class:`Volume` (see module doc)."""
+    """Read one DICOM series folder into a RAS+ float32 HU :class:`Volume` (see module doc).
+
+    Series that are not CT images (RTSTRUCT, SEG, SR, an MR series...) beside the one CT series
+    are skipped with a warning naming them; a folder without a CT series is refused.
+    """
     folder = Path(folder)
     files = list_dicom_files(folder)
     if not files:
@@ -239,12 +332,7 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DataError(f, f"cannot read DICOM file ({exc})") from exc
         headers.append((f, ds))
-
-    uids = sorted({str(ds.get("SeriesInstanceUID", "")) for _, ds in headers})
-    if len(uids) > 1:
-        shown = ", ".join(uids[:4]) + (" ..." if len(uids) > 4 else "")
-        raise DataError(folder, f"{len(uids)} DICOM series mixed in one folder "
-                                f"(SeriesInstanceUID {shown}); put each series in its own folder")
+    headers = _ct_series(folder, headers)
 
     for f, ds in headers:
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
@@ -266,6 +354,8 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     headers = [headers[i] for i in order]
     positions, along = positions[order], along[order]
     _check_slice_spacing(folder, headers, along)
+    no_rescale = [f for f, ds in headers
+                  if "RescaleSlope" not in ds or "RescaleIntercept" not in ds]
 
     slices = []
     for f, _ in headers:
@@ -289,7 +379,52 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     affine_lps[:3, 3] = positions[0]
     img = nib.as_closest_canonical(nib.Nifti1Image(array, _LPS_TO_RAS @ affine_lps))
     array = np.asarray(img.dataobj, dtype=np.float32)
-    return Volume(array, img.affine.astype(np.float64), folder)
+    vol = Volume(array, img.affine.astype(np.float64), folder)
+    tilt = headers[0][1].get("GantryDetectorTilt", None)
+    shear_cause = "gantry tilt (slices do not step along the slice normal" + (
+        f"; GantryDetectorTilt {float(tilt):g} deg)" if tilt not in (None, "") else ")")
+    hint = ""
+    if no_rescale:
+        which = no_rescale[0].name + (f" and {len(no_rescale) - 1} more file(s)"
+                                      if len(no_rescale) > 1 else "")
+        hint = (f"; {which} lack RescaleSlope/RescaleIntercept: these are raw stored values; "
+                "restore the rescale tags")
+    _check_image(vol, shear_cause=shear_cause, hint=hint)
+    if no_rescale:
+        warn_data(folder, f"CT series without RescaleSlope/RescaleIntercept ({which}): stored "
+                          f"values taken as HU (their range {float(array.min()):g}.."
+                          f"{float(array.max()):g} looks like HU)")
+    return vol
+
+
+def _ct_series(folder: Path, headers: list) -> list:
+    """The headers of the folder's one CT image series; others are skipped with a warning.
+
+    Files without a Modality count as CT (older exports omit it). DataError if there is no CT
+    series or more than one.
+    """
+    by_series: dict[str, list] = {}
+    for f, ds in headers:
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
+
+    def modality(items) -> str:
+        return str(items[0][1].get("Modality", "") or "").upper()
+
+    ct = {uid: items for uid, items in by_series.items() if modality(items) in ("CT", "")}
+    others = {uid: items for uid, items in by_series.items() if uid not in ct}
+    described = ", ".join(f"{modality(items)} series {uid} ({len(items)} file(s), e.g. "
+                          f"{items[0][0].name})" for uid, items in sorted(others.items()))
+    if not ct:
+        raise DataError(folder, f"no CT series in this folder, only {described}: lrcseg reads "
+                                "CT images")
+    if len(ct) > 1:
+        uids = sorted(ct)
+        shown = ", ".join(uids[:4]) + (" ..." if len(uids) > 4 else "")
+        raise DataError(folder, f"{len(uids)} DICOM series mixed in one folder (all CT, "
+                                f"SeriesInstanceUID {shown}); put each series in its own folder")
+    if others:
+        warn_data(folder, f"read the CT series, skipped {described}")
+    return next(iter(ct.values()))
 
 
 def _check_slice_spacing(folder: Path, headers: list, along: np.ndarray) -> None:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from lrcseg.config import ModelConfig
 from lrcseg.errors import ConfigError, DataError
-from lrcseg.io_utils import atomic_save, atomic_write_json
+from lrcseg.io_utils import atomic_torch_save, atomic_write_json
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, flexible_unet_kwargs
 
@@ -91,9 +91,13 @@ def export_weights(network: PretrainNetwork | FlexibleUNet, model_cfg: ModelConf
         "preprocess": preprocess,
         "superpixels": superpixels,
     }
-    atomic_save(out_path, lambda tmp: torch.save(weights, tmp))
+    atomic_torch_save(out_path, weights)
     json_path = meta_path(out_path)
-    atomic_write_json(json_path, meta)
+    try:
+        atomic_write_json(json_path, meta)
+    except BaseException:  # never leave weights without their description
+        Path(out_path).unlink(missing_ok=True)
+        raise
     return out_path, json_path
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from lrcseg.errors import ConfigError, LrcsegError
-from lrcseg.io_utils import atomic_save
+from lrcseg.io_utils import atomic_save, atomic_torch_save
 
 LATEST = "checkpoint.pt"
 FINAL = "final.pt"
@@ -27,14 +27,15 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], final: bool = False) -
     the weights and optimizer state.
     """
     target = Path(run_dir) / (FINAL if final else LATEST)
-    atomic_save(target, lambda tmp: torch.save(state, tmp))
+    atomic_torch_save(target, state)
     if final:
         def link(tmp: Path) -> None:
             tmp.unlink()  # the placeholder atomic_save made
             try:
                 os.link(target, tmp)
             except OSError:
-                torch.save(state, tmp)
+                with open(tmp, "wb") as fh:
+                    torch.save(state, fh)
 
         atomic_save(Path(run_dir) / LATEST, link)
     return target

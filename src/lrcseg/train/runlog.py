@@ -3,7 +3,8 @@
 A run folder can be understood from its files alone:
     config.yaml      the resolved configuration (all defaults filled in)
     run_card.json    data sources, preprocessing, package versions, git revision, machine
-    metrics.jsonl    one JSON object per logged step (append-only; safe to tail)
+    metrics.jsonl    one JSON object per logged step (append-only; safe to tail). A line torn
+                     by a kill during an append is skipped when read and dropped on resume.
     tb/              TensorBoard events (same scalars as metrics.jsonl)
 """
 
@@ -110,14 +111,27 @@ class RunLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
+        keep = [json.dumps(row) for row in _read_rows(self.path) if row["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """All rows of a run's metrics.jsonl."""
+    """All rows of a run's metrics.jsonl (a torn or foreign line is skipped)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_rows(path)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The ``{"step": int, ...}`` rows of a JSONL file; lines that do not parse as one (a line
+    torn by a kill during an append, an editor's stray text) are skipped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
