@@ -110,6 +110,10 @@ from lrcseg.models.unet import build_unet  # noqa: E402
 from lrcseg.train import objectives  # noqa: E402
 from lrcseg.train.common import step_generator  # noqa: E402
 
+#: LRC at 1/4 resolution, as in every figure of bench/NOTES.md so far (the pre-training
+#: default moved to 1/2 resolution later; pass a different level to measure that)
+BENCH_LOCAL_LEVELS = (2,)
+
 #: segmentation classes of the supervised step (background + 7 phantom organs)
 NUM_CLASSES = 8
 MODEL_CONFIGS = ("supervised", "key_forward", "moco", "moco_lrc_pixel", "moco_lrc_region")
@@ -260,7 +264,7 @@ def pretrain_config(setting: Setting, variant: str | None, device: torch.device)
         data=[],
         run=RunConfig(batch_size=setting.batch, device=device.type, amp=True,
                       channels_last=device.type == "cuda"),
-        model=ModelConfig(backbone=setting.backbone),
+        model=ModelConfig(backbone=setting.backbone, local_levels=BENCH_LOCAL_LEVELS),
         augment=AugmentConfig(image_size=setting.image_size),
         lrc=LRCConfig(enabled=variant is not None, variant=variant or "pixel"),
         moco=MocoConfig(queue_size=per_step * max(1, 16384 // per_step)),
@@ -284,7 +288,7 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
     channels_last = device.type == "cuda"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     autocast = _autocast(device)
-    model_cfg = ModelConfig(backbone=setting.backbone)
+    model_cfg = ModelConfig(backbone=setting.backbone, local_levels=BENCH_LOCAL_LEVELS)
 
     if name == "supervised":
         from monai.losses import DiceCELoss
@@ -338,7 +342,7 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
                 out1, out2 = forward(inputs.view1), forward(inputs.view2)
                 loss, _ = call_objective(objective, out1, out2, inputs.view1, inputs.view2, g)
                 if variant is not None:
-                    loss_lrc, _ = lrc(out1["local"].float(), out2["local"].float(),
+                    loss_lrc, _ = lrc(out1["local"][0].float(), out2["local"][0].float(),
                                       inputs.regions1, inputs.regions2, generator=g)
                     loss = loss + cfg.lrc.weight * loss_lrc
             if not torch.isfinite(loss):
@@ -470,7 +474,7 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
         preprocess=PreprocessConfig(spacing_mm=e2e.preprocess_spacing_mm),
         superpixels=SuperpixelConfig(implementation=SUPERPIXEL_IMPLEMENTATION),
         augment=AugmentConfig(image_size=setting.image_size),
-        model=ModelConfig(backbone=setting.backbone),
+        model=ModelConfig(backbone=setting.backbone, local_levels=BENCH_LOCAL_LEVELS),
     )
     t1 = time.perf_counter()
     run_dir = pretrain(cfg, progress=False)

@@ -106,7 +106,7 @@ def main() -> None:
     t1 = time.time()
     run_out = args.work / "runs" / "unet_scratch"
     cfg = FinetuneConfig(
-        dataset=str(data), init="scratch", labeled=2, split_seed=args.seed, steps=args.steps,
+        dataset=str(data), init="scratch", labeled=2, split_seed=args.seed,
         run=RunConfig(out=str(run_out), steps=args.steps, batch_size=args.batch_size, seed=args.seed,
                       device=args.device, checkpoint_every=args.steps, log_every=max(1, args.steps // 10),
                       cache_dir=str(args.work / "cache")),

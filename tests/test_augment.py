@@ -36,7 +36,7 @@ def test_one_transform_maps_image_and_regions_consistently():
 
 
 def test_views_overlap_as_promised_measured_on_footprints():
-    cfg = AugmentConfig(image_size=64, rotation_deg=0.0, min_overlap=0.5, crop_scale=(0.2, 1.0),
+    cfg = AugmentConfig(image_size=64, rotation_deg=0.0, min_overlap=0.5, zoom=None, crop_scale=(0.2, 1.0),
                         **NO_INTENSITY)
     b, h, w = 16, 32, 32
     ids = torch.arange(1, h * w + 1).view(1, h, w).expand(b, h, w).contiguous()
@@ -49,7 +49,7 @@ def test_views_overlap_as_promised_measured_on_footprints():
 
 
 def test_crop_pairs_overlap_even_when_rejection_fails():
-    cfg = AugmentConfig(min_overlap=0.9, crop_scale=(0.05, 0.2))
+    cfg = AugmentConfig(min_overlap=0.9, zoom=None, crop_scale=(0.05, 0.2))
     box1, box2 = PairedViewAugment(cfg).sample_crop_pair(2000, 200, 300, torch.Generator().manual_seed(1))
     ov = box_overlap(box1, box2)
     assert ov.min().item() >= 0.9 - 1e-9
@@ -83,7 +83,7 @@ def test_same_seed_same_output_and_intensity_only_touches_images():
 
 
 def test_identity_transform_reproduces_input():
-    cfg = AugmentConfig(image_size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False,
+    cfg = AugmentConfig(image_size=32, zoom=None, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False,
                         rotation_deg=0.0, **NO_INTENSITY)
     images = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     regions = _block_regions(2, 32, 32, cell=4)
@@ -93,7 +93,7 @@ def test_identity_transform_reproduces_input():
 
 
 def test_blur_keeps_mean_and_smooths():
-    cfg = AugmentConfig(image_size=64, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False,
+    cfg = AugmentConfig(image_size=64, zoom=None, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False,
                         rotation_deg=0.0, brightness=0.0, contrast=0.0, gamma=(1.0, 1.0), noise_std=0.0,
                         blur_prob=1.0, blur_sigma=(1.5, 1.5))
     images = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -121,3 +121,17 @@ def test_cuda_matches_cpu_geometry():
     agree = (cpu[1] == gpu[1].cpu()).float().mean().item()
     assert agree > 0.99
     np.testing.assert_allclose(cpu[0].numpy(), gpu[0].cpu().numpy(), atol=1e-3)
+
+
+def test_zoom_crops_are_image_size_over_zoom_pixels_and_ct_sound_defaults():
+    cfg = AugmentConfig(image_size=64, zoom=(0.8, 1.25), crop_ratio=(1.0, 1.0))
+    boxes = PairedViewAugment(cfg).sample_crops(4000, 200, 160, torch.Generator().manual_seed(0))
+    side_px = boxes[:, 2] * 160  # width fraction x canvas width (square crops)
+    torch.testing.assert_close(boxes[:, 3] * 200, side_px)
+    assert side_px.min() >= 64 / 1.25 - 1e-6 and side_px.max() <= 64 / 0.8 + 1e-6
+    # log-uniform zoom: the median crop is the image size itself (native spacing)
+    assert side_px.median().item() == pytest.approx(64, rel=0.02)
+    defaults = AugmentConfig()
+    window = 250.0 - (-175.0)
+    assert not defaults.hflip and defaults.gamma == (1.0, 1.0)
+    assert defaults.brightness * window <= 10 and defaults.noise_std * window <= 10

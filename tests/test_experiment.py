@@ -66,10 +66,31 @@ def test_derived_run_configs(tmp_path):
     b = finetune_config(cfg, Cell("lrc_grid", 2, 1, 3), data, tmp_path)
     assert a.init == "scratch" and b.init == pt.run.out
     # Same labelled draw, budget and hyper-parameters whatever the initialisation.
-    for field in ("labeled", "split_seed", "steps", "image_size"):
+    for field in ("labeled", "split_seed", "image_size"):
         assert getattr(a, field) == getattr(b, field)
-    assert (a.split_seed, a.steps, a.run.seed) == (1, 400, 3)
+    assert (a.split_seed, a.run.steps, a.run.seed) == (1, 400, 3)
+    assert a.run.steps == b.run.steps and a.snapshots == b.snapshots == []
     assert a.optim == b.optim and a.preprocess == b.preprocess == pt.preprocess
+
+
+def test_overrides_reach_the_pretraining_config_and_are_checked(tmp_path):
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms.yaml", {
+        "pretrain_overrides": {"superpixels": {"scale": 25.0}, "lrc": {"num_regions": 32}},
+        "initialisations": [
+            {"name": "scratch"},
+            {"name": "multi", "method": "moco", "lrc": True,
+             "overrides": {"model": {"local_levels": [2, 3, 4]}, "lrc": {"num_regions": 24}}}],
+        "baselines": ["scratch"], "learning_curve": ["scratch"]})
+    pt = pretrain_config(cfg, cfg.init("multi"), 0, tmp_path / "phantoms", tmp_path)
+    assert pt.superpixels.scale == 25.0 and pt.model.local_levels == (2, 3, 4)
+    assert pt.lrc.num_regions == 24  # the initialisation's own override wins
+    ft = finetune_config(cfg, Cell("scratch", 1, 0, 0), tmp_path / "phantoms", tmp_path)
+    assert ft.snapshots == [100, 200] and ft.run.steps == 400  # 1/4 and 1/2 of the budget
+    bad = load_config(ExperimentConfig, CONFIGS / "experiment_phantoms.yaml", {
+        "initialisations": [{"name": "m", "method": "moco", "overrides": {"run": {"steps": 5}}}],
+        "baselines": []})
+    with pytest.raises(ConfigError, match="run.steps"):
+        pretrain_config(bad, bad.init("m"), 0, tmp_path / "phantoms", tmp_path)
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -169,17 +190,33 @@ def _fake_training(monkeypatch, calls: list[str]):
         calls.append("finetune " + "/".join(Path(cfg.run.out).parts[-2:]))
         Path(cfg.run.out).mkdir(parents=True)
         (Path(cfg.run.out) / "final.pt").write_bytes(b"x")
+        for step in cfg.snapshots:
+            (Path(cfg.run.out) / f"snapshot_{step}.pt").write_bytes(b"x")
 
     def evaluate(run_dir, data, split, device, progress=True):
         calls.append("evaluate " + "/".join(Path(run_dir).parts[-2:]))
         score = 0.5 + 0.1 * ("lrc" in str(run_dir))
+        if Path(run_dir).name.startswith("snapshot_"):  # a learning curve: 0.3 at 1, 0.4 at 2
+            score -= 0.1 * (3 - int(Path(run_dir).stem.split("_")[1]))
         return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
 
+    def probe(model, data, labeled, split_seed, split, seed, backbone, spacing_mm, pixels,
+              device, cache_dir, progress):
+        calls.append(f"probe {Path(model).name} K{labeled}_d{split_seed}_s{seed}")
+        score = 0.2 + 0.05 * ("lrc" in str(model))
+        return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
+
+    import lrcseg.probe as probe_module
+
+    monkeypatch.setattr(probe_module, "evaluate_probe", probe)
     monkeypatch.setattr(pretrain_module, "pretrain", pretrain)
     monkeypatch.setattr(finetune_module, "finetune", finetune)
     monkeypatch.setattr(evaluation_module, "evaluate_model", evaluate)
-    monkeypatch.setattr(evaluate_module, "write_metrics",
-                        lambda result, path: Path(path).write_text(json.dumps(result)))
+    def write_metrics(result, path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result))
+
+    monkeypatch.setattr(evaluate_module, "write_metrics", write_metrics)
 
 
 def _hold(path: Path, until, then=None):
@@ -221,7 +258,7 @@ def test_cells_held_by_another_process_are_skipped_then_finished(tmp_path, monke
     assert [c for c in calls if not c.startswith("evaluate")] == [
         "finetune scratch/K1_d0_s0", "finetune scratch/K1_d0_s1",
         "pretrain moco_lrc_s1", "finetune moco_lrc/K1_d0_s1",
-        "pretrain moco_lrc_s0", "finetune moco_lrc/K1_d0_s0"]
+        "pretrain moco_lrc_s0", "finetune moco_lrc/K1_d0_s0"]  # seed 0's moco_lrc waited for
     # A cell that another process is fine-tuning, and finishes: waited for, never redone here.
     cell = out / "runs" / "finetune" / "scratch" / "K1_d0_s1"
     done = (cell / "metrics.json").read_text()
@@ -267,3 +304,31 @@ def test_a_finished_experiment_can_gain_initialisations_but_not_redefine_them(tm
     with pytest.raises(ConfigError, match="changed: pretrain_steps"):
         run_experiment(load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml",
                                    {"pretrain_steps": 7}), out, progress=False)
+
+
+def test_blocks_probe_first_record_a_learning_curve_and_release_their_weights(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_training(monkeypatch, calls)
+    cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {
+        "qualitative_figure": False, "probe": True, "learning_curve": ["scratch"],
+        "keep_checkpoints": False})
+    out = tmp_path / "exp"
+    run_experiment(cfg, out, progress=False)
+    # Block by block: the probe (scratch = a random network) before the fine-tunes.
+    assert [c for c in calls if not c.startswith("evaluate")] == [
+        "probe scratch K1_d0_s0", "finetune scratch/K1_d0_s0",
+        "pretrain moco_lrc_s0", "probe moco_lrc_s0 K1_d0_s0", "finetune moco_lrc/K1_d0_s0"]
+    scratch_cell = out / "runs" / "finetune" / "scratch" / "K1_d0_s0"
+    assert [c for c in calls if c.startswith("evaluate")][:3] == [
+        "evaluate K1_d0_s0/snapshot_1.pt", "evaluate K1_d0_s0/snapshot_2.pt",
+        "evaluate scratch/K1_d0_s0"]
+    assert (scratch_cell / "metrics_step1.json").is_file() and (scratch_cell / "metrics_step2.json").is_file()
+    # Every weight file of a finished block is gone; its metrics stay.
+    assert not list((out / "runs").rglob("*.pt"))
+    assert (out / "runs" / "probe" / "moco_lrc" / "K1_d0_s0" / "metrics.json").is_file()
+    rows = list(csv.DictReader(open(out / "probe_results.csv", newline="")))
+    assert [(r["init"], r["mean"]) for r in rows] == [("scratch", "0.200000"), ("moco_lrc", "0.250000")]
+    report = (out / "report.md").read_text()
+    assert "## Frozen-feature probe" in report
+    assert "| scratch | 1 | 1 | 0.300 | 0.400 | 0.500 | +0.100 |" in report  # the learning curve
+    assert "| 1 | moco_lrc | scratch | s0: +0.050 | yes |" in report  # probe sign per seed

@@ -36,8 +36,8 @@ def workspace(tmp_path_factory):
 
 def ft_config(ws, out, steps=40, init="scratch", **kw) -> FinetuneConfig:
     return FinetuneConfig(
-        dataset=str(ws["data"]), init=init, labeled=kw.pop("labeled", 1), steps=steps,
-        run=RunConfig(out=str(out), batch_size=4, seed=0, device="cpu", cache_dir=ws["cache"],
+        dataset=str(ws["data"]), init=init, labeled=kw.pop("labeled", 1),
+        run=RunConfig(out=str(out), steps=steps, batch_size=4, seed=0, device="cpu", cache_dir=ws["cache"],
                       checkpoint_every=1000, log_every=5),
         preprocess=PreprocessConfig(spacing_mm=kw.pop("spacing", SPACING)),
         model=ModelConfig(backbone=kw.pop("backbone", "resnet10")), image_size=64,
@@ -282,3 +282,38 @@ def test_predict_writes_on_a_non_canonical_input_grid(workspace, trained, tmp_pa
     ras_mask = np.asarray(nib.load(reference).dataobj)
     np.testing.assert_array_equal(np.asarray(mask.dataobj),
                                   ras_mask[::-1, ::-1].transpose(1, 0, 2))
+
+
+def test_run_steps_from_a_config_file_is_the_budget_and_snapshots_load(workspace, tmp_path):
+    # The trap of issue 13: a budget given as run.steps in a YAML file was silently replaced
+    # by the automatic one. Now run.steps is the only budget key.
+    config = tmp_path / "ft.yaml"
+    config.write_text("run: {steps: 9, log_every: 3, checkpoint_every: 100}\nsnapshots: [3, 6]\n"
+                      "image_size: 64\n")
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--config", str(config), "--dataset", str(workspace["data"]),
+               "--out", str(out), "--cache-dir", workspace["cache"], *COMMON])
+    assert rc == 0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps[-1] == 9
+    assert json.loads((out / "run_card.json").read_text())["steps"] == 9
+    final, _ = load_finetuned(out)
+    for step in (3, 6):
+        model, _ = load_finetuned(out / f"snapshot_{step}.pt")
+        assert torch.load(out / f"snapshot_{step}.pt", weights_only=False)["step"] == step
+        differs = any(not torch.equal(a, b) for a, b in
+                      zip(model.state_dict().values(), final.state_dict().values(), strict=True))
+        assert differs  # an earlier state, not a copy of the final weights
+
+
+def test_automatic_budget_and_snapshot_checks():
+    from lrcseg.train.finetune import default_steps
+
+    assert default_steps(40, 8) == 600 and default_steps(2000, 8) == 6000
+    assert default_steps(200, 8) == 1500  # 60 passes over 200 slices
+    with pytest.raises(ConfigError, match="snapshots"):
+        FinetuneConfig(run=RunConfig(steps=10), snapshots=[10])
+    with pytest.raises(ConfigError, match="unknown key"):
+        from lrcseg.config import from_dict
+
+        from_dict(FinetuneConfig, {"steps": 100})  # the old top-level key is refused, not ignored

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from lrcseg.losses.lrc import (
     LRCLoss,
     downsample_regions,
+    intensity_bins,
     region_means,
     sample_regions,
     valid_regions,
@@ -105,7 +106,7 @@ def test_loss_lower_when_views_correspond():
     assert shuffled.item() > matched.item() + 5
     assert stats["valid_regions"].item() == 16
     assert stats["sampled_regions"].item() == 16
-    assert math.isnan(stats["same_organ_negatives"].item())
+    assert "neg_same_organ" not in stats  # no organs given
 
 
 @pytest.mark.parametrize("variant", ["pixel", "region"])
@@ -148,13 +149,61 @@ def test_image_with_one_valid_region_contributes_nothing():
     assert not sample.valid[1].any()
 
 
-def test_same_organ_negative_share():
+def test_organ_statistics_separate_background_from_labelled_organs():
     regions = _block_regions(1, side=64, cells=4)  # ids 1..16, 16x16 px cells
-    organs = (regions > 8).long() + 1  # ids 1..8 organ 1, ids 9..16 organ 2
+    # ids 1..8 background (label 0), 9..12 organ 1, 13..16 organ 2
+    organs = torch.where(regions > 12, 2, torch.where(regions > 8, 1, 0)).long()
     feat = F.normalize(torch.randn(1, 8, 16, 16), dim=1)
     _, stats = LRCLoss(num_regions=16)(feat, feat, regions, regions, generator=_gen(10), organs1=organs)
-    # 16 regions: 16*15 ordered negative pairs, 2 * 8*7 of them inside one organ
-    assert stats["same_organ_negatives"].item() == pytest.approx(112 / 240)
+    # 16 regions: 16*15 ordered negative pairs; 8*7 background-background, 2 * 4*3 same organ
+    assert stats["neg_background"].item() == pytest.approx(56 / 240)
+    assert stats["neg_same_organ"].item() == pytest.approx(24 / 240)
+    assert stats["sampled_background"].item() == pytest.approx(0.5)
+    assert stats["sampled_organs"].item() == 2
+
+
+def _two_intensity_image(side=64, cells=4):
+    """12 dark regions (ids 1..12, intensity 0.1) and 4 bright ones (13..16, 0.8)."""
+    regions = _block_regions(1, side=side, cells=cells)
+    image = torch.where(regions > 12, 0.8, 0.1).float()
+    return regions, image
+
+
+@pytest.mark.parametrize("sampling, bright_share", [("uniform", 4 / 16), ("intensity", 0.5)])
+def test_sampling_modes_draw_regions_as_documented(sampling, bright_share):
+    regions, image = _two_intensity_image()
+    r_lr = downsample_regions(regions, (16, 16))
+    bins = intensity_bins(image, regions, 17, 8)
+    assert bins[0, 13:].eq(6).all() and bins[0, 1:13].eq(0).all()
+    gen = _gen(11)
+    bright = 0
+    trials = 2000
+    for _ in range(trials):  # one region per draw: its probability is the normalised weight
+        sample = sample_regions(r_lr, r_lr, 2, 1, 1, generator=gen, sampling=sampling, bins=bins)
+        bright += int(sample.region_ids[0, 0] > 12)
+    assert bright / trials == pytest.approx(bright_share, abs=0.04)
+
+
+def test_area_sampling_prefers_large_regions():
+    regions = torch.ones(1, 64, 64, dtype=torch.long)
+    regions[:, :16, :16] = 2  # region 2 is 1/16 of the image, region 1 the rest
+    r_lr = downsample_regions(regions, (16, 16))
+    gen = _gen(12)
+    first_is_large = sum(int(sample_regions(r_lr, r_lr, 2, 1, 1, generator=gen).region_ids[0, 0] == 1)
+                         for _ in range(1000))
+    assert first_is_large / 1000 == pytest.approx(240 / 256, abs=0.03)
+
+
+def test_intensity_sampling_needs_the_image():
+    regions, image = _two_intensity_image()
+    feat = F.normalize(torch.randn(1, 8, 16, 16), dim=1)
+    loss_fn = LRCLoss(sampling="intensity")
+    with pytest.raises(ValueError, match="image1"):
+        loss_fn(feat, feat, regions, regions, generator=_gen(13))
+    loss, _ = loss_fn(feat, feat, regions, regions, generator=_gen(13), image1=image)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="sampling"):
+        LRCLoss(sampling="bogus")
 
 
 def _reference_loss(feat1, feat2, r1_lr, r2_lr, sample, temperature, variant, negatives):

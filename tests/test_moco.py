@@ -153,3 +153,38 @@ def test_mocov2_validates():
         MoCoV2(online, queue_size=8, temperature=0.0)
     with pytest.raises(ValueError, match="queue size"):
         MoCoV2(online, queue_size=0)
+
+
+def test_position_positives_match_the_plain_loss_without_matches_and_a_hand_value_with_them():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.nn.functional.normalize(torch.randn(2, 4, generator=gen), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(2, 4, generator=gen), dim=1)
+    queue = torch.nn.functional.normalize(torch.randn(3, 4, generator=gen), dim=1)
+    plain = moco_infonce(q, k, queue, 0.2)
+    unmatched = moco_infonce(q, k, queue, 0.2, torch.tensor([0, 1]), torch.tensor([-1, 5, 7]))
+    torch.testing.assert_close(unmatched, plain)
+    # query 0 (group 2) has queue key 1 as a second positive; query 1 (group 4) none
+    value = moco_infonce(q, k, queue, 0.2, torch.tensor([2, 4]), torch.tensor([-1, 2, 7]))
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], dim=1) / 0.2
+    log_prob = logits.log_softmax(dim=1)
+    expected = (-(log_prob[0, 0] + log_prob[0, 2]) / 2 - log_prob[1, 0]) / 2
+    torch.testing.assert_close(value, expected)
+
+
+def test_grouped_queue_stores_groups_and_moco_needs_them():
+    queue = MoCoQueue(dim=3, size=4, grouped=True)
+    assert queue.groups.tolist() == [-1, -1, -1, -1]  # initial random keys match nothing
+    queue.enqueue(torch.ones(2, 3), torch.tensor([3, 1]))
+    assert queue.groups.tolist() == [3, 1, -1, -1]
+    with pytest.raises(ValueError, match="groups"):
+        queue.enqueue(torch.ones(2, 3))
+    torch.manual_seed(0)
+    net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=8, local_levels=(1,)), 1)
+    moco = MoCoV2(net, queue_size=8, grouped=True)
+    x = torch.rand(2, 1, 64, 64)
+    q = net(x)["global"]
+    with pytest.raises(ValueError, match="groups"):
+        moco(q, q, x, x, net)
+    loss, _ = moco(q, q, x, x, net, groups=torch.tensor([0, 2]))
+    assert torch.isfinite(loss)
+    assert moco.queue.groups.tolist()[:4] == [0, 2, 0, 2]  # both views' keys, with their groups

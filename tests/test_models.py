@@ -47,12 +47,12 @@ def test_heads_shapes_norms_and_validation():
 @pytest.mark.parametrize("in_channels", [1, 3])
 def test_pretrain_network_outputs(backbone, in_channels):
     torch.manual_seed(0)
-    net = PretrainNetwork(ModelConfig(backbone=backbone, proj_dim=32), in_channels)
+    net = PretrainNetwork(ModelConfig(backbone=backbone, proj_dim=32, local_levels=(2,)), in_channels)
     out = net(torch.rand(2, in_channels, 64, 64))
     assert out["global"].shape == (2, 32)
-    assert out["local"].shape == (2, 32, 16, 16)  # 1/4 resolution
+    assert out["local"][0].shape == (2, 32, 16, 16)  # 1/4 resolution
     torch.testing.assert_close(out["global"].norm(dim=1), torch.ones(2))
-    torch.testing.assert_close(out["local"].norm(dim=1), torch.ones(2, 16, 16))
+    torch.testing.assert_close(out["local"][0].norm(dim=1), torch.ones(2, 16, 16))
     keys = net.backbone_state_dict().keys()
     assert not any(k.startswith("segmentation_head") for k in keys)
     assert set(keys) == {k for k in net.unet.state_dict() if not k.startswith("segmentation_head")}
@@ -60,27 +60,32 @@ def test_pretrain_network_outputs(backbone, in_channels):
 
 def test_local_features_equal_hooked_decoder_block_and_encode_global():
     torch.manual_seed(0)
-    cfg = ModelConfig(backbone="resnet10", local_level=1, proj_dim=16)
+    cfg = ModelConfig(backbone="resnet10", local_levels=(1, 3), proj_dim=16)
     net = PretrainNetwork(cfg, 1).eval()
     x = torch.rand(2, 1, 64, 64)
     captured = {}
-    hook = net.unet.decoder.blocks[1].register_forward_hook(lambda m, i, o: captured.setdefault("f", o))
+    hooks = [net.unet.decoder.blocks[i].register_forward_hook(
+        lambda m, inp, o, i=i: captured.setdefault(i, o)) for i in (1, 3)]
     net.unet(x)  # MONAI's own full forward
-    hook.remove()
+    for hook in hooks:
+        hook.remove()
     out = net(x)
-    assert out["local"].shape == (2, 16, 8, 8)  # level 1 = stride 8
-    torch.testing.assert_close(out["local"], net.local_head(captured["f"]))
+    assert out["local"][0].shape == (2, 16, 8, 8)  # level 1 = stride 8
+    assert out["local"][1].shape == (2, 16, 32, 32)  # level 3 = stride 2
+    torch.testing.assert_close(out["local"][0], net.local_heads[0](captured[1]))
+    torch.testing.assert_close(out["local"][1], net.local_heads[1](captured[3]))
     torch.testing.assert_close(net.encode_global(x), out["global"])
 
 
 def test_channels_last_and_bf16_autocast():
     torch.manual_seed(0)
-    net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=16), 1).to(memory_format=torch.channels_last)
+    net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=16, local_levels=(2,)),
+                          1).to(memory_format=torch.channels_last)
     x = torch.rand(2, 1, 64, 64).to(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x)
-    assert out["global"].dtype == torch.float32 and out["local"].dtype == torch.float32
-    torch.testing.assert_close(out["local"].norm(dim=1), torch.ones(2, 16, 16))
-    (out["global"].sum() + out["local"].sum()).backward()
+    assert out["global"].dtype == torch.float32 and out["local"][0].dtype == torch.float32
+    torch.testing.assert_close(out["local"][0].norm(dim=1), torch.ones(2, 16, 16))
+    (out["global"].sum() + out["local"][0].sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert net.unet.encoder.conv1.weight.grad.abs().sum() > 0

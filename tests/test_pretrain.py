@@ -27,7 +27,7 @@ from lrcseg.errors import ConfigError
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.train import pretrain as pretrain_module
 from lrcseg.train.checkpoint import load_checkpoint
-from lrcseg.train.pretrain import TrainingDiverged, pretrain
+from lrcseg.train.pretrain import TrainingDiverged, build_pretrain_data, pretrain
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -91,7 +91,8 @@ def test_supervised_plus_lrc_reads_labels_and_logs_both_terms(phantoms, tmp_path
         # L = L_seg + lambda L_LRC, each logged
         assert row["loss/total"] == pytest.approx(row["loss/global"] + row["loss/lrc"], rel=1e-5)
         assert row["loss/global"] > 0 and row["loss/lrc"] > 0
-        assert 0 <= row["lrc/same_organ_negatives"] <= 1  # organ labels reached the views
+        # organ labels reached the views
+        assert 0 <= row["lrc/neg_same_organ"] <= row["lrc/neg_same_organ"] + row["lrc/neg_background"] <= 1
     card = json.loads((run_dir / "run_card.json").read_text())
     source = card["data_sources"][0]
     assert source["cases"] == ["phantom_001"]  # the labelled "train" split, never test
@@ -174,3 +175,78 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(phantoms, tmp_path, monkey
         pretrain(cfg, resume=True, progress=False)
     assert ckpt.read_bytes() == before
     assert not (tmp_path / "run" / "final.pt").exists()
+
+
+def test_moco_position_positives_train_and_fill_the_queue_groups(phantoms, tmp_path):
+    cfg = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=2)
+    cfg.moco.position_partitions = 4
+    run_dir = pretrain(cfg, progress=False)
+    state = load_checkpoint(run_dir / "final.pt")
+    groups = state["global_objective"]["moco.queue.groups"]
+    assert groups.shape == (16,) and groups.min() >= 0 and groups.max() <= 3  # 2 steps x 8 keys
+    assert all(math.isfinite(row["loss/global"]) for row in metrics(run_dir))
+
+
+def test_slices_know_their_relative_position(phantoms):
+    from lrcseg.data.slices import PretrainSlices
+
+    data = build_pretrain_data(make_cfg(phantoms, "unused"), progress=False).dataset
+    assert isinstance(data, PretrainSlices)
+    positions = [float(data[i]["position"]) for i in range(len(data))]
+    assert min(positions) == 0.0 and max(positions) == 1.0
+    first_volume = [p for (v, _), p in zip(data.index, positions, strict=True) if v == 0]
+    assert first_volume == sorted(first_volume)  # increasing with z inside one volume
+
+
+def test_supervised_lrc_also_draws_lrc_slices_from_unlabelled_data(phantoms, tmp_path):
+    other = write_phantom_dataset(tmp_path / "other", cases=3, seed=5, spacing_mm=(4.0, 4.0, 8.0),
+                                  montage=False)
+    cfg = make_cfg(phantoms, tmp_path / "run", "supervised", True, steps=3)
+    cfg.data = [str(other)]
+    data = build_pretrain_data(cfg, progress=False)
+    assert data.mixed_pool
+    sources = [s["cases"] for s in data.sources]
+    assert sources[0] == ["phantom_001"]  # the labelled train split of --labels
+    assert len(sources[1]) >= 1  # the other dataset's pool, used without its labels
+    labelled = [bool((data.dataset[i]["organs"] >= 0).any()) for i in range(len(data.dataset))]
+    assert any(labelled) and not all(labelled)
+    run_dir = pretrain(cfg, progress=False)
+    assert all(math.isfinite(row["loss/global"]) and row["loss/lrc"] > 0 for row in metrics(run_dir))
+    cfg.lrc.enabled = False
+    with pytest.raises(ConfigError, match="only the LRC loss uses"):
+        build_pretrain_data(cfg, progress=False)
+
+
+def test_online_probe_is_logged_and_leaves_training_bit_identical(phantoms, tmp_path):
+    probe_data = write_phantom_dataset(tmp_path / "probe_ph", cases=4, seed=2,
+                                       spacing_mm=(4.0, 4.0, 8.0), pretrain_fraction=0.25,
+                                       train_fraction=0.5, montage=False)
+    plain = pretrain(make_cfg(phantoms, tmp_path / "plain", "moco", True, steps=4), progress=False)
+    cfg = make_cfg(phantoms, tmp_path / "probed", "moco", True, steps=4)
+    cfg.probe.dataset, cfg.probe.every, cfg.probe.pixels = str(probe_data), 2, 500
+    probed = pretrain(cfg, progress=False)
+    rows = metrics(probed)
+    scored = [r for r in rows if "probe/mean_dice" in r]
+    assert [r["step"] for r in scored] == [2, 4]
+    assert all(0.0 <= r["probe/mean_dice"] <= 1.0 for r in scored)
+    assert [r["loss/total"] for r in metrics(plain)] == [r["loss/total"] for r in rows]
+    a, b = load_checkpoint(plain / "final.pt"), load_checkpoint(probed / "final.pt")
+    assert all(torch.equal(a["network"][k], b["network"][k]) for k in a["network"])
+
+
+def test_resume_refuses_a_different_network_and_records_a_longer_budget(phantoms, tmp_path):
+    import yaml
+
+    from lrcseg.errors import DataWarning
+
+    cfg = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=4)
+    run_dir = pretrain(cfg, progress=False, stop_at=2)
+    other = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=4)
+    other.model.backbone = "resnet18"
+    with pytest.raises(ConfigError, match="model.backbone 'resnet10' -> 'resnet18'"):
+        pretrain(other, resume=True, progress=False)
+    longer = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=5)
+    with pytest.warns(DataWarning, match="run.steps 4 -> 5"):
+        pretrain(longer, resume=True, progress=False)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["steps"] == 5
+    assert load_checkpoint(run_dir / "final.pt")["step"] == 5

@@ -40,8 +40,10 @@ def box_overlap(box1: Tensor, box2: Tensor) -> Tensor:
 class PairedViewAugment:
     """Two augmented views of a batch of slices and of their region maps.
 
-    cfg: AugmentConfig. Crop area ~ U(crop_scale) of the input canvas, aspect ratio (width /
-    height in pixels) log-uniform in crop_ratio, each side clipped to the canvas; the second
+    cfg: AugmentConfig. Crop size: with ``cfg.zoom`` (the default) a crop of side
+    image_size / z pixels at the slice's native spacing, z log-uniform in zoom (fine-tuning's
+    scale range); with zoom None, a crop area ~ U(crop_scale) of the input canvas. Aspect
+    ratio (width / height in pixels) log-uniform in crop_ratio, each side clipped to the canvas; the second
     crop is drawn so the two crops overlap by >= min_overlap of the smaller one (rejection
     sampling, CROP_TRIES candidates, then a fallback that moves the candidate's centre towards
     the first crop, and as a last resort copies the first crop). Rotation ~ U(+-rotation_deg)
@@ -83,10 +85,15 @@ class PairedViewAugment:
     # ------------------------------------------------------------------ geometry
     def sample_crops(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
         """n random resized crop boxes (n, 4) = (cx, cy, w, h) in fractions of the canvas."""
-        lo_s, hi_s = self.cfg.crop_scale
         lo_r, hi_r = math.log(self.cfg.crop_ratio[0]), math.log(self.cfg.crop_ratio[1])
         u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
-        area = (lo_s + (hi_s - lo_s) * u[:, 0]) * height * width
+        if self.cfg.zoom is not None:
+            lo_z, hi_z = math.log(self.cfg.zoom[0]), math.log(self.cfg.zoom[1])
+            side = self.cfg.image_size / torch.exp(lo_z + (hi_z - lo_z) * u[:, 0])
+            area = side * side
+        else:
+            lo_s, hi_s = self.cfg.crop_scale
+            area = (lo_s + (hi_s - lo_s) * u[:, 0]) * height * width
         ratio = torch.exp(lo_r + (hi_r - lo_r) * u[:, 1])
         bw = (torch.sqrt(area * ratio) / width).clamp(max=1.0)
         bh = (torch.sqrt(area / ratio) / height).clamp(max=1.0)

@@ -1,18 +1,24 @@
 """The ``lrcseg`` command: parse arguments, call the library, print results.
 
 Each subcommand lives in ``lrcseg.commands.<name>`` with ``add_arguments(parser)`` and
-``run(args) -> int``. User-facing errors (``LrcsegError``) print one line naming the file and
-the problem and exit 1; nothing else is caught.
+``run(args) -> int``. The one error boundary is :func:`main`:
+- user errors (``LrcsegError``: bad data, bad configuration) print one line naming the file
+  and the problem, exit 1;
+- environment faults (``OSError``: disk full, read-only file system, permission, not a
+  directory...) print one line naming the path and the cause, exit 2;
+- ``DataWarning``s print as one line each (once per message) and the command goes on;
+- Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
 from lrcseg import __version__
-from lrcseg.errors import LrcsegError
+from lrcseg.errors import DataWarning, LrcsegError, handle_data_warnings
 
 # (subcommand, module, one-line help). Order is the order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -24,6 +30,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("export", "export", "export pre-trained U-Net weights loadable by MONAI FlexibleUNet"),
     ("finetune", "finetune", "fine-tune a segmentation U-Net on a few labelled volumes"),
     ("evaluate", "evaluate", "per-organ Dice and HD95 of a fine-tuned model on a dataset"),
+    ("probe", "probe", "frozen-feature dense linear probe of a network (pre-trained, exported, scratch)"),
     ("predict", "predict", "write segmentation masks for NIfTI files or DICOM series"),
     ("experiment", "experiment", "run a matrix of initialisations x labelled cases x seeds"),
 ]
@@ -57,14 +64,39 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    prefix = f"lrcseg {args.command}"
+    shown: set[str] = set()
+
+    def print_warning(warning: DataWarning) -> None:
+        if str(warning) not in shown:
+            shown.add(str(warning))
+            print(f"{prefix}: warning: {warning}", file=sys.stderr)
+
     try:
-        return int(args._run(args) or 0)
+        with handle_data_warnings(print_warning):
+            if getattr(args, "resume", False) and getattr(args, "out", None):
+                from lrcseg.train.common import check_resumable
+
+                check_resumable(args.out)  # before the run's config.yaml is read
+            return int(args._run(args) or 0)
     except LrcsegError as exc:
-        print(f"lrcseg {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"lrcseg {args.command}: interrupted", file=sys.stderr)
+        print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+
+
+def describe_os_error(exc: OSError) -> str:
+    """'PATH: cause (ENAME)' for an environment fault, e.g. a full disk or a read-only folder."""
+    cause = exc.strerror or (str(exc.args[0]) if exc.args else type(exc).__name__)
+    if exc.errno in errno.errorcode:
+        cause += f" ({errno.errorcode[exc.errno]})"
+    paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{' -> '.join(paths)}: {cause}" if paths else cause
 
 
 if __name__ == "__main__":

@@ -109,77 +109,106 @@ class AugmentConfig:
     """Two-view augmentation for pre-training (geometric part shared with the region map).
 
     image_size: output side of each view (pixels).
-    crop_scale: random resized crop area as a fraction of the slice canvas.
+    zoom: view scale relative to the slice's native (preprocessed) spacing, log-uniform in
+        this range: a crop of about image_size / zoom pixels is resized to image_size, the
+        same 0.8-1.25 zoom fine-tuning uses, so pre-training sees organs at the size
+        fine-tuning does. None = the older canvas-relative crop (``crop_scale``).
+    crop_scale: with zoom None, random resized crop area as a fraction of the slice canvas.
     crop_ratio: aspect ratio range of the crop.
     min_overlap: both crops overlap by at least this share of the smaller crop.
-    hflip: allow left-right flips in pre-training views (never in fine-tuning with laterality).
+    hflip: allow left-right flips (off by default: CT labels have laterality, and a flipped
+        view puts the liver on the patient's left, a layout fine-tuning never sees).
     rotation_deg: maximum absolute rotation.
-    brightness, contrast: additive / multiplicative jitter amplitudes on [0, 1] images.
-    gamma: gamma range; noise_std: Gaussian noise std; blur_prob / blur_sigma: Gaussian blur.
+    brightness, contrast: additive / multiplicative jitter amplitudes on [0, 1] images. The
+        defaults stay below +-10 HU on the -175..250 window (brightness 0.02 = 8.5 HU): larger
+        jitter is of the size of the organ contrasts themselves (liver 110, spleen 115 HU).
+    gamma: gamma range ((1, 1) = off: gamma bends HU non-linearly, organ contrasts with it).
+    noise_std: Gaussian noise std (the largest per-sample std; 0.02 = 8.5 HU);
+    blur_prob / blur_sigma: Gaussian blur.
     """
 
     image_size: int = 224
+    zoom: tuple[float, float] | None = (0.8, 1.25)
     crop_scale: tuple[float, float] = (0.35, 1.0)
     crop_ratio: tuple[float, float] = (0.75, 1.3333)
     min_overlap: float = 0.3
-    hflip: bool = True
+    hflip: bool = False
     rotation_deg: float = 10.0
-    brightness: float = 0.1
-    contrast: float = 0.2
-    gamma: tuple[float, float] = (0.8, 1.25)
-    noise_std: float = 0.03
+    brightness: float = 0.02
+    contrast: float = 0.05
+    gamma: tuple[float, float] = (1.0, 1.0)
+    noise_std: float = 0.02
     blur_prob: float = 0.3
-    blur_sigma: tuple[float, float] = (0.1, 1.5)
+    blur_sigma: tuple[float, float] = (0.1, 1.0)
 
     def __post_init__(self) -> None:
+        self.zoom = None if self.zoom is None else tuple(float(z) for z in self.zoom)
         self.crop_scale = tuple(self.crop_scale)
         self.crop_ratio = tuple(self.crop_ratio)
         self.gamma = tuple(self.gamma)
         self.blur_sigma = tuple(self.blur_sigma)
         _check(self.image_size >= 32 and self.image_size % 32 == 0,
                f"Illegal image_size {self.image_size}: must be a multiple of 32, >= 32")
+        _check(self.zoom is None or (len(self.zoom) == 2 and 0 < self.zoom[0] <= self.zoom[1]),
+               f"Illegal zoom {self.zoom}: (low, high) with 0 < low <= high, or null")
         _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, f"Illegal crop_scale {self.crop_scale}")
         _check(0 < self.crop_ratio[0] <= self.crop_ratio[1], f"Illegal crop_ratio {self.crop_ratio}")
         _check(0 <= self.min_overlap < 1, f"Illegal min_overlap {self.min_overlap}: need 0 <= x < 1")
         _check(self.rotation_deg >= 0, f"Illegal rotation_deg {self.rotation_deg}")
+        _check(len(self.gamma) == 2 and 0 < self.gamma[0] <= self.gamma[1], f"Illegal gamma {self.gamma}")
 
 
 @dataclass
 class ModelConfig:
     """2D U-Net (MONAI FlexibleUNet) with a ResNet encoder, plus pre-training heads.
 
-    local_level: index of the decoder block whose output feeds the local head; decoder block i
-        has stride 16 / 2**i, so 2 = 1/4 resolution (64 channels with the default decoder).
+    local_levels: decoder blocks whose outputs feed a local head each (LRC is computed at each
+        and averaged); decoder block i has stride 16 / 2**i, so 2 = 1/4, 3 = 1/2 and
+        4 = full resolution (64, 32 and 16 channels with the default decoder). The decoder runs
+        up to the finest level listed; (2, 3, 4) trains the whole decoder.
     proj_dim: output width of both projection heads.
     """
 
     backbone: str = "resnet50"
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
-    local_level: int = 2
+    local_levels: tuple[int, ...] = (3,)
     proj_dim: int = 128
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
+        self.local_levels = tuple(int(v) for v in self.local_levels)
         _check(self.backbone in ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
                f"Illegal backbone {self.backbone!r}: one of resnet10/18/34/50/101")
         _check(len(self.decoder_channels) == 5, "decoder_channels needs 5 entries (1/16 ... 1/1)")
-        _check(0 <= self.local_level < 5, f"Illegal local_level {self.local_level}: 0..4")
+        _check(len(self.local_levels) >= 1 and len(set(self.local_levels)) == len(self.local_levels)
+               and all(0 <= v < 5 for v in self.local_levels),
+               f"Illegal local_levels {self.local_levels}: distinct decoder levels in 0..4")
         _check(self.proj_dim > 0, f"Illegal proj_dim {self.proj_dim}")
 
     @property
-    def local_stride(self) -> int:
-        return 16 // 2**self.local_level
+    def local_strides(self) -> tuple[int, ...]:
+        return tuple(16 // 2**v for v in self.local_levels)
 
 
 @dataclass
 class LRCConfig:
-    """The localized region contrastive sampling loss (docs/METHOD.md section 6)."""
+    """The localized region contrastive sampling loss (docs/METHOD.md section 6).
+
+    sampling: how the N regions per image are drawn among the valid ones: "area"
+        (proportional to area, the large background tissue dominates), "uniform", or
+        "intensity" (label-free balance: uniform over bins of the regions' mean window
+        intensity, then uniform within a bin, so fat, muscle and organ-bright regions are
+        drawn equally often).
+    intensity_bins: bins over [0, 1] for sampling "intensity".
+    """
 
     enabled: bool = True
     variant: str = "pixel"
-    num_regions: int = 16
+    num_regions: int = 48
     pixels_per_region: int = 8
     min_pixels: int = 4
+    sampling: str = "uniform"
+    intensity_bins: int = 8
     temperature: float = 0.1
     negatives: str = "image"
     weight: float = 1.0
@@ -187,6 +216,9 @@ class LRCConfig:
     def __post_init__(self) -> None:
         _check(self.variant in ("pixel", "region"), f"Illegal LRC variant {self.variant!r}")
         _check(self.negatives in ("image", "batch"), f"Illegal LRC negatives {self.negatives!r}")
+        _check(self.sampling in ("area", "uniform", "intensity"),
+               f"Illegal LRC sampling {self.sampling!r}: area, uniform or intensity")
+        _check(self.intensity_bins >= 2, f"Illegal intensity_bins {self.intensity_bins}: need >= 2")
         _check(self.num_regions >= 2, f"Illegal num_regions {self.num_regions}: need >= 2")
         _check(self.pixels_per_region >= 1, f"Illegal pixels_per_region {self.pixels_per_region}")
         _check(self.min_pixels >= 1, f"Illegal min_pixels {self.min_pixels}")
@@ -196,14 +228,24 @@ class LRCConfig:
 
 @dataclass
 class MocoConfig:
-    """MoCo v2 global loss. queue_size None = auto (see docs/METHOD.md section 5)."""
+    """MoCo v2 global loss. queue_size None = auto (see docs/METHOD.md section 5).
+
+    position_partitions: 0 = instance discrimination (MoCo v2). P > 0: each volume's body
+        slices are cut into P equal bands of relative z, and the queue keys of slices in the
+        query's band (of any volume) are positives too (Chaitanya et al. 2020, "global"
+        strategy): neighbouring and same-level slices of other scans stop being negatives.
+        Assumes the volumes cover similar anatomical ranges.
+    """
 
     temperature: float = 0.2
     momentum: float = 0.99
     queue_size: int | None = None
     shuffle_bn: bool = True
+    position_partitions: int = 0
 
     def __post_init__(self) -> None:
+        _check(self.position_partitions >= 0,
+               f"Illegal position_partitions {self.position_partitions}: need >= 0")
         _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
         _check(0 <= self.momentum < 1, f"Illegal momentum {self.momentum}: need 0 <= m < 1")
         _check(self.queue_size is None or self.queue_size > 0, f"Illegal queue_size {self.queue_size}")
@@ -262,10 +304,13 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    """Settings every training run shares (where, how long, on what)."""
+    """Settings every training run shares (where, how long, on what).
+
+    steps: optimiser steps; None only for fine-tuning, where it means the automatic budget.
+    """
 
     out: str = "runs/run"
-    steps: int = 1000
+    steps: int | None = 1000
     batch_size: int = 32
     seed: int = 0
     workers: int = 0
@@ -278,11 +323,36 @@ class RunConfig:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.steps >= 1, f"Illegal steps {self.steps}")
+        _check(self.steps is None or self.steps >= 1, f"Illegal steps {self.steps}")
         _check(self.batch_size >= 1, f"Illegal batch_size {self.batch_size}")
         _check(self.workers >= 0, f"Illegal workers {self.workers}")
         _check(self.checkpoint_every >= 1, f"Illegal checkpoint_every {self.checkpoint_every}")
         _check(self.log_every >= 1, f"Illegal log_every {self.log_every}")
+
+
+@dataclass
+class OnlineProbeConfig:
+    """A frozen-feature linear probe run during pre-training (``lrcseg.probe.OnlineProbe``).
+
+    dataset: a labelled dataset (None = off); every: probe every N steps (and at the end);
+    labeled, split_seed: the K cases the probe is fitted on (as fine-tuning draws them);
+    max_cases: it is scored on up to this many other "train" cases (never the test split);
+    pixels: its class-balanced pixel budget. Logged as "probe/..." in metrics.jsonl and
+    TensorBoard.
+    """
+
+    dataset: str | None = None
+    every: int = 100
+    labeled: int = 1
+    split_seed: int = 0
+    max_cases: int = 3
+    pixels: int = 20000
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"Illegal probe.every {self.every}: need >= 1")
+        _check(self.labeled >= 1, f"Illegal probe.labeled {self.labeled}: need >= 1")
+        _check(self.max_cases >= 1, f"Illegal probe.max_cases {self.max_cases}: need >= 1")
+        _check(self.pixels >= 100, f"Illegal probe.pixels {self.pixels}: need >= 100")
 
 
 @dataclass
@@ -303,12 +373,14 @@ class PretrainConfig:
     byol: BYOLConfig = field(default_factory=BYOLConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
     def __post_init__(self) -> None:
         _check(self.method in ("moco", "simclr", "byol", "none", "supervised"),
                f"Illegal method {self.method!r}: one of moco, simclr, byol, none, supervised")
         _check(self.method != "none" or self.lrc.enabled,
                "method 'none' without LRC has no loss: enable LRC or pick a global method")
+        _check(self.run.steps is not None, "pre-training needs run.steps (no automatic budget)")
 
 
 @dataclass
@@ -317,20 +389,22 @@ class FinetuneConfig:
 
     init: "scratch", a pre-training run folder, or an exported/checkpoint file.
     labeled: number of labelled training cases (int >= 1) or a fraction in (0, 1).
-    steps: None = auto budget scaled with the labelled slices (same for every init).
+    run.steps: the budget; None = auto, scaled with the labelled slices (same for every init).
+    snapshots: steps at which the weights are also saved (``snapshot_<step>.pt``, loadable
+        like ``final.pt``) for a learning curve; each must be < the budget.
     """
 
     dataset: str = ""
     init: str = "scratch"
     labeled: float = 1
     split_seed: int = 0
-    steps: int | None = None
+    snapshots: list[int] = field(default_factory=list)
     label_map: str | None = None
     allow_mismatch: bool = False
-    run: RunConfig = field(default_factory=lambda: RunConfig(steps=500, batch_size=8))
+    run: RunConfig = field(default_factory=lambda: RunConfig(steps=None, batch_size=8))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=3e-4, warmup_steps=20))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
     image_size: int = 224
     rotation_deg: float = 10.0
     hflip: bool = False
@@ -340,6 +414,11 @@ class FinetuneConfig:
         _check(self.labeled < 1 or float(self.labeled).is_integer(),
                f"Illegal labeled {self.labeled}: an integer count or a fraction in (0, 1)")
         _check(self.image_size % 32 == 0, f"Illegal image_size {self.image_size}: multiple of 32")
+        self.snapshots = sorted(int(s) for s in self.snapshots)
+        _check(all(s >= 1 for s in self.snapshots) and len(set(self.snapshots)) == len(self.snapshots),
+               f"Illegal snapshots {self.snapshots}: distinct steps >= 1")
+        _check(self.run.steps is None or not self.snapshots or self.snapshots[-1] < self.run.steps,
+               f"Illegal snapshots {self.snapshots}: each must be < the budget {self.run.steps}")
 
 
 # --------------------------------------------------------------------------- (de)serialisation

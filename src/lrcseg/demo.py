@@ -76,7 +76,7 @@ def demo_configs(out: Path, size: DemoSize, device: str, seed: int = 0
     finetune = {
         f"ft_{init}": FinetuneConfig(
             dataset=data, init="scratch" if init == "scratch" else str(out / "runs" / init),
-            labeled=1, split_seed=seed, steps=size.finetune_steps,
+            labeled=1, split_seed=seed,
             run=run(f"ft_{init}", size.finetune_steps), preprocess=preprocess, model=model,
             image_size=size.image_size, optim=OptimConfig(lr=1e-3, warmup_steps=5))
         for init in INITIALISATIONS
@@ -131,7 +131,7 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
     for name, cfg in finetune_cfgs.items():
         if not (Path(cfg.run.out) / "final.pt").is_file():
             resume = (Path(cfg.run.out) / "checkpoint.pt").is_file()
-            _say(f"5/6 fine-tuning {name} on {int(cfg.labeled)} labelled case ({cfg.steps} steps)")
+            _say(f"5/6 fine-tuning {name} on {int(cfg.labeled)} labelled case ({cfg.run.steps} steps)")
             finetune(cfg, resume=resume, progress=progress)
         metrics_path = Path(cfg.run.out) / "metrics.json"
         _say(f"6/6 evaluating {name} on the test split")

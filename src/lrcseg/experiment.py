@@ -1,16 +1,24 @@
 """The experiment runner: initialisations x labelled cases (K) x draws x seeds, fairly.
 
-    phantoms (optional) -> for each (initialisation, seed): one pre-training run (shared by
-    every K and draw) -> for each cell (initialisation, K, draw, seed): fine-tune on the K
-    cases drawn by ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget
-    -> evaluate on the test split -> results.csv, report.md, figures
+    phantoms (optional) -> for each (initialisation, seed), one self-contained block:
+        one pre-training run (shared by every K and draw)
+        -> with ``probe``: a frozen-feature linear probe per (K, draw) (``lrcseg.probe``)
+        -> for each cell (initialisation, K, draw, seed): fine-tune on the K cases drawn by
+           ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget ->
+           evaluate on the test split (and, for the ``learning_curve`` initialisations, the
+           snapshots at 1/4 and 1/2 of the budget)
+        -> without ``keep_checkpoints``: the block's weights are deleted once its metrics
+           are written, so a long run only ever holds one block's checkpoints
+    -> results.csv, probe_results.csv, report.md, figures
 
 Output folder::
 
     experiment.yaml                 the resolved configuration (a rerun must match it)
     runs/pretrain/<init>_s<seed>/   pre-training run folders
     runs/finetune/<init>/K<k>_d<draw>_s<seed>/   fine-tuning runs, each with metrics.json
-    results.csv, report.md, figures/, timings.json
+                                    (and metrics_step<N>.json for learning-curve snapshots)
+    runs/probe/<init>/K<k>_d<draw>_s<seed>/metrics.json   probes (seed = pre-training seed)
+    results.csv, probe_results.csv, report.md, figures/, timings.json
 
 Resuming: a cell whose ``metrics.json`` exists is never rerun; a run folder with a
 ``checkpoint.pt`` continues with ``resume=True``; a run folder that crashed before its first
@@ -59,17 +67,19 @@ from lrcseg.config import (
     save_config,
     stable_hash,
     to_dict,
+    update_dict,
 )
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_json, atomic_write_text
 
 PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
 # Fields that may change between invocations of the same experiment without changing results.
-_RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note")
+_RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note", "keep_checkpoints")
 # Fields that choose which cells exist and how they are reported: a finished cell stays valid
 # when they change (an initialisation's definition is checked name by name instead).
 _MATRIX_FIELDS = ("initialisations", "labeled", "draws", "seeds", "baselines",
-                  "bootstrap_resamples", "bootstrap_seed", "qualitative_figure")
+                  "bootstrap_resamples", "bootstrap_seed", "qualitative_figure", "probe",
+                  "finetune", "learning_curve")
 _NOT_COMPARED = (*_RUNTIME_FIELDS, *_MATRIX_FIELDS)
 
 
@@ -106,6 +116,9 @@ class InitSpec:
         supervised); "none" = LRC alone.
     lrc: add the LRC loss. regions: "felzenszwalb" or "grid" local regions.
     lrc_weight, lrc_temperature: overrides of lambda and tau_local (None = the default).
+    overrides: nested keys of the pre-training config for this initialisation only (applied
+        after the experiment's ``pretrain_overrides``), e.g. ``{model: {local_levels: [2, 3,
+        4]}, moco: {momentum: 0.99}}``.
     """
 
     name: str = ""
@@ -114,6 +127,7 @@ class InitSpec:
     regions: str = "felzenszwalb"
     lrc_weight: float | None = None
     lrc_temperature: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(".", "").isalnum(),
@@ -127,6 +141,10 @@ class InitSpec:
                f"initialisation {self.name}: scratch has no pre-training to add LRC to")
         _check(self.method != "none" or self.lrc,
                f"initialisation {self.name}: method 'none' needs lrc: true (LRC alone)")
+        _check(isinstance(self.overrides, dict),
+               f"initialisation {self.name}: overrides must be a mapping of config keys")
+        _check(self.method != "scratch" or not self.overrides,
+               f"initialisation {self.name}: scratch has no pre-training to override")
 
     @property
     def pretrained(self) -> bool:
@@ -146,6 +164,16 @@ class ExperimentConfig:
     baselines: initialisation names every other one is compared with (paired tests).
     configurations_tried: how many configurations were run before this one (reported).
     bootstrap_resamples, bootstrap_seed: the paired bootstrap of the report.
+    pretrain_overrides: nested keys applied to every pre-training config (e.g. superpixels,
+        augmentation, LRC sampling), before each initialisation's own ``overrides``.
+    probe: also run the frozen-feature linear probe (``lrcseg.probe.evaluate_probe``) of
+        every (initialisation, seed) at each (K, draw), scored on ``eval_split``;
+        probe_pixels is its pixel budget. Scratch is probed as a random network per seed.
+    finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
+    learning_curve: initialisations whose cells are also evaluated after 1/4 and 1/2 of the
+        fine-tuning budget (the report states the change over the last doubling).
+    keep_checkpoints: False deletes each block's weights once its metrics are written
+        (pre-training weights once every probe and cell of the block has finished).
     """
 
     dataset: str | None = None
@@ -174,6 +202,12 @@ class ExperimentConfig:
     bootstrap_seed: int = 0
     qualitative_figure: bool = True
     cache_dir: str | None = None
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    probe: bool = False
+    probe_pixels: int = 20000
+    finetune: bool = True
+    learning_curve: list[str] = field(default_factory=list)
+    keep_checkpoints: bool = True
 
     def __post_init__(self) -> None:
         self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
@@ -207,6 +241,12 @@ class ExperimentConfig:
                "(or pretrain for a hyper-parameter sweep)")
         unknown = sorted(set(self.baselines) - set(names))
         _check(not unknown, f"baselines {unknown} are not initialisations ({names})")
+        unknown = sorted(set(self.learning_curve) - set(names))
+        _check(not unknown, f"learning_curve {unknown} are not initialisations ({names})")
+        _check(self.finetune or self.probe, "finetune: false needs probe: true (nothing to run)")
+        _check(self.probe_pixels >= 100, f"Illegal probe_pixels {self.probe_pixels}: need >= 100")
+        _check(isinstance(self.pretrain_overrides, dict),
+               "pretrain_overrides must be a mapping of pre-training config keys")
         if any(s.method == "supervised" for s in self.initialisations):
             _check(self.labels_dataset is not None,
                    "a 'supervised' initialisation needs labels_dataset (the labelled source)")
@@ -240,6 +280,31 @@ def cells(cfg: ExperimentConfig) -> list[Cell]:
             for k in cfg.labeled for draw in cfg.draws]
 
 
+def block_tasks(cfg: ExperimentConfig) -> list[tuple[str, Cell]]:
+    """("probe" | "finetune", cell) in run order: block by block ((initialisation, seed)),
+    seed by seed (every initialisation of seed 0 first, so a partial run already holds
+    complete pairs), the block's probes (cheap, and the first answer) before its fine-tunes."""
+    tasks: list[tuple[str, Cell]] = []
+    for seed in cfg.seeds:
+        for spec in cfg.initialisations:
+            block = [Cell(spec.name, k, draw, seed) for k in cfg.labeled for draw in cfg.draws]
+            if cfg.probe:
+                tasks += [("probe", c) for c in block]
+            if cfg.finetune:
+                tasks += [("finetune", c) for c in block]
+    return tasks
+
+
+def _task_metrics(out_dir: Path, kind: str, cell: Cell) -> Path:
+    return (probe_dir(out_dir, cell) if kind == "probe" else cell_dir(out_dir, cell)) / "metrics.json"
+
+
+def _delete_weights(run_dir: Path) -> None:
+    """Remove a finished run's weights (*.pt); its config, logs and metrics stay."""
+    for path in run_dir.glob("*.pt"):
+        path.unlink(missing_ok=True)
+
+
 def pretrain_dir(out_dir: Path, init: str, seed: int) -> Path:
     """The pre-training run of initialisation ``init`` with ``seed`` (shared by its cells)."""
     return out_dir / "runs" / "pretrain" / f"{init}_s{seed}"
@@ -248,6 +313,21 @@ def pretrain_dir(out_dir: Path, init: str, seed: int) -> Path:
 def cell_dir(out_dir: Path, cell: Cell) -> Path:
     """The fine-tuning run of ``cell``; its ``metrics.json`` marks the cell as finished."""
     return out_dir / "runs" / "finetune" / cell.folder
+
+
+def probe_dir(out_dir: Path, cell: Cell) -> Path:
+    """The probe of ``cell.init``'s pre-training with ``cell.seed`` at (K, draw)."""
+    return out_dir / "runs" / "probe" / cell.folder
+
+
+def curve_steps(cfg: ExperimentConfig) -> list[int]:
+    """Learning-curve points before the full budget: 1/4 and 1/2 of it (distinct, >= 1)."""
+    return sorted({s for s in (cfg.finetune_steps // 4, cfg.finetune_steps // 2)
+                   if 1 <= s < cfg.finetune_steps})
+
+
+def curve_metrics_path(out_dir: Path, cell: Cell, step: int) -> Path:
+    return cell_dir(out_dir, cell) / f"metrics_step{step}.json"
 
 
 def dataset_path(cfg: ExperimentConfig, out_dir: Path) -> Path:
@@ -276,7 +356,7 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
     sources = [str(data)]
     if spec.method == "supervised":
         sources = [str(cfg.labels_dataset)]
-    return PretrainConfig(
+    base = PretrainConfig(
         data=sources, method=spec.method,
         labels=cfg.labels_dataset if spec.method == "supervised" else None,
         run=_run(pretrain_dir(out_dir, spec.name, seed), cfg.pretrain_steps,
@@ -286,6 +366,16 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
         augment=AugmentConfig(image_size=cfg.image_size),
         model=ModelConfig(backbone=cfg.backbone), lrc=lrc,
         optim=OptimConfig(lr=cfg.pretrain_lr, warmup_steps=cfg.warmup_steps))
+    if not cfg.pretrain_overrides and not spec.overrides:
+        return base
+    merged = update_dict(update_dict(to_dict(base), cfg.pretrain_overrides), spec.overrides)
+    for section, key in (("run", "out"), ("run", "seed"), ("run", "steps"), ("data", None),
+                         ("method", None), ("model", "backbone"), ("preprocess", None)):
+        changed = merged[section] != to_dict(base)[section] if key is None else \
+            merged[section][key] != getattr(getattr(base, section), key)
+        _check(not changed, f"initialisation {spec.name}: overrides may not change "
+               f"{section if key is None else section + '.' + key} (the experiment sets it)")
+    return from_dict(PretrainConfig, merged)
 
 
 def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path) -> FinetuneConfig:
@@ -295,7 +385,7 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path
             if spec.pretrained else "scratch")
     return FinetuneConfig(
         dataset=str(data), init=init, labeled=cell.labeled, split_seed=cell.draw,
-        steps=cfg.finetune_steps,
+        snapshots=curve_steps(cfg) if cell.init in cfg.learning_curve else [],
         run=_run(cell_dir(out_dir, cell), cfg.finetune_steps,
                  cfg.finetune_batch_size, cell.seed, cfg),
         preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
@@ -421,8 +511,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     """
     from lrcseg.evaluate import write_metrics
     from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.probe import evaluate_probe
     from lrcseg.train.common import resolve_device
-    from lrcseg.train.finetune import finetune
+    from lrcseg.train.finetune import finetune, snapshot_name
     from lrcseg.train.pretrain import pretrain
 
     t0 = time.time()
@@ -441,7 +532,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
 
-    all_cells = cells(cfg)
+    tasks = block_tasks(cfg)
     device = resolve_device(cfg.device)
     trained = {"pretrain": 0, "finetune": 0}
     locks = out_dir / "locks"
@@ -471,35 +562,80 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                 return True
             if spec.pretrained and not ensure_pretrained(spec, cell.seed, wait):
                 return False
-            _say(f"cell {i}/{len(all_cells)}: {cell.folder} ({cfg.finetune_steps} steps)")
+            _say(f"cell {i}/{len(tasks)}: {cell.folder} ({cfg.finetune_steps} steps)")
             trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
+            for step in ft_cfg.snapshots:  # learning-curve points first: metrics.json = done
+                result = evaluate_model(ft_dir / snapshot_name(step), data, cfg.eval_split,
+                                        device, progress=progress)
+                write_metrics(result, curve_metrics_path(out_dir, cell, step))
             result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
             write_metrics(result, metrics_path)
+            if not cfg.keep_checkpoints:
+                _delete_weights(ft_dir)
             return True
+
+    def attempt_probe(i: int, cell: Cell, wait: bool) -> bool:
+        """Probe ``cell.init``'s pre-training (or a random network) at (K, draw)."""
+        metrics_path = probe_dir(out_dir, cell) / "metrics.json"
+        spec = cfg.init(cell.init)
+        with _lock(locks / f"probe_{cell.init}_{Path(cell.folder).name}.lock", wait) as held:
+            if not held:
+                return False
+            if metrics_path.is_file():
+                return True
+            if spec.pretrained and not ensure_pretrained(spec, cell.seed, wait):
+                return False
+            _say(f"probe {i}/{len(tasks)}: {cell.folder}")
+            scratch = not spec.pretrained
+            result = evaluate_probe(
+                "scratch" if scratch else str(pretrain_dir(out_dir, spec.name, cell.seed)),
+                data, labeled=cell.labeled, split_seed=cell.draw, split=cfg.eval_split,
+                seed=cell.seed, backbone=cfg.backbone if scratch else None,
+                spacing_mm=cfg.spacing_mm if scratch else None, pixels=cfg.probe_pixels,
+                device=device, cache_dir=cfg.cache_dir, progress=progress)
+            write_metrics(result, metrics_path)
+            return True
+
+    def release_block(spec: InitSpec, seed: int) -> None:
+        """Delete the block's pre-training weights once every probe and cell of it is done."""
+        if cfg.keep_checkpoints or not spec.pretrained:
+            return
+        done = all(path.is_file() for kind, cell in tasks
+                   if cell.init == spec.name and cell.seed == seed
+                   for path in [_task_metrics(out_dir, kind, cell)])
+        if done:
+            with _lock(locks / f"pretrain_{spec.name}_s{seed}.lock", wait=True):
+                _delete_weights(pretrain_dir(out_dir, spec.name, seed))
 
     def out_of_time(i: int) -> bool:
         if max_seconds is None or time.time() - t0 < max_seconds:
             return False
-        _say(f"time budget of {max_seconds:.0f} s reached before cell {i}/{len(all_cells)}; "
+        _say(f"time budget of {max_seconds:.0f} s reached before task {i}/{len(tasks)}; "
              "rerun the same command to continue")
         return True
 
+    def run_task(i: int, kind: str, cell: Cell, wait: bool) -> bool:
+        ok = (attempt_probe if kind == "probe" else attempt)(i, cell, wait)
+        if ok:
+            release_block(cfg.init(cell.init), cell.seed)
+        return ok
+
     # First pass: skip what other processes hold; second pass: wait for it, so every process
     # helps until the matrix is done (a holder never waits on anything, so nothing deadlocks).
-    skipped: list[tuple[int, Cell]] = []
+    skipped: list[tuple[int, str, Cell]] = []
     stopped = False
-    for i, cell in enumerate(all_cells, 1):
-        if (cell_dir(out_dir, cell) / "metrics.json").is_file():
+    for i, (kind, cell) in enumerate(tasks, 1):
+        if _task_metrics(out_dir, kind, cell).is_file():
             continue
         if stopped := out_of_time(i):
             break
-        if not attempt(i, cell, wait=False):
-            _say(f"cell {i}/{len(all_cells)}: {cell.folder} is held by another process; later")
-            skipped.append((i, cell))
-    for i, cell in skipped:
+        if not run_task(i, kind, cell, wait=False):
+            _say(f"{kind} {i}/{len(tasks)}: {cell.folder} is held by another process; later")
+            skipped.append((i, kind, cell))
+    for i, kind, cell in skipped:
         if stopped or (stopped := out_of_time(i)):
             break
-        attempt(i, cell, wait=True)
+        run_task(i, kind, cell, wait=True)
 
     seconds = time.time() - t0
     timings = _record_time(out_dir, seconds, trained)
@@ -509,13 +645,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     # replaces a newer one with older numbers; it covers every initialisation of the folder.
     with _lock(locks / "report.lock", wait=True):
         results_path = write_results_csv(whole, out_dir)
-        if not load_results(whole, out_dir)[0]:
+        probe_path = write_results_csv(whole, out_dir, "probe") if whole.probe else None
+        if not load_results(whole, out_dir)[0] and not (probe_path and load_results(whole, out_dir, "probe")[0]):
             _say("no finished cell yet: results.csv has only its header, no report")
             return results_path
         qualitative = (_qualitative_rows(whole, data, out_dir, device)
                        if cfg.qualitative_figure else None)
         write_report(whole, out_dir, results_path, machine=_machine(), timings=timings,
-                     qualitative=qualitative)
+                     qualitative=qualitative, probe_path=probe_path,
+                     curves=learning_curves(whole, out_dir))
     _say(f"done: {results_path}, {out_dir / 'report.md'} "
          f"({trained['pretrain']} pre-training and {trained['finetune']} fine-tuning runs trained "
          f"in this call, {seconds:.0f} s)")
@@ -537,9 +675,18 @@ def _record_time(out_dir: Path, seconds: float, trained: dict[str, int]) -> dict
     return record
 
 
-def load_results(cfg: ExperimentConfig, out_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+def _metrics_path(out_dir: Path, cell: Cell, kind: str, step: int | None) -> Path:
+    if kind == "probe":
+        return probe_dir(out_dir, cell) / "metrics.json"
+    return curve_metrics_path(out_dir, cell, step) if step else cell_dir(out_dir, cell) / "metrics.json"
+
+
+def load_results(cfg: ExperimentConfig, out_dir: Path, kind: str = "finetune",
+                 step: int | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per finished cell and evaluated case, organ Dice (None if absent in both).
 
+    kind: "finetune" (the cells' metrics.json; with ``step``, their learning-curve snapshot
+    at that step) or "probe" (the probes; seed = the pre-training seed).
     Row keys: init, K, draw, seed, case, each organ, and "mean" (the mean over the organs
     with a Dice on that case). Returns (rows, organs).
     """
@@ -548,7 +695,7 @@ def load_results(cfg: ExperimentConfig, out_dir: Path) -> tuple[list[dict[str, A
     rows: list[dict[str, Any]] = []
     organs: list[str] = []
     for cell in cells(cfg):
-        path = cell_dir(out_dir, cell) / "metrics.json"
+        path = _metrics_path(out_dir, cell, kind, step)
         if not path.is_file():
             continue
         metrics = json.loads(path.read_text())
@@ -562,18 +709,48 @@ def load_results(cfg: ExperimentConfig, out_dir: Path) -> tuple[list[dict[str, A
     return rows, organs
 
 
-def write_results_csv(cfg: ExperimentConfig, out_dir: Path) -> Path:
-    """results.csv: init, K, draw, seed, case, organ Dice columns, mean (empty = no value)."""
-    rows, organs = load_results(cfg, out_dir)
+def write_results_csv(cfg: ExperimentConfig, out_dir: Path, kind: str = "finetune") -> Path:
+    """results.csv (probe_results.csv for kind "probe"): init, K, draw, seed, case, organ
+    Dice columns, mean (empty = no value)."""
+    rows, organs = load_results(cfg, out_dir, kind)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["init", "K", "draw", "seed", "case", *organs, "mean"])
     for row in rows:
         writer.writerow([row["init"], row["K"], row["draw"], row["seed"], row["case"],
                          *(_fmt(row[o]) for o in [*organs, "mean"])])
-    path = out_dir / "results.csv"
+    path = out_dir / ("probe_results.csv" if kind == "probe" else "results.csv")
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def learning_curves(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str, Any]]:
+    """Per learning-curve initialisation and K: mean Dice (over runs, each run averaged over
+    its cases) at 1/4, 1/2 and the whole budget, on the runs that have every point.
+
+    Returns [{"init", "K", "runs", "points": [(step, mean Dice)], "last_doubling": change}].
+    """
+    steps = [*curve_steps(cfg), cfg.finetune_steps]
+    out = []
+    for init in cfg.learning_curve:
+        for k in cfg.labeled:
+            per_step = {}
+            for step in steps:
+                rows, _ = load_results(cfg, out_dir, step=None if step == cfg.finetune_steps else step)
+                runs: dict[tuple, list[float]] = {}
+                for r in rows:
+                    if r["init"] == init and r["K"] == k and r["mean"] is not None:
+                        runs.setdefault((r["draw"], r["seed"]), []).append(r["mean"])
+                per_step[step] = {key: sum(v) / len(v) for key, v in runs.items()}
+            common = set.intersection(*(set(v) for v in per_step.values())) if per_step else set()
+            if not common:
+                continue
+            points = [(step, sum(per_step[step][key] for key in common) / len(common))
+                      for step in steps]
+            change = points[-1][1] - points[-2][1] if len(points) >= 2 else math.nan
+            out.append({"init": init, "K": k, "runs": len(common), "points": points,
+                        "last_doubling": change})
+    return out
 
 
 def _fmt(value: float | None) -> str:
@@ -598,8 +775,8 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
     k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
     runs = {s.name: cell_dir(out_dir, Cell(s.name, k, draw, seed))
             for s in cfg.initialisations}
-    if not all((r / "metrics.json").is_file() for r in runs.values()):
-        return None
+    if not all((r / "final.pt").is_file() for r in runs.values()):
+        return None  # not finished, or its weights were deleted (keep_checkpoints false)
     dataset = load_dataset(data)
     case = split_cases(dataset, cfg.eval_split)[0]
     image = read_image(case.image)

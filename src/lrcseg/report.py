@@ -146,6 +146,17 @@ def paired_run_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: st
             np.array([np.mean([b[key] for key in keys]) for keys in runs.values()]))
 
 
+def per_seed_differences(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
+                         column: str = "mean") -> dict[int, float]:
+    """``{seed: mean over its (draw, case) pairs of init - baseline}`` at K = ``k``: whether a
+    difference has the same sign for every (pre-training) seed."""
+    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
+    by_seed: dict[int, list[float]] = {}
+    for key in sorted(set(a) & set(b)):
+        by_seed.setdefault(int(key[1]), []).append(a[key] - b[key])
+    return {seed: float(np.mean(d)) for seed, d in sorted(by_seed.items())}
+
+
 def comparisons(rows: Sequence[Mapping[str, Any]], inits: Sequence[str], baselines: Sequence[str],
                 ks: Sequence[int], columns: Sequence[str], resamples: int = 10000, seed: int = 0,
                 per_run: bool = False) -> list[dict[str, Any]]:
@@ -342,11 +353,70 @@ def qualitative_figure(qualitative: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- report.md
 
 
+def probe_markdown(cfg: Any, probe_path: Path) -> str:
+    """The probe section: Dice per initialisation and K, per-run paired differences (pairs =
+    (draw, pre-training seed)) and the sign of each difference per pre-training seed."""
+    rows, organs = read_results_csv(probe_path)
+    if not rows:
+        return "No probe finished yet.\n"
+    inits = [s.name for s in cfg.initialisations]
+    ks = list(cfg.labeled)
+    columns = [*organs, "mean"]
+    table = summary(rows, columns)
+    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
+                          cfg.bootstrap_seed, per_run=True)
+    sign_lines = ["| K | init | baseline | Δ mean Dice per pre-training seed | same sign |",
+                  "|---|---|---|---|---|"]
+    for baseline in cfg.baselines:
+        for init in inits:
+            if init == baseline:
+                continue
+            for k in ks:
+                diffs = per_seed_differences(rows, init, baseline, k)
+                if not diffs:
+                    continue
+                same = all(d > 0 for d in diffs.values()) or all(d < 0 for d in diffs.values())
+                cells = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in diffs.items())
+                sign_lines.append(f"| {k} | {init} | {baseline} | {cells} | "
+                                  f"{'yes' if same else 'no'} |")
+    return f"""Frozen features (the probed network is never trained on the labels); a
+class-balanced softmax classifier on {cfg.probe_pixels} pixels of the K labelled cases
+(`lrcseg probe`, docs/METHOD.md), scored like fine-tuning on the `{cfg.eval_split}` split.
+Scratch = a random network per seed.
+
+{summary_markdown(table, inits, ks, columns)}
+
+Per run (each (draw, pre-training seed) averaged over its cases first):
+
+{comparisons_markdown(per_run, "mean")}
+
+{chr(10).join(sign_lines)}
+"""
+
+
+def curves_markdown(curves: Sequence[Mapping[str, Any]]) -> str:
+    """Learning-curve table: mean Dice at each budget point and the last doubling's change."""
+    if not curves:
+        return "No learning curve recorded.\n"
+    steps = [step for step, _ in curves[0]["points"]]
+    lines = ["| init | K | runs | " + " | ".join(f"{s} steps" for s in steps)
+             + " | last doubling |", "|---|---|---|" + "---|" * len(steps) + "---|"]
+    for c in curves:
+        lines.append(f"| {c['init']} | {c['K']} | {c['runs']} | "
+                     + " | ".join(f"{v:.3f}" for _, v in c["points"])
+                     + f" | {c['last_doubling']:+.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_report(cfg: Any, out_dir: Path, results_path: Path, machine: Mapping[str, str],
-                 timings: Mapping[str, Any], qualitative: Mapping[str, Any] | None = None) -> Path:
+                 timings: Mapping[str, Any], qualitative: Mapping[str, Any] | None = None,
+                 probe_path: Path | None = None,
+                 curves: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write report.md and figures/ of an experiment from its results.csv; returns the path.
 
     cfg: the ExperimentConfig (its settings, baselines and bootstrap parameters are used).
+    probe_path: probe_results.csv (same layout) for the probe section; curves: the
+    ``experiment.learning_curves`` rows for the convergence section.
     """
     import yaml
 
@@ -384,6 +454,14 @@ backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm in-plane
 
 **Configurations tried before this one: {cfg.configurations_tried}.**
 
+## Fine-tuning convergence
+
+Mean Dice (per run, over its cases) after 1/4, 1/2 and all of the budget, on the runs that
+have every point. A budget is converged enough to compare initialisations when the last
+doubling changes the mean Dice by less than 0.02.
+
+{curves_markdown(curves or [])}
+{"## Frozen-feature probe" + chr(10) + chr(10) + probe_markdown(cfg, probe_path) if probe_path else ""}
 Machine: {machine.get('platform')}; CPU {machine.get('cpu')}; GPU {machine.get('gpu')};
 torch {machine.get('torch')}. Time: {wall} summed over {len(timings.get('invocations', []))}
 invocation(s), counting parallel ones separately (`timings.json`).

@@ -37,8 +37,6 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
-    if args.steps is not None:  # the fine-tuning budget lives at the top level
-        overrides["steps"] = overrides["run"].pop("steps")
     config_file = args.config
     if args.resume and config_file is None:
         config_file = Path(args.out) / "config.yaml"

@@ -28,8 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lrc-weight", type=float, default=None, help="lambda in L = L_global + lambda L_LRC")
     parser.add_argument("--lrc-temperature", type=float, default=None)
     parser.add_argument("--lrc-variant", choices=["pixel", "region"], default=None)
+    parser.add_argument("--lrc-levels", default=None,
+                        help="decoder levels for LRC, comma-separated (2 = 1/4, 3 = 1/2 [default], "
+                             "4 = full resolution; 2,3,4 trains the whole decoder)")
+    parser.add_argument("--lrc-sampling", choices=["area", "uniform", "intensity"], default=None,
+                        help="how regions are drawn (default uniform)")
+    parser.add_argument("--lrc-regions", type=int, default=None,
+                        help="regions sampled per image (default 48)")
+    parser.add_argument("--lrc-min-pixels", type=int, default=None,
+                        help="pixels a region needs in both views at the local level (default 4)")
     parser.add_argument("--regions", choices=["felzenszwalb", "grid"], default=None,
                         help="region source (grid = ablation)")
+    parser.add_argument("--probe-dataset", default=None,
+                        help="labelled dataset for an online linear probe during pre-training")
+    parser.add_argument("--probe-every", type=int, default=None, help="probe every N steps (default 100)")
     parser.add_argument("--image-size", type=int, default=None, help="side of each view (pixels)")
     parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
     parser.add_argument("--sync-bn", action="store_true",
@@ -51,6 +63,19 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
     set_nested(overrides, "lrc", "weight", args.lrc_weight)
     set_nested(overrides, "lrc", "temperature", args.lrc_temperature)
     set_nested(overrides, "lrc", "variant", args.lrc_variant)
+    set_nested(overrides, "lrc", "sampling", args.lrc_sampling)
+    set_nested(overrides, "lrc", "num_regions", args.lrc_regions)
+    set_nested(overrides, "lrc", "min_pixels", args.lrc_min_pixels)
+    if args.lrc_levels is not None:
+        try:
+            levels = [int(v) for v in args.lrc_levels.split(",")]
+        except ValueError as exc:
+            from lrcseg.errors import ConfigError
+
+            raise ConfigError(f"--lrc-levels {args.lrc_levels!r}: comma-separated integers 0..4") from exc
+        set_nested(overrides, "model", "local_levels", levels)
+    set_nested(overrides, "probe", "dataset", args.probe_dataset)
+    set_nested(overrides, "probe", "every", args.probe_every)
     set_nested(overrides, "superpixels", "method", args.regions)
     set_nested(overrides, "augment", "image_size", args.image_size)
     set_nested(overrides, "run", "compile", args.compile)

@@ -67,8 +67,9 @@ class _CanvasSlices(Dataset):
 class PretrainSlices(_CanvasSlices):
     """Unlabelled slices with their superpixel regions for pre-training.
 
-    Item: {"image": (C, S, S) float16 in [0, 1], "regions": (S, S) int32 (0 = ignore)} and,
-    with ``with_organs``, "organs": (S, S) int16 organ labels (-1 for an unlabelled slice),
+    Item: {"image": (C, S, S) float16 in [0, 1], "regions": (S, S) int32 (0 = ignore),
+    "position": () float32, the slice's relative z among its volume's body slices (0 = the
+    lowest, 1 = the highest; 0.5 for a single slice)} and, with ``with_organs``, "organs": (S, S) int16 organ labels (-1 for an unlabelled slice),
     where C = windows x context slices and S the canvas side. Items are kept compact (the
     cache's float16, 8 bytes per pixel in all) because the loader ships them between
     processes and to the GPU; the training step converts them on the device.
@@ -84,11 +85,19 @@ class PretrainSlices(_CanvasSlices):
         self.with_organs = with_organs
         #: the largest region id in the data: lets the LRC loss size its tables without a sync
         self.max_region_id = max((int(np.max(r)) for r in self.regions if np.size(r)), default=0)
+        extent: dict[int, tuple[int, int]] = {}
+        for v, z in self.index:
+            lo, hi = extent.get(v, (z, z))
+            extent[v] = (min(lo, z), max(hi, z))
+        self._extent = extent
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         v, z, image = self._slice(i)
         regions = np.asarray(self.regions[v][z], dtype=np.int32)
-        item = {"image": image, "regions": self._padded(regions)}
+        lo, hi = self._extent[v]
+        position = 0.5 if hi == lo else (z - lo) / (hi - lo)
+        item = {"image": image, "regions": self._padded(regions),
+                "position": torch.tensor(position, dtype=torch.float32)}
         if self.with_organs:
             label = self.volumes[v].label
             if label is not None:

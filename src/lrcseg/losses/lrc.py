@@ -11,8 +11,11 @@ Pipeline for a batch of two views (all steps batched, no Python loop over images
 2. ``valid_regions``: region r of image b is valid if it has >= p_min pixels in *both* views
    (id 0 = outside the body is never valid).
 3. ``sample_regions``: per image, N valid regions without replacement with probability
-   proportional to their area (pixels in view 1 + view 2), then P pixels per sampled region
-   and view, uniformly among the region's pixels (without replacement when the region has
+   proportional to a weight: their area (pixels in view 1 + view 2, ``sampling="area"``), 1
+   (``"uniform"``), or 1 / (valid regions of the image in the same bin of mean window
+   intensity) (``"intensity"``: every intensity bin is drawn equally often, so the many
+   fat and muscle regions do not crowd out the few organ-bright ones), then P pixels per
+   sampled region and view, uniformly among the region's pixels (without replacement when the region has
    >= P pixels, otherwise cycling through all of them). Images with < 2 valid regions
    contribute nothing.
 4. The loss (``variant``):
@@ -147,26 +150,56 @@ def _sample_pixels(
     return grouped.gather(1, positions.reshape(B, -1)).view(B, -1, pixels_per_region)
 
 
+SAMPLING = ("area", "uniform", "intensity")
+
+
+def intensity_bins(image: Tensor, regions: Tensor, num_ids: int, bins: int) -> Tensor:
+    """Bin of each region's mean intensity: image (B, H, W) in [0, 1], regions (B, H, W) long
+    ids < num_ids -> (B, num_ids) long bins in [0, bins) (absent regions get bin 0)."""
+    means = region_means(image[:, None].float(), regions, num_ids)[..., 0]
+    return (means.clamp(0, 1) * bins).long().clamp_(max=bins - 1)
+
+
+def _region_weights(sampling: str, counts1: Tensor, counts2: Tensor, valid: Tensor,
+                    bins: Tensor | None) -> Tensor:
+    """(B, R + 1) float64 sampling weights of the valid regions (see ``sample_regions``)."""
+    if sampling == "area":
+        return (counts1 + counts2).double().clamp(min=1)
+    if sampling == "uniform":
+        return torch.ones_like(counts1, dtype=torch.float64)
+    if bins is None:
+        raise ValueError("sampling 'intensity' needs the regions' intensity bins")
+    num_bins = int(bins.max()) + 1 if bins.numel() else 1
+    B = bins.shape[0]
+    flat = (bins + torch.arange(B, device=bins.device)[:, None] * num_bins).reshape(-1)
+    per_bin = torch.bincount(flat, weights=valid.reshape(-1).double(), minlength=B * num_bins)
+    return 1.0 / per_bin[flat].view_as(counts1).clamp(min=1)
+
+
 def sample_regions(
     regions1_lr: Tensor, regions2_lr: Tensor, num_regions: int, pixels_per_region: int,
     min_pixels: int, generator: torch.Generator | None = None, num_ids: int | None = None,
+    sampling: str = "area", bins: Tensor | None = None,
 ) -> RegionSample:
-    """Area-proportional region sampling and uniform pixel sampling (steps 2-3 above).
+    """Weighted region sampling and uniform pixel sampling (steps 2-3 above).
 
     regions*_lr: (B, h, w) long region maps of the two views at feature resolution.
-    Regions are drawn without replacement with probability proportional to their area
-    a_r = count_view1(r) + count_view2(r), by Efraimidis-Spirakis keys u^(1/a_r) (top-N of
-    the keys = sequential weighted sampling without replacement; invalid regions get key -1
-    and are never chosen before a valid one). All randomness comes from ``generator``: region
-    keys (B, R + 1), then pixel keys of view 1 (B, h*w), then of view 2. num_ids: see
-    ``_counts_and_validity``.
+    Regions are drawn without replacement with probability proportional to their weight w_r
+    (``sampling``: area a_r = count_view1(r) + count_view2(r), 1, or 1 / (valid regions in
+    r's intensity bin), with ``bins`` (B, R + 1) long from ``intensity_bins``), by
+    Efraimidis-Spirakis keys u^(1/w_r) (top-N of the keys = sequential weighted sampling
+    without replacement; invalid regions get key -1 and are never chosen before a valid one).
+    All randomness comes from ``generator``: region keys (B, R + 1), then pixel keys of view 1
+    (B, h*w), then of view 2. num_ids: see ``_counts_and_validity``.
     """
     if regions1_lr.shape[0] != regions2_lr.shape[0]:
         raise ValueError("the two views' region maps have different batch sizes")
+    if sampling not in SAMPLING:
+        raise ValueError(f"Illegal sampling {sampling!r}: one of {', '.join(SAMPLING)}")
     counts1, counts2, valid = _counts_and_validity(regions1_lr, regions2_lr, min_pixels, num_ids)
     B, num_ids = valid.shape
-    area = (counts1 + counts2).double()
-    keys = _rand((B, num_ids), generator, valid.device).double().pow(1.0 / area.clamp(min=1))
+    weight = _region_weights(sampling, counts1, counts2, valid, bins)
+    keys = _rand((B, num_ids), generator, valid.device).double().pow(1.0 / weight)
     keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
     n = min(num_regions, num_ids)
     region_ids = torch.topk(keys, n, dim=1).indices
@@ -226,23 +259,51 @@ def _symmetric_infonce(z1: Tensor, z2: Tensor, labels: Tensor, valid: Tensor, te
     return total / 2
 
 
-def _same_organ_share(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
-                      per_image: bool) -> Tensor:
-    """Share of negative region pairs whose regions share the majority organ (in view 1)."""
-    B, num_ids = sample.counts1.shape
-    organs_lr = downsample_regions(organs1, regions1_lr.shape[-2:])
+def region_majority(organs: Tensor, regions_lr: Tensor, num_ids: int) -> Tensor:
+    """Majority label of every region id at feature resolution: organs (B, H, W) long labels
+    >= 0 (brought to (h, w) like the regions), regions_lr (B, h, w) ids < num_ids ->
+    (B, num_ids) long (0 for absent ids)."""
+    B = regions_lr.shape[0]
+    organs_lr = downsample_regions(organs, regions_lr.shape[-2:])
     num_organs = int(organs_lr.max()) + 1
-    cell = (regions1_lr + torch.arange(B, device=organs_lr.device)[:, None, None] * num_ids) * num_organs
+    cell = (regions_lr + torch.arange(B, device=organs_lr.device)[:, None, None] * num_ids) * num_organs
     votes = torch.bincount((cell + organs_lr).reshape(-1), minlength=B * num_ids * num_organs)
-    majority = votes.view(B, num_ids, num_organs).argmax(dim=2).gather(1, sample.region_ids)
+    return votes.view(B, num_ids, num_organs).argmax(dim=2)
+
+
+def organ_statistics(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
+                     per_image: bool) -> dict[str, Tensor]:
+    """What the loss sees, by each sampled region's majority label in view 1.
+
+    organs1: (B, H, W) long labels (0 = unlabelled tissue: fat, muscle, bowel, bone...).
+    Returns float scalars: "neg_same_organ", the share of negative region pairs whose
+    regions share the same *labelled* organ (label > 0: pairs pushed apart that fine-tuning
+    must group); "neg_background", the share where both are label 0; "sampled_background",
+    the share of sampled regions that are label 0; "sampled_organs", the mean number of
+    distinct labelled organs among an image's sampled regions. NaN without pairs/samples.
+    """
+    B, num_ids = sample.counts1.shape
+    majority = region_majority(organs1, regions1_lr, num_ids).gather(1, sample.region_ids)
+    num_organs = int(majority.max()) + 1 if majority.numel() else 1
     valid = sample.valid
+    nan = torch.tensor(math.nan)
+    present = torch.zeros(B, num_organs, dtype=torch.bool, device=valid.device)
+    present.scatter_(1, torch.where(valid, majority, 0), valid)
+    sampled = valid.sum()
+    stats = {
+        "sampled_background": ((majority == 0) & valid).sum() / sampled if sampled > 0 else nan,
+        "sampled_organs": present[:, 1:].sum(dim=1).float().mean(),
+    }
     if not per_image:
         majority, valid = majority.reshape(1, -1), valid.reshape(1, -1)
     n = valid.shape[1]
     pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool, device=valid.device)
     same = (majority[:, :, None] == majority[:, None, :]) & pair
+    background = (majority[:, :, None] == 0) & same
     pairs = pair.sum()
-    return (same.sum() / pairs).float() if pairs > 0 else torch.tensor(math.nan)
+    stats["neg_same_organ"] = (same & ~background).sum() / pairs if pairs > 0 else nan
+    stats["neg_background"] = background.sum() / pairs if pairs > 0 else nan
+    return {k: v.float() for k, v in stats.items()}
 
 
 class LRCLoss(nn.Module):
@@ -255,9 +316,11 @@ class LRCLoss(nn.Module):
         min_pixels: p_min, pixels a region needs in both views at feature resolution.
         variant: "pixel" (sampled pixels as anchors) or "region" (segment means).
         negatives: "image" (other regions of the same image) or "batch" (of all images).
+        sampling: "area", "uniform" or "intensity" (see ``sample_regions``).
+        intensity_bins: bins of the mean window intensity for sampling "intensity".
 
     forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None,
-            num_ids=None):
+            num_ids=None, image1=None):
         feat1, feat2: (B, D, h, w) L2-normalised local features of the two views.
         regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
             ids corresponding across views; brought to (h, w) by ``downsample_regions``.
@@ -267,14 +330,17 @@ class LRCLoss(nn.Module):
             host with the device: pass them on logging steps only.
         num_ids: an upper bound of the region ids + 1 (e.g. from the region cache), which
             spares a host-device sync per call; None = the maps' largest id + 1.
+        image1: (B, H, W) view 1's first channel in [0, 1] (needed by sampling "intensity":
+            each region's mean intensity in view 1 picks its bin).
     Returns (loss, stats): a float32 scalar and detached scalars
         {"valid_regions": mean valid regions per image, "sampled_regions": mean sampled
-        regions per image, "same_organ_negatives": share of negative region pairs with the
-        same majority organ, NaN without organs or negatives}.
+        regions per image} and, with organs, ``organ_statistics``'s "neg_same_organ",
+        "neg_background", "sampled_background", "sampled_organs".
     """
 
     def __init__(self, temperature: float = 0.1, num_regions: int = 16, pixels_per_region: int = 8,
-                 min_pixels: int = 4, variant: str = "pixel", negatives: str = "image"):
+                 min_pixels: int = 4, variant: str = "pixel", negatives: str = "image",
+                 sampling: str = "area", intensity_bins: int = 8):
         super().__init__()
         if abs(temperature) < 1e-8:
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
@@ -288,6 +354,12 @@ class LRCLoss(nn.Module):
             raise ValueError(f"Illegal variant {variant!r}: 'pixel' or 'region'")
         if negatives not in ("image", "batch"):
             raise ValueError(f"Illegal negatives {negatives!r}: 'image' or 'batch'")
+        if sampling not in SAMPLING:
+            raise ValueError(f"Illegal sampling {sampling!r}: one of {', '.join(SAMPLING)}")
+        if intensity_bins < 2:
+            raise ValueError(f"Illegal intensity_bins {intensity_bins}: need >= 2")
+        self.sampling = sampling
+        self.intensity_bins = intensity_bins
         self.temperature = temperature
         self.num_regions = num_regions
         self.pixels_per_region = pixels_per_region
@@ -297,8 +369,8 @@ class LRCLoss(nn.Module):
 
     def forward(self, feat1: Tensor, feat2: Tensor, regions1: Tensor, regions2: Tensor,
                 generator: torch.Generator | None = None, organs1: Tensor | None = None,
-                organs2: Tensor | None = None, num_ids: int | None = None
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                organs2: Tensor | None = None, num_ids: int | None = None,
+                image1: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if feat1.ndim != 4 or feat1.shape != feat2.shape:
             raise ValueError(f"feat1/feat2 must be equal (B, D, h, w), got {tuple(feat1.shape)}, {tuple(feat2.shape)}")
         if regions1.ndim != 3 or regions1.shape[0] != feat1.shape[0] or regions1.shape != regions2.shape:
@@ -310,17 +382,22 @@ class LRCLoss(nn.Module):
         size = tuple(feat1.shape[-2:])
         r1 = downsample_regions(regions1, size)
         r2 = downsample_regions(regions2, size)
+        bins = None
+        if self.sampling == "intensity":
+            if image1 is None or image1.shape != regions1.shape:
+                raise ValueError("sampling 'intensity' needs image1 (B, H, W) like regions1")
+            ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
+            bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, self.intensity_bins)
         sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels,
-                                generator, num_ids)
+                                generator, num_ids, self.sampling, bins)
         loss = self.loss_from_sample(feat1, feat2, r1, r2, sample)
         B = feat1.shape[0]
         stats = {
             "valid_regions": sample.valid_regions.sum().float() / B,
             "sampled_regions": sample.valid.sum().float() / B,
-            "same_organ_negatives": torch.tensor(math.nan),
         }
         if organs1 is not None:
-            stats["same_organ_negatives"] = _same_organ_share(sample, organs1, r1, self.negatives == "image")
+            stats.update(organ_statistics(sample, organs1, r1, self.negatives == "image"))
         return loss, stats
 
     def loss_from_sample(self, feat1: Tensor, feat2: Tensor, regions1_lr: Tensor, regions2_lr: Tensor,

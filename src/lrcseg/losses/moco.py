@@ -66,9 +66,13 @@ class MoCoQueue(nn.Module):
     and ``ptr`` () long, the next row to overwrite. ``enqueue(k)`` writes the B rows of k
     (B, P) at ``ptr`` and advances it by B modulo K. K must be a multiple of B, so a batch
     never straddles the end of the buffer (checked at every enqueue).
+    With ``grouped`` the queue also keeps ``groups`` (K,) long, each key's position group
+    (-1 for the initial random keys, which match nothing); ``enqueue(k, groups)`` then needs
+    the keys' groups (B,).
     """
 
-    def __init__(self, dim: int, size: int, generator: torch.Generator | None = None):
+    def __init__(self, dim: int, size: int, generator: torch.Generator | None = None,
+                 grouped: bool = False):
         super().__init__()
         if dim < 1:
             raise ValueError(f"Illegal queue dim {dim}: must be >= 1")
@@ -76,6 +80,9 @@ class MoCoQueue(nn.Module):
             raise ValueError(f"Illegal queue size {size}: must be >= 1")
         self.register_buffer("keys", F.normalize(torch.randn(size, dim, generator=generator), dim=1))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
+        self.grouped = grouped
+        if grouped:
+            self.register_buffer("groups", torch.full((size,), -1, dtype=torch.long))
         # A host copy of ``ptr`` so enqueueing never waits for the device; the buffer stays
         # the saved truth and refreshes the copy on load_state_dict.
         self._ptr = 0
@@ -90,30 +97,46 @@ class MoCoQueue(nn.Module):
         return self.keys.shape[0]
 
     @torch.no_grad()
-    def enqueue(self, keys: Tensor) -> None:
+    def enqueue(self, keys: Tensor, groups: Tensor | None = None) -> None:
         batch = keys.shape[0]
         if keys.ndim != 2 or keys.shape[1] != self.keys.shape[1]:
             raise ValueError(f"keys must be (B, {self.keys.shape[1]}), got {tuple(keys.shape)}")
         if self.size % batch != 0:
             raise ValueError(f"queue size {self.size} is not a multiple of the key batch {batch}")
+        if self.grouped != (groups is not None) or (groups is not None and groups.shape != (batch,)):
+            raise ValueError("a grouped queue needs the keys' groups (B,), an ungrouped one none")
         start = self._ptr
         self.keys[start:start + batch] = keys.detach().to(self.keys.dtype)
+        if groups is not None:
+            self.groups[start:start + batch] = groups.to(self.groups.device, torch.long)
         self._ptr = (start + batch) % self.size
         self.ptr.fill_(self._ptr)
 
 
-def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float) -> Tensor:
+def moco_infonce(q: Tensor, k: Tensor, queue: Tensor, temperature: float,
+                 groups: Tensor | None = None, queue_groups: Tensor | None = None) -> Tensor:
     """InfoNCE with the positive at index 0: q (B, P), k (B, P), queue (K, P) -> scalar.
 
     L = -1/B sum_i log( exp(q_i.k_i / t) / (exp(q_i.k_i / t) + sum_j exp(q_i.queue_j / t)) ).
-    Keys and queue are treated as constants (no gradient flows into them).
+    With position groups (``groups`` (B,) of the queries, ``queue_groups`` (K,) of the queue
+    keys; Chaitanya et al. 2020's "global" positives), the queue keys of the query's group are
+    positives too (multi-positive InfoNCE over A_i = {k_i} + queue):
+    L = -1/B sum_i 1/|Pos_i| sum_{p in Pos_i} log( exp(q_i.a_p / t) / sum_{a in A_i} exp(q_i.a / t) ),
+    Pos_i = {k_i} + {queue_j : group_j = group_i}. Keys and queue are constants (no gradient).
     """
     q = q.float()
     k = k.detach().float()
     positive = (q * k).sum(dim=1, keepdim=True)
     negative = q @ queue.detach().float().t()
     logits = torch.cat([positive, negative], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    if groups is None:
+        return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+    if queue_groups is None or groups.shape != (q.shape[0],) or queue_groups.shape != (queue.shape[0],):
+        raise ValueError("position positives need groups (B,) and queue_groups (K,)")
+    same = groups[:, None].to(queue_groups.device) == queue_groups[None, :]
+    pos = torch.cat([torch.ones_like(same[:, :1]), same], dim=1).to(logits.dtype)
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    return (-(log_prob * pos).sum(1) / pos.sum(1)).mean()
 
 
 def shuffled_forward(encode, x: Tensor, num_splits: int, generator: torch.Generator | None = None
@@ -149,8 +172,11 @@ class MoCoV2(nn.Module):
         temperature: t (0.2 for MoCo v2). momentum: m in [0, 1).
         shuffle_splits: sub-batches for shuffled BatchNorm of the keys (1 = no shuffle).
         generator: seeds the queue's initial random keys.
+        grouped: position positives (``moco_infonce`` with groups): forward then needs
+            ``groups`` (B,), the slices' position groups, which are also enqueued.
 
-    forward(q1, q2, x1, x2, online, generator=None, key_forward=None) -> (loss, stats):
+    forward(q1, q2, x1, x2, online, generator=None, key_forward=None, groups=None)
+            -> (loss, stats):
         q1, q2: (B, P) unit-norm queries from the online network on views 1 and 2.
         x1, x2: (B, C, H, W) the two views, encoded by the key encoder (encoder + global head
             only, shuffled BatchNorm).
@@ -164,7 +190,7 @@ class MoCoV2(nn.Module):
 
     def __init__(self, online: PretrainNetwork, queue_size: int, temperature: float = 0.2,
                  momentum: float = 0.99, shuffle_splits: int = 2,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, grouped: bool = False):
         super().__init__()
         if abs(temperature) < 1e-8:
             raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
@@ -177,24 +203,28 @@ class MoCoV2(nn.Module):
         self.shuffle_splits = shuffle_splits
         self.key_encoder = copy.deepcopy(online)
         self.key_encoder.requires_grad_(False)
-        self.queue = MoCoQueue(online.cfg.proj_dim, queue_size, generator=generator)
+        self.queue = MoCoQueue(online.cfg.proj_dim, queue_size, generator=generator, grouped=grouped)
 
     def forward(self, q1: Tensor, q2: Tensor, x1: Tensor, x2: Tensor, online: nn.Module,
                 generator: torch.Generator | None = None,
                 key_forward: Callable[[Callable[[Tensor], Tensor], Tensor], Tensor] | None = None,
-                ) -> tuple[Tensor, dict[str, Tensor]]:
+                groups: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if key_forward is None:
             def key_forward(encode: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
                 return shuffled_forward(encode, x, self.shuffle_splits, generator)
         momentum_update(online, self.key_encoder, self.momentum)
         with torch.no_grad():
             k1, k2 = (key_forward(self.key_encoder.encode_global, x) for x in (x1, x2))
+        if self.queue.grouped != (groups is not None):
+            raise ValueError("groups are needed exactly when the queue is grouped")
         queue = self.queue.keys.clone()
-        loss = (moco_infonce(q1, k2, queue, self.temperature)
-                + moco_infonce(q2, k1, queue, self.temperature)) / 2
+        queue_groups = self.queue.groups.clone() if groups is not None else None
+        loss = (moco_infonce(q1, k2, queue, self.temperature, groups, queue_groups)
+                + moco_infonce(q2, k1, queue, self.temperature, groups, queue_groups)) / 2
         with torch.no_grad():
             q = torch.cat([q1, q2]).float()
             positive = (q * torch.cat([k2, k1])).sum(dim=1)
             acc = (positive > (q @ queue.t()).max(dim=1).values).float().mean()
-        self.queue.enqueue(torch.cat([k1, k2]))
+        self.queue.enqueue(torch.cat([k1, k2]),
+                           None if groups is None else torch.cat([groups, groups]))
         return loss, {"moco_acc": acc}

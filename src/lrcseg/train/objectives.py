@@ -45,6 +45,9 @@ class Views:
     view1, view2: (B, C, S, S) augmented views. labels1, labels2: (B, S, S) long label ids
     carried through the views' geometry (None when unlabelled). generator: this rank's step
     generator; shared_generator: the same on every rank (cross-rank shuffles).
+    groups: (B,) long position group of each slice (MoCo position positives), else None.
+    labelled: (B,) bool, which slices carry labels (False for unlabelled pool slices in
+        supervised + LRC pre-training, whose labels are all background); None = all.
     """
 
     view1: Tensor
@@ -53,6 +56,8 @@ class Views:
     shared_generator: torch.Generator
     labels1: Tensor | None = None
     labels2: Tensor | None = None
+    groups: Tensor | None = None
+    labelled: Tensor | None = None
 
 
 class _Objective(nn.Module):
@@ -64,10 +69,10 @@ class _Objective(nn.Module):
 
 
 class _GatheredQueue(MoCoQueue):
-    """A MoCo queue that enqueues the keys of every rank (same queue on all ranks)."""
+    """A MoCo queue that enqueues the keys (and groups) of every rank (same queue on all ranks)."""
 
-    def enqueue(self, keys: Tensor) -> None:
-        super().enqueue(concat_all_gather(keys))
+    def enqueue(self, keys: Tensor, groups: Tensor | None = None) -> None:
+        super().enqueue(concat_all_gather(keys), None if groups is None else concat_all_gather(groups))
 
 
 class MoCoObjective(_Objective):
@@ -78,17 +83,20 @@ class MoCoObjective(_Objective):
 
     Under DDP (world > 1) with ``shuffle_bn`` the keys use the cross-rank BatchNorm shuffle
     (``shuffled_forward_across_ranks``) with the step's shared generator; on one process the
-    local sub-batch shuffle of ``MoCoV2``.
+    local sub-batch shuffle of ``MoCoV2``. With ``position_partitions`` P > 0, slices in the
+    same of P equal bands of relative z (``Views.groups``) are positives of each other.
     """
 
     def __init__(self, online: PretrainNetwork, queue_size: int, temperature: float,
-                 momentum: float, shuffle_bn: bool, seed: int, gather_keys: bool = False):
+                 momentum: float, shuffle_bn: bool, seed: int, gather_keys: bool = False,
+                 position_partitions: int = 0):
         super().__init__()
+        self.grouped = position_partitions > 0
         self.moco = MoCoV2(online, queue_size, temperature=temperature, momentum=momentum,
                            shuffle_splits=2 if shuffle_bn else 1,
-                           generator=torch.Generator().manual_seed(seed))
+                           generator=torch.Generator().manual_seed(seed), grouped=self.grouped)
         if gather_keys:
-            gathered = _GatheredQueue(online.cfg.proj_dim, queue_size)
+            gathered = _GatheredQueue(online.cfg.proj_dim, queue_size, grouped=self.grouped)
             gathered.load_state_dict(self.moco.queue.state_dict())
             self.moco.queue = gathered
         self.cross_rank_shuffle = shuffle_bn and get_world_size() > 1
@@ -100,8 +108,11 @@ class MoCoObjective(_Objective):
         if self.cross_rank_shuffle:
             def key_forward(encode, x):
                 return shuffled_forward_across_ranks(encode, x, views.shared_generator)
+        if self.grouped and views.groups is None:
+            raise ValueError("MoCo with position positives needs the slices' groups")
         return self.moco(out1["global"], out2["global"], views.view1, views.view2,
-                         self._online[0], views.generator, key_forward=key_forward)
+                         self._online[0], views.generator, key_forward=key_forward,
+                         groups=views.groups if self.grouped else None)
 
 
 class SimCLRObjective(_Objective):
@@ -155,7 +166,8 @@ class SupervisedObjective(_Objective):
     ``SegmentationHead`` to K = num_classes logits (label ids 0..K-1 of the labelled dataset,
     0 = background); y*: (B, S, S) label ids carried through the views' geometry (pixels
     outside the slice are background). DiceCE is MONAI's (softmax, one-hot, batch Dice), as in
-    fine-tuning.
+    fine-tuning. Only the slices ``views.labelled`` marks enter L_seg; a batch without any gives
+    an exact 0 that still depends on the head (unlabelled pool slices feed only LRC).
     """
 
     full_decoder = True
@@ -173,8 +185,15 @@ class SupervisedObjective(_Objective):
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         if views.labels1 is None or views.labels2 is None:
             raise ValueError("the supervised objective needs the views' labels")
-        losses = [self.loss(self.head(out["decoder"]).float(), labels[:, None])
-                  for out, labels in ((out1, views.labels1), (out2, views.labels2))]
+        losses = []
+        for out, labels in ((out1, views.labels1), (out2, views.labels2)):
+            logits = self.head(out["decoder"]).float()
+            if views.labelled is not None:
+                if not bool(views.labelled.any()):
+                    losses.append(logits.sum() * 0.0)
+                    continue
+                logits, labels = logits[views.labelled], labels[views.labelled]
+            losses.append(self.loss(logits, labels[:, None]))
         return (losses[0] + losses[1]) / 2, {}
 
 
@@ -196,7 +215,8 @@ def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_sli
             raise ConfigError(f"moco.queue_size {queue} must be a multiple of {what} = {per_step} "
                               "(both views' keys are enqueued each step)")
         return MoCoObjective(online, queue, cfg.moco.temperature, cfg.moco.momentum,
-                             cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=gather)
+                             cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=gather,
+                             position_partitions=cfg.moco.position_partitions)
     if cfg.method == "simclr":
         return SimCLRObjective(cfg.simclr.temperature, gather=gather)
     if cfg.method == "byol":

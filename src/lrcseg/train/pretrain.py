@@ -2,7 +2,7 @@
 
     for step in range(start, steps):
         batch -> two augmented views (geometry shared with the region and label maps)
-        online U-Net on both views -> global embeddings + 1/4-resolution local features
+        online U-Net on both views -> global embeddings + local features (1/2 resolution)
         L = L_global(views) + lambda * L_LRC(local features, region maps)
         backward, clip, step, momentum update; log; checkpoint every N steps
 
@@ -16,6 +16,7 @@ wrapped in DistributedDataParallel; rank 0 alone writes the run folder, logs and
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from lrcseg.config import DistributedConfig, PretrainConfig, save_config, to_dic
 from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import load_dataset
 from lrcseg.data.slices import PretrainSlices
-from lrcseg.errors import ConfigError, DataError, LrcsegError
+from lrcseg.errors import ConfigError, DataError, LrcsegError, warn_data
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.superpixels.cache import RegionCache
@@ -40,6 +41,7 @@ from lrcseg.train.common import (
     GracefulInterrupt,
     ResumableSampler,
     autocast_context,
+    check_resume_compatible,
     load_resume_checkpoint,
     make_loader,
     make_optimizer,
@@ -76,6 +78,7 @@ class PretrainData:
     dataset: PretrainSlices
     sources: list[dict[str, Any]]
     num_classes: int | None = None  # label ids of the --labels dataset (supervised)
+    mixed_pool: bool = False  # supervised + LRC with unlabelled slices from --data too
 
 
 def pretraining_cases(paths: list[str]) -> tuple[list, list[dict[str, Any]]]:
@@ -128,16 +131,26 @@ def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainD
     """Slice and region caches (built once) and the slice dataset over them.
 
     Method "supervised" trains on the labelled cases of ``cfg.labels`` (every label id must be
-    one the dataset names); the other methods on the pool of ``cfg.data``.
+    one the dataset names) and, with ``cfg.data`` too, on the pre-training pool of those
+    datasets as well: L_seg on the labelled slices only, L_LRC on all. The other methods use
+    the pool of ``cfg.data``.
     """
     num_classes = None
     if cfg.method == "supervised":
         if not cfg.labels:
             raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
-        if cfg.data and {str(Path(p).resolve()) for p in cfg.data} != {str(Path(cfg.labels).resolve())}:
-            raise ConfigError("method 'supervised' trains on the --labels dataset's slices "
-                              "(L_seg and L_LRC on the same slices); drop --data or make it the same")
         cases, sources, num_classes = supervised_cases(cfg.labels)
+        labelled_ids = [c.id for c in cases]
+        labelled_dir = str(Path(cfg.labels).resolve())
+        extra = [p for p in cfg.data if str(Path(p).resolve()) != labelled_dir]
+        if extra:
+            if not cfg.lrc.enabled:
+                raise ConfigError("--data beside --labels adds unlabelled slices, which only the "
+                                  "LRC loss uses: enable --lrc or drop --data")
+            more, more_sources = pretraining_cases(extra)
+            seen = {str(Path(c.image).resolve()) for c in cases}
+            cases += [c for c in more if str(Path(c.image).resolve()) not in seen]
+            sources += more_sources
     else:
         if cfg.labels:
             raise ConfigError(f"--labels is only used by --method supervised (method is {cfg.method})")
@@ -145,7 +158,7 @@ def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainD
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
     volumes = [slice_cache.get(c) for c in cases]
     if num_classes is not None:
-        for case, vol in zip(cases, volumes, strict=True):
+        for case, vol in zip(cases[:len(labelled_ids)], volumes[:len(labelled_ids)], strict=True):
             largest = int(np.max(vol.label))
             if largest >= num_classes:
                 raise DataError(case.label, f"label id {largest} is not among the dataset's "
@@ -153,12 +166,16 @@ def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainD
     region_cache = RegionCache(slice_cache, cfg.superpixels)
     region_cache.build(cases, workers=cfg.run.workers, progress=progress)
     regions = [region_cache.get(c) for c in cases]
+    if num_classes is not None:  # unlabelled pool slices must not count as all background
+        volumes = [v if i < len(labelled_ids) else dataclasses.replace(v, label=None)
+                   for i, v in enumerate(volumes)]
     dataset = PretrainSlices(volumes, regions, cfg.preprocess.context_slices,
                              with_organs=any(v.label is not None for v in volumes))
     if len(dataset) < 2:
         raise ConfigError(f"only {len(dataset)} body slices in {cfg.data or cfg.labels}: too few "
                           "to pre-train")
-    return PretrainData(dataset, sources, num_classes)
+    return PretrainData(dataset, sources, num_classes,
+                        mixed_pool=num_classes is not None and len(cases) > len(labelled_ids))
 
 
 class PretrainStep(nn.Module):
@@ -167,8 +184,9 @@ class PretrainStep(nn.Module):
     forward(view1, view2, regions1, regions2, views, organs1=None, organs2=None) with views
     (B, C, S, S), region maps (B, S, S) long, ``Views`` for the global objective and optional
     organ/label maps (B, S, S) long, returns (loss, loss_global, loss_lrc, stats):
-    loss = loss_global + lrc_weight * loss_lrc, all scalars; stats of the two terms, keyed
-    "global/..." and "lrc/...".
+    loss = loss_global + lrc_weight * loss_lrc, all scalars, where loss_lrc is the mean of the
+    LRC losses at the network's local levels; stats of the two terms, keyed "global/..." and
+    "lrc/..." ("lrc/level<l>/..." with several local levels).
 
     gather_lrc: LRC with batch negatives across ranks: every rank gathers the local features
     (with gradient), region and organ maps of the whole global batch and computes the same
@@ -194,18 +212,27 @@ class PretrainStep(nn.Module):
         stats = {f"global/{k}": v for k, v in global_stats.items()}
         if self.lrc is None:
             return loss_global, loss_global, torch.zeros_like(loss_global), stats
-        feat1, feat2 = out1["local"].float(), out2["local"].float()
         generator = views.generator
+        image1 = views.view1[:, 0]
         if self.gather_lrc:
-            feat1, feat2 = gather_with_grad(feat1), gather_with_grad(feat2)
             regions1, regions2 = concat_all_gather(regions1), concat_all_gather(regions2)
+            image1 = concat_all_gather(image1.contiguous())
             if organs1 is not None:
                 organs1, organs2 = concat_all_gather(organs1), concat_all_gather(organs2)
             generator = views.shared_generator
-        loss_lrc, lrc_stats = self.lrc(feat1, feat2, regions1, regions2, generator=generator,
-                                       organs1=organs1, organs2=organs2,
-                                       num_ids=self.num_region_ids)
-        stats.update({f"lrc/{k}": v for k, v in lrc_stats.items()})
+        levels = self.net.cfg.local_levels
+        level_losses = []
+        for level, feat1, feat2 in zip(levels, out1["local"], out2["local"], strict=True):
+            feat1, feat2 = feat1.float(), feat2.float()
+            if self.gather_lrc:
+                feat1, feat2 = gather_with_grad(feat1), gather_with_grad(feat2)
+            level_loss, lrc_stats = self.lrc(feat1, feat2, regions1, regions2, generator=generator,
+                                             organs1=organs1, organs2=organs2,
+                                             num_ids=self.num_region_ids, image1=image1)
+            level_losses.append(level_loss)
+            prefix = "lrc/" if len(levels) == 1 else f"lrc/level{level}/"
+            stats.update({f"{prefix}{k}": v for k, v in lrc_stats.items()})
+        loss_lrc = torch.stack(level_losses).mean()
         return loss_global + self.lrc_weight * loss_lrc, loss_global, loss_lrc, stats
 
 
@@ -253,7 +280,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     if cfg.lrc.enabled:
         lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
                       pixels_per_region=cfg.lrc.pixels_per_region, min_pixels=cfg.lrc.min_pixels,
-                      variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)
+                      variant=cfg.lrc.variant, negatives=cfg.lrc.negatives,
+                      sampling=cfg.lrc.sampling, intensity_bins=cfg.lrc.intensity_bins)
     step_module = PretrainStep(net, global_objective, lrc, cfg.lrc.weight,
                                gather_lrc=gather and cfg.lrc.negatives == "batch",
                                compile_net=cfg.run.compile,
@@ -270,6 +298,10 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     start = 0
     if resume:
         state = load_resume_checkpoint(run_dir)
+        for note in check_resume_compatible(state["config"], to_dict(cfg), "pretrain"):
+            warn_data(run_dir, note)
+        if ctx.is_main:  # the folder describes the run as it now continues
+            save_config(cfg, run_dir / "config.yaml")
         if state.get("world_size", 1) != ctx.world_size:
             raise ConfigError(f"{run_dir}: the run was started with {state.get('world_size', 1)} "
                               f"process(es), this resume has {ctx.world_size}; the sample order, "
@@ -310,6 +342,13 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     loader = make_loader(data.dataset, batch_size, sampler, cfg.run.workers, device,
                          drop_last=True)
     logger = RunLogger(run_dir, start_step=start) if ctx.is_main else None
+    probe = None
+    if cfg.probe.dataset and ctx.is_main:
+        from lrcseg.probe import OnlineProbe
+
+        probe = OnlineProbe(cfg.probe.dataset, cfg.preprocess, labeled=cfg.probe.labeled,
+                            split_seed=cfg.probe.split_seed, max_cases=cfg.probe.max_cases,
+                            pixels=cfg.probe.pixels, cache_dir=cfg.run.cache_dir)
     autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", disable=not progress,
                dynamic_ncols=True)
@@ -352,8 +391,15 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                     view2 = view2.contiguous(memory_format=torch.channels_last)
                 lr = cfg.optim.lr * warmup_cosine(step, cfg.run.steps, cfg.optim.warmup_steps)
                 set_lr(optimizer, lr)
+                groups = None
+                if cfg.method == "moco" and cfg.moco.position_partitions > 0:
+                    partitions = cfg.moco.position_partitions
+                    groups = (batch["position"].to(device) * partitions).long().clamp_(max=partitions - 1)
+                labelled = None
+                if cfg.method == "supervised" and data.mixed_pool:
+                    labelled = (batch["organs"] >= 0).flatten(1).any(1).to(device)
                 views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
-                              labels1, labels2)
+                              labels1, labels2, groups, labelled)
 
                 with autocast:
                     loss, loss_global, loss_lrc, stats = train_step(
@@ -374,11 +420,16 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                           or (stop_at is not None and step >= stop_at))
                 if step % cfg.run.log_every == 0 or saving:
                     check_finite(step)
-                if step % cfg.run.log_every == 0 or step == cfg.run.steps:
+                probing = cfg.probe.dataset is not None and (
+                    step % cfg.probe.every == 0 or step == cfg.run.steps)
+                if step % cfg.run.log_every == 0 or step == cfg.run.steps or probing:
                     now = time.perf_counter()
                     scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
                                                global_objective.logs_global, lrc is not None)
                     scalars.update({"lr": lr, "slices_per_s": n_last / max(now - t_last, 1e-9)})
+                    if probe is not None and probing:  # rank 0; its time is not in slices_per_s
+                        scalars.update(probe.score(net.unet))
+                        now = time.perf_counter()
                     if logger is not None:
                         logger.log(step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss/total']:.3f}")

@@ -1,0 +1,577 @@
+"""Frozen-feature dense linear probe: how linearly separable are the organs in a U-Net's features?
+
+The network is frozen; only a per-pixel softmax classifier is trained on its features, so the
+score measures the representation, not a fine-tuning schedule (docs/METHOD.md, "Frozen-feature
+probe").
+
+    K labelled cases (``choose_labelled``, as fine-tuning draws them) -> slice cache
+    -> class-balanced pixel draw from the labels (``choose_pixels``)
+    -> features of the slices holding those pixels, sampled at the pixels (``gather_features``)
+    -> standardise, multinomial logistic regression by full-batch L-BFGS (``fit_linear_probe``)
+    -> ``ProbeModel`` (B, C, H, W) -> (B, K, H, W) logits -> ``predict_labels`` and
+       ``SegmentationMetrics`` on each test case's original grid (``evaluate_probe``).
+
+**Levels** (``DenseFeatures``). ``encN``: encoder map at stride N (N in 2, 4, 8, 16, 32),
+``decN``: output of the decoder block at stride N (N in 16, 8, 4, 2, 1). Default: enc4, enc8,
+enc16, dec4, dec2, dec1. MoCo trains only the encoder, so its decoder levels are those of a
+random network; LRC and fine-tuning train the decoder too.
+
+**Features at a pixel.** Level l with map ``f_l`` (C_l, h, w) at stride s is upsampled
+bilinearly (``align_corners=False``) to the input size; at the chosen pixels that equals
+``grid_sample`` at the pixel centres, so the full-resolution stack is never built. With x the
+concatenation over levels (D = sum_l C_l), mu and sigma its per-channel mean and standard
+deviation over the chosen pixels:
+
+    logits(x) = W (x - mu) / sigma + b,   W (K, D), b (K,)
+
+fitted by minimising the class-balanced cross-entropy ``sum_c mean_{i: y_i = c} CE_i / P``
+over the P classes present, plus ``l2 / 2 * ||W||^2`` (l2 = 0.01), with
+``torch.optim.LBFGS`` (strong-Wolfe line search) in float64 on the CPU from zeros:
+deterministic for a given machine and torch thread count (BLAS sums depend on both).
+
+**Prediction** (``ProbeModel``). Upsampling and the affine map are both linear, so
+``logits = sum_l upsample(W'_l f_l) + b'`` with ``W'_l = W_l / sigma_l`` and
+``b' = b - sum_l W'_l mu_l``: each level is reduced to K channels at its own resolution and only
+the K-channel maps are upsampled.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import FlexibleUNet
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from lrcseg.config import ModelConfig, PreprocessConfig, from_dict, to_dict
+from lrcseg.data.cache import CachedVolume, SliceCache
+from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset
+from lrcseg.data.preprocess import stack_context
+from lrcseg.data.readers import read_image, read_label
+from lrcseg.errors import ConfigError
+from lrcseg.evaluate import SegmentationMetrics
+from lrcseg.evaluation_run import check_label_names, split_cases
+from lrcseg.inference import pad_amounts, predict_labels
+from lrcseg.models.export import load_exported
+from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
+from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
+from lrcseg.train.finetune import choose_labelled, load_finetuned, model_labels
+
+ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
+DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
+LEVELS = tuple(f"enc{s}" for s in ENCODER_STRIDES) + tuple(f"dec{s}" for s in DECODER_STRIDES)
+DEFAULT_LEVELS = ("enc4", "enc8", "enc16", "dec4", "dec2", "dec1")
+DEFAULT_PIXELS = 20000
+DEFAULT_L2 = 1e-3
+DEFAULT_MAX_ITER = 500
+# Logit of a class without any fitting pixel: never predicted (exp underflows to 0).
+_ABSENT_LOGIT = -1e4
+
+
+def parse_levels(levels: str | Sequence[str]) -> tuple[str, ...]:
+    """Validated level names in the canonical order of :data:`LEVELS`.
+
+    levels: a comma list ("enc4,dec1") or a sequence of names. ConfigError for an empty list,
+    an unknown name or a repeated one.
+    """
+    names = [s.strip() for s in levels.split(",")] if isinstance(levels, str) else list(levels)
+    names = [n for n in names if n]
+    if not names:
+        raise ConfigError(f"no probe levels given; choose from {', '.join(LEVELS)}")
+    unknown = [n for n in names if n not in LEVELS]
+    if unknown:
+        raise ConfigError(f"unknown probe level(s) {', '.join(unknown)}; choose from "
+                          f"{', '.join(LEVELS)} (encN: encoder at stride N, decN: decoder block "
+                          "at stride N)")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"probe levels repeated: {','.join(names)}")
+    return tuple(n for n in LEVELS if n in names)
+
+
+class DenseFeatures(nn.Module):
+    """A frozen U-Net as a dense feature extractor: the maps of the chosen levels.
+
+    Args:
+        unet: a 2D ``FlexibleUNet`` (its segmentation head is not used).
+        levels: level names (:func:`parse_levels`), default :data:`DEFAULT_LEVELS`.
+        freeze: also set ``requires_grad=False`` on the U-Net's parameters. Pass False for a
+            network that is still being trained (the online probe); the caller then restores
+            its mode.
+
+    The U-Net is put in eval mode (BatchNorm uses its running statistics) and stays there
+    whatever ``train()`` is called with. ``forward(x)`` with x a float tensor (B, C, H, W), H
+    and W multiples of 32, returns one tensor per level, in ``self.levels`` order, of shape
+    (B, C_l, H / s_l, W / s_l) for the level's stride s_l; no gradients flow into the U-Net.
+    The decoder runs only as deep as the finest decoder level asked for.
+    """
+
+    def __init__(self, unet: FlexibleUNet, levels: str | Sequence[str] = DEFAULT_LEVELS,
+                 freeze: bool = True):
+        super().__init__()
+        if not isinstance(unet, FlexibleUNet):
+            raise ValueError(f"DenseFeatures needs a FlexibleUNet, got {type(unet).__name__}")
+        self.levels = parse_levels(levels)
+        self.unet = unet
+        if freeze:
+            unet.requires_grad_(False)
+        self.train(False)
+        blocks = [DECODER_STRIDES.index(int(n[3:])) for n in self.levels if n.startswith("dec")]
+        self._last_block = max(blocks, default=-1)
+
+    def train(self, mode: bool = True) -> DenseFeatures:
+        super().train(mode)
+        self.unet.eval()
+        return self
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        out: dict[str, Tensor] = {}
+        with torch.no_grad():
+            features = self.unet.encoder(x)
+            for stride, f in zip(ENCODER_STRIDES, features, strict=True):
+                out[f"enc{stride}"] = f
+            # the same skips as MONAI's UNetDecoder.forward (and PretrainNetwork.forward)
+            skips, y = features[:-1][::-1], features[-1]
+            for i in range(self._last_block + 1):
+                y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
+                out[f"dec{DECODER_STRIDES[i]}"] = y
+        return [out[name] for name in self.levels]
+
+
+class ProbeModel(nn.Module):
+    """Frozen features + the fitted per-pixel linear classifier, a segmentation network.
+
+    Args:
+        features: the :class:`DenseFeatures` the classifier was fitted on.
+        channels: C_l of each level (D = sum).
+        weight: (K, D) on standardised features; bias: (K,); mean, std: (D,) the standardisation.
+
+    ``forward(x)``: (B, C, H, W) -> (B, K, H, W) logits (float32 outside autocast), H and W
+    multiples of 32, computed per level as
+    ``upsample(W'_l f_l)`` plus ``b'`` (module docstring), equal to upsampling and
+    concatenating all levels first, then standardising and applying (W, b).
+    """
+
+    def __init__(self, features: DenseFeatures, channels: Sequence[int], weight: Tensor,
+                 bias: Tensor, mean: Tensor, std: Tensor):
+        super().__init__()
+        d = sum(channels)
+        if len(channels) != len(features.levels):
+            raise ValueError(f"{len(channels)} channel counts for {len(features.levels)} levels")
+        if weight.ndim != 2 or weight.shape[1] != d or bias.shape != weight.shape[:1]:
+            raise ValueError(f"weight {tuple(weight.shape)} / bias {tuple(bias.shape)} do not fit "
+                             f"(K, {d}) / (K,)")
+        if mean.shape != (d,) or std.shape != (d,):
+            raise ValueError(f"mean {tuple(mean.shape)} / std {tuple(std.shape)}: expected ({d},)")
+        self.features = features
+        folded = weight.double() / std.double()
+        offset = bias.double() - folded @ mean.double()
+        self.num_classes = int(weight.shape[0])
+        for i, w in enumerate(torch.split(folded, list(channels), dim=1)):
+            self.register_buffer(f"weight_{i}", w.float()[:, :, None, None].contiguous())
+        self.register_buffer("bias", offset.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        logits = self.bias[None, :, None, None].expand(x.shape[0], -1, *size)
+        for i, f in enumerate(self.features(x)):
+            y = F.conv2d(f.float(), getattr(self, f"weight_{i}"))
+            if y.shape[-2:] != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            logits = logits + y
+        return logits
+
+
+def choose_pixels(labels: Sequence[np.ndarray], num_classes: int, budget: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """Class-balanced draw of up to ``budget`` labelled pixels across volumes.
+
+    labels: per volume a (Z, H, W) integer map with ids in [0, num_classes). Each class gets
+    ``min(budget // num_classes, its pixel count)`` pixels, uniformly without replacement over
+    all its pixels in all volumes. Returns per volume the sorted flat indices into (Z, H, W).
+    """
+    if budget < num_classes:
+        raise ConfigError(f"pixel budget {budget} is smaller than the {num_classes} classes")
+    per_class = budget // num_classes
+    flat = [np.asarray(lab).reshape(-1) for lab in labels]
+    counts = np.stack([np.bincount(f, minlength=num_classes)[:num_classes] for f in flat])
+    picks: list[list[np.ndarray]] = [[] for _ in flat]
+    for c in range(num_classes):
+        total = int(counts[:, c].sum())
+        if total == 0:
+            continue
+        chosen = np.sort(rng.choice(total, size=min(per_class, total), replace=False))
+        bounds = np.concatenate([[0], np.cumsum(counts[:, c])])
+        for v, f in enumerate(flat):
+            mine = chosen[(chosen >= bounds[v]) & (chosen < bounds[v + 1])] - bounds[v]
+            if mine.size:
+                picks[v].append(np.flatnonzero(f == c)[mine])
+    return [np.sort(np.concatenate(p)) if p else np.zeros(0, dtype=np.int64) for p in picks]
+
+
+def _padded_slices(volume: CachedVolume, zs: Sequence[int], context_slices: int,
+                   batch_size: int) -> Iterator[tuple[list[int], Tensor, tuple[int, int]]]:
+    """Batches ``(zs, x, (top, left))`` of whole slices, x (B, C, H_p, W_p) float32 padded with
+    zeros to multiples of 32 as ``lrcseg.inference`` pads them."""
+    _, _, h, w = volume.image.shape
+    (top, bottom), (left, right) = pad_amounts(h), pad_amounts(w)
+    for start in range(0, len(zs), batch_size):
+        batch = list(zs[start:start + batch_size])
+        x = np.stack([stack_context(volume.image, z, context_slices) for z in batch])
+        x = torch.from_numpy(x.astype(np.float32))
+        yield batch, F.pad(x, (left, right, top, bottom), value=0.0), (top, left)
+
+
+def gather_features(features: DenseFeatures, volumes: Sequence[CachedVolume],
+                    picks: Sequence[np.ndarray], context_slices: int, batch_size: int = 8,
+                    progress: bool = False) -> list[Tensor]:
+    """Each level's features at the chosen pixels: a list over levels of (N, C_l) float32 CPU
+    tensors, rows in the order of ``picks`` (volume, then flat index).
+
+    Only slices holding chosen pixels are run; each level is sampled with ``grid_sample`` at
+    the pixel centres (border clamped), equal to bilinear upsampling with
+    ``align_corners=False`` followed by indexing.
+    """
+    device = next(features.unet.parameters()).device
+    rows: list[list[Tensor]] = [[] for _ in features.levels]
+    slices = [np.divmod(flat, int(np.prod(v.image.shape[2:]))) for v, flat in zip(volumes, picks,
+                                                                                    strict=True)]
+    bar = tqdm(total=sum(len(np.unique(z_of)) for z_of, _ in slices), desc="probe features",
+               unit="slice", disable=not progress)
+    for volume, (z_of, yx) in zip(volumes, slices, strict=True):
+        w = volume.image.shape[3]
+        for batch, x, (top, left) in _padded_slices(volume, np.unique(z_of), context_slices,
+                                                    batch_size):
+            maps = features(x.to(device))
+            hp, wp = x.shape[-2:]
+            for b, z in enumerate(batch):
+                row, col = np.divmod(yx[z_of == z], w)
+                grid = torch.from_numpy(np.stack([(2 * (col + left) + 1) / wp - 1,
+                                                  (2 * (row + top) + 1) / hp - 1], axis=-1))
+                grid = grid.float().to(device)[None, None]  # (1, 1, n, 2) as (x, y)
+                for level, f in enumerate(maps):
+                    sampled = F.grid_sample(f[b:b + 1].float(), grid, mode="bilinear",
+                                            padding_mode="border", align_corners=False)
+                    rows[level].append(sampled[0, :, 0].T.cpu())
+            bar.update(len(batch))
+    bar.close()
+    return [torch.cat(r) for r in rows]
+
+
+def fit_linear_probe(x: Tensor, y: Tensor, num_classes: int, l2: float = DEFAULT_L2,
+                     max_iter: int = DEFAULT_MAX_ITER) -> tuple[Tensor, Tensor, dict[str, Any]]:
+    """Class-balanced multinomial logistic regression by full-batch L-BFGS (module docstring).
+
+    x: (N, D) float features (already standardised); y: (N,) class ids in [0, num_classes).
+    Classes without a sample get zero weights and a bias of -1e4 (never predicted).
+    Returns weight (K, D) float64, bias (K,) float64 and {"iterations", "loss",
+    "train_accuracy"} (loss and accuracy at the solution); deterministic (float64 on the CPU
+    from zeros). Works under ``torch.no_grad`` too (L-BFGS enables gradients for its closure).
+    """
+    if l2 < 0:
+        raise ValueError(f"Illegal l2 {l2}: must be >= 0")
+    x = x.detach().to("cpu", torch.float64)
+    y = y.detach().to("cpu", torch.long)
+    present, target = torch.unique(y, return_inverse=True)
+    if len(present) < 2:
+        raise ConfigError(f"the chosen pixels hold {len(present)} class(es); a probe needs >= 2")
+    class_weight = 1.0 / torch.bincount(target).double()
+    weight = torch.zeros(x.shape[1], len(present), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(present), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=20,
+                                  tolerance_grad=1e-7, tolerance_change=1e-10,
+                                  line_search_fn="strong_wolfe")
+
+    def objective(logits: Tensor) -> Tensor:
+        return (F.cross_entropy(logits, target, weight=class_weight)
+                + 0.5 * l2 * weight.pow(2).sum())
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = objective(x @ weight + bias)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)  # L-BFGS enables gradients for the closure itself
+    with torch.no_grad():
+        logits = x @ weight + bias
+        loss = objective(logits)
+        accuracy = float((logits.argmax(1) == target).double().mean())
+    full_weight = torch.zeros(num_classes, x.shape[1], dtype=torch.float64)
+    full_bias = torch.full((num_classes,), _ABSENT_LOGIT, dtype=torch.float64)
+    full_weight[present] = weight.detach().T
+    full_bias[present] = bias.detach()
+    info = {"iterations": int(optimizer.state[weight]["n_iter"]), "loss": float(loss),
+            "train_accuracy": accuracy}
+    return full_weight, full_bias, info
+
+
+def fit_probe(features: DenseFeatures, volumes: Sequence[CachedVolume], picks: Sequence[np.ndarray],
+              num_classes: int, context_slices: int, l2: float = DEFAULT_L2,
+              max_iter: int = DEFAULT_MAX_ITER, batch_size: int = 8,
+              progress: bool = False) -> tuple[ProbeModel, dict[str, Any]]:
+    """Gather features at ``picks`` (labels from ``volumes[i].label``), standardise, fit.
+
+    Returns the :class:`ProbeModel` (on the features' device) and {"iterations", "loss",
+    "train_accuracy", "pixels", "channels" (level -> C_l), "pixels_per_class" (list over class
+    ids), "fit_seconds"}; fit_seconds covers feature extraction and the L-BFGS fit.
+    """
+    start = time.perf_counter()
+    per_level = gather_features(features, volumes, picks, context_slices, batch_size, progress)
+    y = torch.from_numpy(np.concatenate([np.asarray(v.label).reshape(-1)[p].astype(np.int64)
+                                         for v, p in zip(volumes, picks, strict=True)]))
+    x = torch.cat(per_level, dim=1).double()
+    mean = x.mean(dim=0)
+    std = x.std(dim=0, unbiased=False)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))  # constant channels: centred only
+    weight, bias, info = fit_linear_probe((x - mean) / std, y, num_classes, l2, max_iter)
+    channels = [int(f.shape[1]) for f in per_level]
+    model = ProbeModel(features, channels, weight, bias, mean, std)
+    model.to(next(features.unet.parameters()).device)
+    info.update(pixels=int(len(y)), channels=dict(zip(features.levels, channels, strict=True)),
+                pixels_per_class=np.bincount(y.numpy(), minlength=num_classes).tolist(),
+                fit_seconds=time.perf_counter() - start)
+    return model, info
+
+
+def _load_backbone(unet: FlexibleUNet, weights: dict[str, Tensor], path: Path) -> None:
+    """Load encoder + decoder weights; every key but the segmentation head's must fit."""
+    result = unet.load_state_dict(weights, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(SEGMENTATION_HEAD_PREFIX)]
+    if missing or result.unexpected_keys:
+        raise ConfigError(f"{path}: weights do not fit the FlexibleUNet (missing {missing[:5]}, "
+                          f"unexpected {list(result.unexpected_keys)[:5]})")
+
+
+def load_probe_network(model: str, backbone: str | None = None, spacing_mm: float | None = None,
+                       seed: int = 0) -> tuple[FlexibleUNet, PreprocessConfig, dict[str, Any]]:
+    """The U-Net to probe, its preprocessing and its provenance.
+
+    model: "scratch" (a random U-Net of ``backbone``, default resnet18, initialised under
+    ``torch.manual_seed(seed)`` without touching the global RNG; preprocessing
+    ``PreprocessConfig(spacing_mm=spacing_mm)``), a pre-training run folder or checkpoint,
+    a fine-tuning run folder or checkpoint, or an exported ``.pt`` with its ``.json``.
+    backbone and spacing_mm apply to scratch only (ConfigError otherwise). Returns
+    (U-Net on the CPU, preprocessing, {"model", "kind", "backbone"[, "labels"]}).
+    """
+    if model == "scratch":
+        cfg = ModelConfig(backbone=backbone or "resnet18")
+        preprocess = (PreprocessConfig() if spacing_mm is None
+                      else PreprocessConfig(spacing_mm=spacing_mm))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = build_unet(cfg, preprocess.in_channels, 1)
+        return unet, preprocess, {"model": "scratch", "kind": "scratch", "backbone": cfg.backbone}
+    path = resolve_checkpoint(model, "model (pre-training or fine-tuning run, or export)")
+    if path.with_suffix(".json").is_file():
+        weights, meta = load_exported(path)
+        unet = FlexibleUNet(**meta["flexible_unet"], out_channels=1)
+        _load_backbone(unet, weights, path)
+        preprocess = from_dict(PreprocessConfig, meta["preprocess"])
+        info = {"model": str(path), "kind": "exported",
+                "backbone": meta["flexible_unet"]["backbone"]}
+    else:
+        state = load_checkpoint(path)
+        kind = state.get("kind")
+        if kind == "pretrain":  # the U-Net inside PretrainNetwork, without the heads
+            their = state["config"]["model"]
+            model_cfg = ModelConfig(backbone=their["backbone"],
+                                    decoder_channels=their["decoder_channels"])
+            preprocess = from_dict(PreprocessConfig, state["config"]["preprocess"])
+            unet = build_unet(model_cfg, preprocess.in_channels, 1)
+            _load_backbone(unet, {k[len("unet."):]: v for k, v in state["network"].items()
+                                  if k.startswith("unet.")
+                                  and not k.startswith("unet." + SEGMENTATION_HEAD_PREFIX)}, path)
+            info = {"model": str(path), "kind": kind, "backbone": model_cfg.backbone}
+        elif kind == "finetune":
+            unet, meta = load_finetuned(path)
+            preprocess = meta["preprocess"]
+            info = {"model": str(path), "kind": kind, "backbone": meta["model_config"].backbone,
+                    "labels": meta["labels"]}
+        else:
+            raise ConfigError(f"{path}: not a pre-training or fine-tuning checkpoint (kind={kind})")
+    for flag, value in (("--backbone", backbone), ("--spacing", spacing_mm)):
+        if value is not None:
+            raise ConfigError(f"{path}: {flag} applies to --model scratch only; this model "
+                              f"brings its own (backbone {info['backbone']}, spacing "
+                              f"{preprocess.spacing_mm} mm)")
+    return unet, preprocess, info
+
+
+def _labelled_volumes(dataset, case_ids: Sequence[str], cache: SliceCache) -> list[CachedVolume]:
+    """Cached volumes of ``case_ids`` with their labels checked against dataset.json."""
+    volumes = []
+    for case_id in case_ids:
+        case = dataset.case(case_id)
+        volume = cache.get(case)
+        check_label_values(np.asarray(volume.label), dataset.labels, case.label)
+        volumes.append(volume)
+    return volumes
+
+
+def _probe_labels(dataset, dataset_path: str | Path) -> dict[str, int]:
+    if not dataset.labels:
+        raise ConfigError(f"{dataset_path}: the probe needs a labelled dataset with label names "
+                          "(nnU-Net dataset.json or datalist)")
+    labels, _ = model_labels(dataset.labels, None)  # no label map: the dataset's own ids
+    return labels
+
+
+def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, split_seed: int = 0,
+                   split: str = "test", seed: int = 0, backbone: str | None = None,
+                   spacing_mm: float | None = None, pixels: int = DEFAULT_PIXELS,
+                   levels: str | Sequence[str] = DEFAULT_LEVELS,
+                   device: str | torch.device = "cpu", cache_dir: str | None = None,
+                   progress: bool = True, batch_size: int = 8,
+                   l2: float = DEFAULT_L2) -> dict[str, Any]:
+    """Fit a linear probe on K labelled cases and score it on ``split``.
+
+    model: see :func:`load_probe_network`. The K cases are ``choose_labelled(dataset, labeled,
+    split_seed)["labeled"]``, read through the slice cache at the model's preprocessing; the
+    pixel draw uses ``np.random.default_rng(seed)`` (seed also initialises scratch).
+    Returns the ``lrcseg evaluate`` metrics dict (:meth:`SegmentationMetrics.result`) plus
+    "probe": the provenance (model, kind, levels, pixels, K, split seed, labelled case ids,
+    fit seconds, L-BFGS iterations, train accuracy, ...).
+    """
+    levels = parse_levels(levels)
+    if pixels < 1:
+        raise ConfigError(f"Illegal --pixels {pixels}: must be >= 1")
+    device = torch.device(device)
+    unet, preprocess, info = load_probe_network(model, backbone, spacing_mm, seed)
+    dataset = load_dataset(dataset_path)
+    labels = _probe_labels(dataset, dataset_path)
+    if "labels" in info:
+        check_label_names(info["labels"], dataset.labels, None, Path(dataset_path))
+    chosen = choose_labelled(dataset, labeled, split_seed)
+    eval_cases = split_cases(dataset, split)
+    num_classes = max(labels.values()) + 1
+    volumes = _labelled_volumes(dataset, chosen["labeled"], SliceCache(preprocess, cache_dir))
+    picks = choose_pixels([v.label for v in volumes], num_classes, pixels,
+                          np.random.default_rng(seed))
+    features = DenseFeatures(unet.to(device), levels)
+    probe, fit_info = fit_probe(features, volumes, picks, num_classes, preprocess.context_slices,
+                                l2=l2, batch_size=batch_size, progress=progress)
+
+    metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})
+    for case in tqdm(eval_cases, desc="probe evaluate", disable=not progress):
+        image = read_image(case.image)
+        ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels)
+        pred = predict_labels(probe, image, preprocess, device=device, batch_size=batch_size,
+                              num_classes=num_classes)
+        metrics.add(case.id, pred, ref, image.spacing)
+    result = metrics.result()
+    per_class = fit_info["pixels_per_class"]
+    result["probe"] = {
+        **{k: v for k, v in info.items() if k != "labels"},
+        "dataset": str(Path(dataset_path).resolve()),
+        "split": split,
+        "levels": list(levels),
+        "channels": fit_info["channels"],
+        "pixels": int(pixels),
+        "pixels_used": fit_info["pixels"],
+        "pixels_per_class": {n: int(per_class[i]) for n, i in labels.items()},
+        "labeled": len(chosen["labeled"]),
+        "split_seed": int(split_seed),
+        "seed": int(seed),
+        "labelled_cases": chosen["labeled"],
+        "preprocess": to_dict(preprocess),
+        "l2": float(l2),
+        "lbfgs_iterations": fit_info["iterations"],
+        "train_loss": fit_info["loss"],
+        "train_accuracy": fit_info["train_accuracy"],
+        "fit_seconds": round(fit_info["fit_seconds"], 3),
+    }
+    return result
+
+
+class OnlineProbe:
+    """A probe to run during pre-training: fit on K labelled cases, score on a few others.
+
+    Args:
+        dataset: a labelled dataset (nnU-Net dataset.json or datalist).
+        preprocess: the pre-training preprocessing (the network's input).
+        labeled, split_seed: the K fitting cases, ``choose_labelled(dataset, labeled,
+            split_seed)["labeled"]``.
+        max_cases: score on up to this many of the remaining "train" candidates (sorted ids;
+            never the test split).
+        pixels, seed, levels, l2: the pixel budget, the seed of its draw (made once, here),
+            the feature levels and the L2 penalty.
+        cache_dir: the slice cache root (None = ``$LRCSEG_CACHE`` or ~/.cache/lrcseg).
+
+    ``score(unet)`` fits a fresh classifier on the network's current features and returns
+    {"probe/mean_dice": float, "probe/dice/<organ>": float (NaN if the organ is absent from
+    both prediction and reference of every case)}. Dice is computed on the network grid of the
+    slice cache (a monitoring signal; ``lrcseg probe`` scores on the original grids). The
+    network is put in eval mode and every submodule's mode is restored afterwards; its
+    features are computed under ``torch.no_grad``; torch's global RNG state (CPU and the
+    network's CUDA device) is left unchanged, so a run with the probe is bit-identical to one
+    without.
+    """
+
+    def __init__(self, dataset: str | Path, preprocess: PreprocessConfig, labeled: float = 1,
+                 split_seed: int = 0, max_cases: int = 3, pixels: int = DEFAULT_PIXELS,
+                 cache_dir: str | None = None, seed: int = 0,
+                 levels: str | Sequence[str] = DEFAULT_LEVELS, l2: float = DEFAULT_L2,
+                 batch_size: int = 8):
+        if max_cases < 1:
+            raise ValueError(f"Illegal max_cases {max_cases}: must be >= 1")
+        self.levels = parse_levels(levels)
+        self.preprocess = preprocess
+        self.l2 = l2
+        self.batch_size = batch_size
+        data = load_dataset(dataset)
+        self.labels = _probe_labels(data, dataset)
+        self.num_classes = max(self.labels.values()) + 1
+        chosen = choose_labelled(data, labeled, split_seed)
+        self.fit_ids = chosen["labeled"]
+        self.score_ids = [c for c in chosen["candidates"] if c not in self.fit_ids][:max_cases]
+        if not self.score_ids:
+            raise ConfigError(f"{dataset}: all {len(chosen['candidates'])} training candidates "
+                              "are fitting cases; none is left to score the online probe on")
+        cache = SliceCache(preprocess, cache_dir)
+        self.fit_volumes = _labelled_volumes(data, self.fit_ids, cache)
+        self.score_volumes = _labelled_volumes(data, self.score_ids, cache)
+        self.picks = choose_pixels([v.label for v in self.fit_volumes], self.num_classes, pixels,
+                                   np.random.default_rng(seed))
+
+    def score(self, unet: FlexibleUNet) -> dict[str, float]:
+        device = next(unet.parameters()).device
+        modes = {m: m.training for m in unet.modules()}
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    torch.no_grad():
+                features = DenseFeatures(unet, self.levels, freeze=False)
+                probe, _ = fit_probe(features, self.fit_volumes, self.picks, self.num_classes,
+                                     self.preprocess.context_slices, l2=self.l2,
+                                     batch_size=self.batch_size)
+                result = self._dice(probe)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        return result
+
+    def _dice(self, probe: ProbeModel) -> dict[str, float]:
+        """Dice of the probe's predictions on the score cases, on the cached network grid."""
+        device = probe.bias.device
+        metrics = SegmentationMetrics({n: i for n, i in self.labels.items() if i != 0})
+        for volume in self.score_volumes:
+            _, _, h, w = volume.image.shape
+            pred = np.empty(volume.label.shape, dtype=np.int16)  # (Z, H, W)
+            zs = list(range(volume.image.shape[0]))
+            for batch, x, (top, left) in _padded_slices(volume, zs, self.preprocess.context_slices,
+                                                        self.batch_size):
+                logits = probe(x.to(device))[:, :, top:top + h, left:left + w]
+                pred[batch] = logits.argmax(dim=1).cpu().numpy()
+            metrics.add(volume.case_id, pred.transpose(1, 2, 0),
+                        np.asarray(volume.label).transpose(1, 2, 0), volume.spacing_mm)
+        result = metrics.result()
+        out = {"probe/mean_dice": result["mean_dice"]}
+        for organ in result["organs"]:
+            dice = result["mean"][organ]["dice"]
+            out[f"probe/dice/{organ}"] = float("nan") if dice is None else dice
+        return out
