@@ -81,3 +81,14 @@ def test_data_warnings_go_to_the_handler_and_others_pass(recwarn):
         warnings.warn("not about data", UserWarning, stacklevel=1)
     assert [str(w) for w in seen] == ["/x.nii: constant image"] * 2
     assert [str(w.message) for w in recwarn] == ["not about data"]
+
+
+def test_help_does_not_import_torch():
+    # ``import torch`` costs ~2 s of CPU: every command pays it before parsing its arguments
+    # if a command module imports it at module level (issue 17).
+    import subprocess
+    import sys
+
+    code = "import sys, lrcseg.cli as c; c.build_parser(); print(sorted({'torch', 'monai'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -332,3 +332,26 @@ def test_blocks_probe_first_record_a_learning_curve_and_release_their_weights(tm
     assert "## Frozen-feature probe" in report
     assert "| scratch | 1 | 1 | 0.300 | 0.400 | 0.500 | +0.100 |" in report  # the learning curve
     assert "| 1 | moco_lrc | scratch | s0: +0.050 | yes |" in report  # probe sign per seed
+    assert (out / "runs" / "pretrain" / "moco_lrc_s0" / "weights_released.txt").is_file()
+    # A grown matrix needs the deleted pre-training again: refused, never silently retrained.
+    grown = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", {
+        "qualitative_figure": False, "probe": True, "learning_curve": ["scratch"],
+        "keep_checkpoints": False, "draws": [0, 1]})
+    with pytest.raises(ConfigError, match="weights were deleted"):
+        run_experiment(grown, out, progress=False)
+
+
+def test_probes_only_keep_the_weights_the_fine_tunes_will_need(tmp_path, monkeypatch):
+    calls: list[str] = []
+    _fake_training(monkeypatch, calls)
+    overrides = {"qualitative_figure": False, "probe": True, "keep_checkpoints": False}
+    out = tmp_path / "exp"
+    run_experiment(load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml",
+                               {**overrides, "finetune": False}), out, progress=False)
+    assert (out / "runs" / "pretrain" / "moco_lrc_s0" / "final.pt").is_file()
+    calls.clear()
+    run_experiment(load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml", overrides),
+                   out, progress=False)
+    assert [c for c in calls if not c.startswith("evaluate")] == [
+        "finetune scratch/K1_d0_s0", "finetune moco_lrc/K1_d0_s0"]  # no second pre-training
+    assert not (out / "runs" / "pretrain" / "moco_lrc_s0" / "final.pt").exists()

@@ -171,7 +171,7 @@ def test_resume_warns_when_steps_change_and_ignores_the_device():
     notes = check_resume_compatible(_pretrain_config(), new, "pretrain")
     assert len(notes) == 1
     assert notes[0].startswith("run.steps 1000 -> 2000: the learning-rate schedule")
-    assert notes[0].endswith("config.yaml keeps 1000")
+    assert notes[0].endswith("config.yaml now records 2000")
     notes = check_resume_compatible(_pretrain_config(), _pretrain_config(optim__lr=5e-4),
                                     "pretrain")
     assert notes == ["optim.lr 0.001 -> 0.0005: applies from the resumed step on, so the run is "
@@ -213,3 +213,25 @@ def test_final_state_is_stored_once_and_later_checkpoints_leave_it_alone(tmp_pat
     save_checkpoint(tmp_path, {"step": 7, "w": w + 1})  # e.g. a resumed, longer run
     assert load_checkpoint(latest)["step"] == 7 and load_checkpoint(final)["step"] == 5
     assert not list(tmp_path.glob(".*"))  # no temporary files left behind
+
+
+def test_checkpoints_of_the_single_level_era_still_load(tmp_path):
+    # Before multi-level LRC: model.local_level (an int) and network keys local_head.*.
+    from lrcseg.config import ModelConfig, PretrainConfig, from_dict, to_dict
+    from lrcseg.models.pretrain_net import PretrainNetwork
+    from lrcseg.train.checkpoint import load_checkpoint
+
+    net = PretrainNetwork(ModelConfig(backbone="resnet10", local_levels=(2,), proj_dim=8), 1)
+    old_network = {("local_head." + k[len("local_heads.0."):] if k.startswith("local_heads.0.") else k): v
+                   for k, v in net.state_dict().items()}
+    old_config = to_dict(PretrainConfig(model=ModelConfig(backbone="resnet10", proj_dim=8)))
+    del old_config["model"]["local_levels"]
+    old_config["model"]["local_level"] = 2
+    torch.save({"kind": "pretrain", "config": old_config, "network": old_network, "step": 3},
+               tmp_path / "final.pt")
+    state = load_checkpoint(tmp_path / "final.pt")
+    cfg = from_dict(PretrainConfig, state["config"])
+    assert cfg.model.local_levels == (2,)
+    restored = PretrainNetwork(cfg.model, 1)
+    restored.load_state_dict(state["network"])  # strict: every key maps
+    assert torch.equal(restored.local_heads[0].net[0].weight, net.local_heads[0].net[0].weight)

@@ -461,6 +461,16 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
+def upgrade_model_dict(model: dict[str, Any]) -> dict[str, Any]:
+    """A ``ModelConfig`` dict as written by an older lrcseg -> today's keys (``local_level: l``
+    became ``local_levels: [l]``); other dicts are returned as they are."""
+    model = dict(model)
+    if "local_level" in model:
+        level = model.pop("local_level")
+        model.setdefault("local_levels", [level])
+    return model
+
+
 def update_dict(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: ``overrides`` wins; returns a new dict."""
     out = dict(base)

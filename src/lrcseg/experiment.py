@@ -73,6 +73,8 @@ from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_json, atomic_write_text
 
 PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
+#: left in a pre-training folder whose weights were deleted (keep_checkpoints: false)
+RELEASED = "weights_released.txt"
 # Fields that may change between invocations of the same experiment without changing results.
 _RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note", "keep_checkpoints")
 # Fields that choose which cells exist and how they are reported: a finished cell stays valid
@@ -370,9 +372,11 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
         return base
     merged = update_dict(update_dict(to_dict(base), cfg.pretrain_overrides), spec.overrides)
     for section, key in (("run", "out"), ("run", "seed"), ("run", "steps"), ("data", None),
-                         ("method", None), ("model", "backbone"), ("preprocess", None)):
-        changed = merged[section] != to_dict(base)[section] if key is None else \
-            merged[section][key] != getattr(getattr(base, section), key)
+                         ("method", None), ("model", "backbone"), ("model", "decoder_channels"),
+                         ("preprocess", None)):
+        before = to_dict(base)
+        changed = merged[section] != before[section] if key is None else \
+            merged[section][key] != before[section][key]
         _check(not changed, f"initialisation {spec.name}: overrides may not change "
                f"{section if key is None else section + '.' + key} (the experiment sets it)")
     return from_dict(PretrainConfig, merged)
@@ -533,6 +537,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
         raise ConfigError(f"{data}: dataset not found")
 
     tasks = block_tasks(cfg)
+    for spec in cfg.initialisations:  # a bad override fails now, not after other blocks trained
+        if spec.pretrained:
+            pretrain_config(cfg, spec, cfg.seeds[0], data, out_dir)
     device = resolve_device(cfg.device)
     trained = {"pretrain": 0, "finetune": 0}
     locks = out_dir / "locks"
@@ -543,6 +550,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
         final = Path(pt_cfg.run.out) / "final.pt"
         if final.is_file():
             return True
+        released = Path(pt_cfg.run.out) / RELEASED
+        if released.is_file():
+            raise ConfigError(f"{released}: this pre-training's weights were deleted once its block "
+                              "was finished (keep_checkpoints: false); the matrix has grown since. "
+                              "Delete the marker to pre-train it again (same config and seed), or "
+                              "use a new --out")
         with _lock(locks / f"pretrain_{spec.name}_s{seed}.lock", wait) as held:
             if held and not final.is_file():
                 _say(f"pre-training {spec.name}_s{seed} ({cfg.pretrain_steps} steps)")
@@ -565,8 +578,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             _say(f"cell {i}/{len(tasks)}: {cell.folder} ({cfg.finetune_steps} steps)")
             trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
             for step in ft_cfg.snapshots:  # learning-curve points first: metrics.json = done
-                result = evaluate_model(ft_dir / snapshot_name(step), data, cfg.eval_split,
-                                        device, progress=progress)
+                snapshot = ft_dir / snapshot_name(step)
+                if not snapshot.is_file():  # a run started without it: the curve skips the run
+                    _say(f"{cell.folder}: no {snapshot.name}, its learning-curve point is skipped")
+                    continue
+                result = evaluate_model(snapshot, data, cfg.eval_split, device, progress=progress)
                 write_metrics(result, curve_metrics_path(out_dir, cell, step))
             result = evaluate_model(ft_dir, data, cfg.eval_split, device, progress=progress)
             write_metrics(result, metrics_path)
@@ -596,16 +612,24 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             write_metrics(result, metrics_path)
             return True
 
+    # A block is finished when its probes AND fine-tunes are, even in a probes-only invocation
+    # (fine-tunes may follow), over every initialisation the folder has.
+    release_tasks = block_tasks(dataclasses.replace(whole, finetune=True))
+
     def release_block(spec: InitSpec, seed: int) -> None:
-        """Delete the block's pre-training weights once every probe and cell of it is done."""
+        """Delete the block's pre-training weights once every probe and cell of it is done,
+        leaving a marker so a later, larger matrix is told instead of silently retraining."""
         if cfg.keep_checkpoints or not spec.pretrained:
             return
-        done = all(path.is_file() for kind, cell in tasks
-                   if cell.init == spec.name and cell.seed == seed
-                   for path in [_task_metrics(out_dir, kind, cell)])
+        done = all(_task_metrics(out_dir, kind, cell).is_file() for kind, cell in release_tasks
+                   if cell.init == spec.name and cell.seed == seed)
         if done:
+            run_dir = pretrain_dir(out_dir, spec.name, seed)
             with _lock(locks / f"pretrain_{spec.name}_s{seed}.lock", wait=True):
-                _delete_weights(pretrain_dir(out_dir, spec.name, seed))
+                if (run_dir / "final.pt").is_file():
+                    atomic_write_text(run_dir / RELEASED, "weights deleted: every probe and "
+                                      "fine-tune of this block has its metrics.json\n")
+                    _delete_weights(run_dir)
 
     def out_of_time(i: int) -> bool:
         if max_seconds is None or time.time() - t0 < max_seconds:
@@ -645,7 +669,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     # replaces a newer one with older numbers; it covers every initialisation of the folder.
     with _lock(locks / "report.lock", wait=True):
         results_path = write_results_csv(whole, out_dir)
-        probe_path = write_results_csv(whole, out_dir, "probe") if whole.probe else None
+        has_probes = whole.probe or any(_task_metrics(out_dir, "probe", c).is_file()
+                                        for c in cells(whole))
+        probe_path = write_results_csv(whole, out_dir, "probe") if has_probes else None
         if not load_results(whole, out_dir)[0] and not (probe_path and load_results(whole, out_dir, "probe")[0]):
             _say("no finished cell yet: results.csv has only its header, no report")
             return results_path

@@ -25,7 +25,7 @@ deviation over the chosen pixels:
     logits(x) = W (x - mu) / sigma + b,   W (K, D), b (K,)
 
 fitted by minimising the class-balanced cross-entropy ``sum_c mean_{i: y_i = c} CE_i / P``
-over the P classes present, plus ``l2 / 2 * ||W||^2`` (l2 = 0.01), with
+over the P classes present, plus ``l2 / 2 * ||W||^2`` (l2 = 0.001, fixed a priori), with
 ``torch.optim.LBFGS`` (strong-Wolfe line search) in float64 on the CPU from zeros:
 deterministic for a given machine and torch thread count (BLAS sums depend on both).
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from lrcseg.data.check import check_data, format_report
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH", help="dataset folder, datalist JSON, NIfTI file "
@@ -24,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrcseg.data.check import check_data, format_report  # imports torch: not for --help
+
     report = check_data(args.path)
     if args.json:
         print(json.dumps(report, indent=2))

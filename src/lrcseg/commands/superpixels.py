@@ -12,20 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from lrcseg.config import PreprocessConfig, SuperpixelConfig, to_dict
-from lrcseg.data.cache import SliceCache
-from lrcseg.data.layouts import load_dataset
-from lrcseg.io_utils import atomic_write_json
-from lrcseg.superpixels.cache import RegionCache
-from lrcseg.superpixels.metrics import (
-    achievable_segmentation_accuracy,
-    boundary_recall,
-    region_stats,
-)
-from lrcseg.viz import montage
+
+# The caches, metrics and figures import torch, numba and matplotlib: they are imported in
+# the functions that use them, so ``lrcseg --help`` stays fast.
+if TYPE_CHECKING:
+    from lrcseg.data.cache import SliceCache
+    from lrcseg.superpixels.cache import RegionCache
 
 #: slices per case (evenly spaced among slices with a body) used for quality metrics
 QUALITY_SLICES_PER_CASE = 12
@@ -50,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lrcseg.data.cache import SliceCache
+    from lrcseg.data.layouts import load_dataset
+    from lrcseg.io_utils import atomic_write_json
+    from lrcseg.superpixels.cache import RegionCache
+
     sp_cfg = SuperpixelConfig(method=args.method, scale=args.scale, sigma=args.sigma,
                               min_size_mm2=args.min_size_mm2, implementation=args.implementation,
                               grid_cell_mm=args.grid_cell_mm)
@@ -88,6 +90,12 @@ def _body_slices(body: np.ndarray, n: int) -> list[int]:
 
 def _quality(slice_cache: SliceCache, regions_cache: RegionCache, cases) -> dict:
     """Region size distribution on sampled slices; ASA and boundary recall where labelled."""
+    from lrcseg.superpixels.metrics import (
+        achievable_segmentation_accuracy,
+        boundary_recall,
+        region_stats,
+    )
+
     asa, recall, sizes = [], [], []
     for case in cases:
         vol = slice_cache.get(case)
@@ -114,6 +122,8 @@ def _quality(slice_cache: SliceCache, regions_cache: RegionCache, cases) -> dict
 def _write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases, out: Path,
                     count: int) -> list[str]:
     """PNG of region boundaries (yellow) on the soft-tissue window, radiological orientation."""
+    from lrcseg.viz import montage
+
     picks: list[tuple[object, int]] = []
     per_case = max(1, -(-count // max(1, len(cases))))
     for case in cases:

@@ -42,12 +42,33 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], final: bool = False) -
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``; a clear error if it is unreadable."""
+    """Load a checkpoint written by ``save_checkpoint``; a clear error if it is unreadable.
+
+    Checkpoints of an older lrcseg are upgraded in memory (``upgrade_checkpoint``).
+    """
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise LrcsegError(f"{path}: cannot read checkpoint: {exc}") from exc
+    return upgrade_checkpoint(state) if isinstance(state, dict) else state
+
+
+def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """Today's keys for a checkpoint written before multi-level LRC: the model config's
+    ``local_level`` becomes ``local_levels`` and the pre-training network's ``local_head.*``
+    weights become ``local_heads.0.*``."""
+    from lrcseg.config import upgrade_model_dict
+
+    if isinstance(state.get("config"), dict) and isinstance(state["config"].get("model"), dict):
+        state["config"]["model"] = upgrade_model_dict(state["config"]["model"])
+    if isinstance(state.get("model_config"), dict):
+        state["model_config"] = upgrade_model_dict(state["model_config"])
+    network = state.get("network")
+    if isinstance(network, dict) and any(k.startswith("local_head.") for k in network):
+        state["network"] = {("local_heads.0." + k[len("local_head."):]
+                             if k.startswith("local_head.") else k): v for k, v in network.items()}
+    return state
 
 
 def find_checkpoint(run_dir: Path, prefer_final: bool = True) -> Path | None:

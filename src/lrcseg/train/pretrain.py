@@ -195,9 +195,12 @@ class PretrainStep(nn.Module):
 
     def __init__(self, net: PretrainNetwork, objective: nn.Module, lrc: LRCLoss | None,
                  lrc_weight: float, gather_lrc: bool = False, compile_net: bool = False,
-                 num_region_ids: int | None = None):
+                 num_region_ids: int | None = None, intensity_channel: int = 0):
         super().__init__()
         self.net, self.objective, self.lrc = net, objective, lrc
+        # the input channel holding the slice the regions belong to, in its first window
+        # (2.5D context stacks slices z - k//2 .. z + k//2, each with all windows)
+        self.intensity_channel = intensity_channel
         self.lrc_weight = lrc_weight
         self.gather_lrc = gather_lrc
         self.num_region_ids = num_region_ids
@@ -213,10 +216,11 @@ class PretrainStep(nn.Module):
         if self.lrc is None:
             return loss_global, loss_global, torch.zeros_like(loss_global), stats
         generator = views.generator
-        image1 = views.view1[:, 0]
+        image1 = views.view1[:, self.intensity_channel] if self.lrc.sampling == "intensity" else None
         if self.gather_lrc:
             regions1, regions2 = concat_all_gather(regions1), concat_all_gather(regions2)
-            image1 = concat_all_gather(image1.contiguous())
+            if image1 is not None:
+                image1 = concat_all_gather(image1.contiguous())
             if organs1 is not None:
                 organs1, organs2 = concat_all_gather(organs1), concat_all_gather(organs2)
             generator = views.shared_generator
@@ -260,8 +264,15 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     run_dir = prepare_run_dir(cfg.run.out, resume, create=False)
     seed_everything(cfg.run.seed)
     progress = progress and ctx.is_main
+    probe = None  # the online probe runs on rank 0 (built with the data, before any step)
     if ctx.is_main:  # rank 0 builds the caches, the others then read them
         data = build_pretrain_data(cfg, progress=progress)
+        if cfg.probe.dataset:
+            from lrcseg.probe import OnlineProbe
+
+            probe = OnlineProbe(cfg.probe.dataset, cfg.preprocess, labeled=cfg.probe.labeled,
+                                split_seed=cfg.probe.split_seed, max_cases=cfg.probe.max_cases,
+                                pixels=cfg.probe.pixels, cache_dir=cfg.run.cache_dir)
         prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
     barrier()
     if not ctx.is_main:
@@ -285,7 +296,9 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     step_module = PretrainStep(net, global_objective, lrc, cfg.lrc.weight,
                                gather_lrc=gather and cfg.lrc.negatives == "batch",
                                compile_net=cfg.run.compile,
-                               num_region_ids=data.dataset.max_region_id + 1)
+                               num_region_ids=data.dataset.max_region_id + 1,
+                               intensity_channel=(cfg.preprocess.context_slices // 2)
+                               * len(cfg.preprocess.windows))
     train_step = step_module
     if ctx.enabled:
         train_step = nn.parallel.DistributedDataParallel(
@@ -342,13 +355,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     loader = make_loader(data.dataset, batch_size, sampler, cfg.run.workers, device,
                          drop_last=True)
     logger = RunLogger(run_dir, start_step=start) if ctx.is_main else None
-    probe = None
-    if cfg.probe.dataset and ctx.is_main:
-        from lrcseg.probe import OnlineProbe
 
-        probe = OnlineProbe(cfg.probe.dataset, cfg.preprocess, labeled=cfg.probe.labeled,
-                            split_seed=cfg.probe.split_seed, max_cases=cfg.probe.max_cases,
-                            pixels=cfg.probe.pixels, cache_dir=cfg.run.cache_dir)
     autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", disable=not progress,
                dynamic_ncols=True)
