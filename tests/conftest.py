@@ -1,7 +1,12 @@
-"""Shared fixtures: an isolated cache folder and the real chest CT series (if present)."""
+"""Shared fixtures: an isolated cache folder and the real chest CT series (if present).
+
+The real CT is ``../shared/data/chest_ct_dicom`` beside the checkout, or any DICOM series
+folder named by the environment variable ``LRCSEG_TEST_CT``.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -17,7 +22,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def chest_ct_dir() -> Path:
-    path = CHEST_CT.resolve()
+    path = Path(os.environ.get("LRCSEG_TEST_CT") or CHEST_CT).resolve()
     if not path.is_dir():
-        pytest.skip(f"real chest CT not found at {path} (../shared/data/chest_ct_dicom)")
+        pytest.skip(f"real chest CT not found at {path} (set LRCSEG_TEST_CT to a DICOM series folder)")
     return path
