@@ -85,6 +85,7 @@ def measure(setting: Setting, dataset, organ_names: dict[int, str], image_size: 
     num_ids = dataset.max_region_id + 1
     valid_seen = {o: 0 for o in organ_names}
     sampled_seen = {o: 0 for o in organ_names}
+    present_counts = {o: 0 for o in organ_names}  # the denominators
     views = 0
     totals: dict[str, list[float]] = {"valid_regions": [], "neg_same_organ": [],
                                       "neg_background": [], "sampled_background": []}
@@ -108,6 +109,7 @@ def measure(setting: Setting, dataset, organ_names: dict[int, str], image_size: 
             present = (labels1 == organ).flatten(1).sum(1) >= MIN_ORGAN_PIXELS  # in view 1
             valid_hit = ((majority == organ) & sample.valid_regions).any(1)
             sampled_hit = ((sampled_majority == organ) & sample.valid).any(1)
+            present_counts[organ] += int(present.sum())
             valid_seen[organ] += int((valid_hit & present).sum())
             sampled_seen[organ] += int((sampled_hit & present).sum())
         views += len(items)
@@ -115,25 +117,11 @@ def measure(setting: Setting, dataset, organ_names: dict[int, str], image_size: 
         totals["valid_regions"].append(float(sample.valid_regions.sum()) / len(items))
         for key in ("neg_same_organ", "neg_background", "sampled_background"):
             totals[key].append(float(stats[key]))
-    present_counts = _presence(dataset, organ_names, order[:batches * batch_size], augment,
-                               batches, batch_size)
     per_organ = {organ_names[o]: {"valid": valid_seen[o] / max(present_counts[o], 1),
                                   "sampled": sampled_seen[o] / max(present_counts[o], 1),
                                   "views_with_organ": present_counts[o]} for o in organ_names}
     return {"setting": setting.__dict__, "views": views, "per_organ": per_organ,
             **{k: float(np.nanmean(v)) for k, v in totals.items()}}
-
-
-def _presence(dataset, organ_names, order, augment, batches, batch_size) -> dict[int, int]:
-    """Views (view 1) in which each organ covers >= MIN_ORGAN_PIXELS: the denominators."""
-    counts = {o: 0 for o in organ_names}
-    for b in range(batches):
-        items = [dataset[int(i)] for i in order[b * batch_size:(b + 1) * batch_size]]
-        organs = torch.stack([it["organs"] for it in items]).long()
-        labels1, _ = _labels_in_views(augment, organs, torch.Generator().manual_seed(1000 + b))
-        for organ in organ_names:
-            counts[organ] += int(((labels1 == organ).flatten(1).sum(1) >= MIN_ORGAN_PIXELS).sum())
-    return counts
 
 
 def main() -> None:

@@ -61,7 +61,12 @@ from lrcseg.inference import pad_amounts, predict_labels
 from lrcseg.models.export import load_exported
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
 from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
-from lrcseg.train.finetune import choose_labelled, load_finetuned, model_labels
+from lrcseg.train.finetune import (
+    choose_labelled,
+    load_finetuned,
+    model_labels,
+    pretrained_unet_weights,
+)
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
@@ -384,9 +389,7 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
                                     decoder_channels=their["decoder_channels"])
             preprocess = from_dict(PreprocessConfig, state["config"]["preprocess"])
             unet = build_unet(model_cfg, preprocess.in_channels, 1)
-            _load_backbone(unet, {k[len("unet."):]: v for k, v in state["network"].items()
-                                  if k.startswith("unet.")
-                                  and not k.startswith("unet." + SEGMENTATION_HEAD_PREFIX)}, path)
+            _load_backbone(unet, pretrained_unet_weights(state), path)
             info = {"model": str(path), "kind": kind, "backbone": model_cfg.backbone}
         elif kind == "finetune":
             unet, meta = load_finetuned(path)

@@ -44,7 +44,7 @@ from lrcseg.data.slices import LabelledSlices
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.io_utils import atomic_torch_save, atomic_write_json
 from lrcseg.models.export import load_exported
-from lrcseg.models.unet import build_unet, flexible_unet_kwargs
+from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, flexible_unet_kwargs
 from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lrcseg.train.common import (
     GracefulInterrupt,
@@ -131,6 +131,13 @@ def has_laterality(label_names: list[str]) -> bool:
     return any(sides & set(re.split(r"[^a-z]+", name.lower())) for name in label_names)
 
 
+def pretrained_unet_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The U-Net weights of a pre-training checkpoint (``PretrainNetwork.unet``), keyed as in
+    a plain ``FlexibleUNet``, without the segmentation head (pre-training never trains it)."""
+    return {k[len("unet."):]: v for k, v in state["network"].items()
+            if k.startswith("unet.") and not k.startswith("unet." + SEGMENTATION_HEAD_PREFIX)}
+
+
 def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: PreprocessConfig,
                         allow_mismatch: bool) -> tuple[dict[str, torch.Tensor] | None, dict]:
     """U-Net weights (without segmentation head) and their provenance from ``init``.
@@ -153,8 +160,7 @@ def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: Preproces
             raise ConfigError(f"{path}: not a pre-training checkpoint (kind={state.get('kind')})")
         their_pre = from_dict(PreprocessConfig, state["config"]["preprocess"])
         their_backbone = state["config"]["model"]["backbone"]
-        weights = {k[len("unet."):]: v for k, v in state["network"].items()
-                   if k.startswith("unet.") and not k.startswith("unet.segmentation_head.")}
+        weights = pretrained_unet_weights(state)
     if their_backbone != model_cfg.backbone:
         raise ConfigError(f"{path}: was trained with backbone {their_backbone}, fine-tuning asks "
                           f"for {model_cfg.backbone}; pass --backbone {their_backbone}")
