@@ -23,10 +23,19 @@ Configurations per setting (backbone, image side S, batch B):
         ``torch.compile`` of the online network where the preset asks for it.
     augment
         ``PairedViewAugment`` alone on a (B, 1, canvas, canvas) batch on the device.
+    lrc_pixel, lrc_region (issue 18)
+        ``LRCLoss`` alone, forward + backward w.r.t. a (B, 128, S/4, S/4) feature map (row
+        mode "alone"), in up to three modes timed *interleaved* (one call of each per round,
+        so a loaded machine slows all alike) and reported as ratios: "raw" (the map as a head with
+        ``normalize=False`` gives it: the loss normalises only the sampled pixels),
+        "normmap" (the head normalises every pixel first, as ``PretrainNetwork`` does) and,
+        with ``--lrc-baseline FILE`` (an older ``losses/lrc.py``, e.g. from ``git show``),
+        "baseline" (that file's loss on the normalised map). Rounds: max(steps, 20).
     e2e
         ``lrcseg.train.pretrain.pretrain`` on a generated phantom dataset (slice + region
         caches, DataLoader workers, paired augmentation, organ statistics, logging): the rate
-        comes from its metrics.jsonl over the steps after warm-up.
+        comes from its metrics.jsonl over the steps after warm-up. Mode "noprefetch" runs it
+        again with ``DevicePrefetcher`` replaced by the plain per-step copy (issue 18).
 
 Each configuration is time-capped: ``warmup`` steps (or ``warmup_s``), then timed steps until
 ``steps`` or ``max_s`` seconds, every step synchronised (the real loop synchronises too, on its
@@ -39,6 +48,7 @@ The JSON (``--out``) is rewritten after every configuration, so a run cut short 
 
     python bench/throughput.py --preset cpu|h100|full [--out FILE.json] [--device auto|cpu|cuda]
         [--backbone resnet18 --image-size 128 --batch 8] [--compile/--no-compile] [--no-e2e]
+        [--only CONFIG,...] [--lrc-baseline OLD_LRC.py]
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -117,6 +128,12 @@ BENCH_LOCAL_LEVELS = (2,)
 #: segmentation classes of the supervised step (background + 7 phantom organs)
 NUM_CLASSES = 8
 MODEL_CONFIGS = ("supervised", "key_forward", "moco", "moco_lrc_pixel", "moco_lrc_region")
+#: the LRC loss alone (issue 18), timed interleaved in these modes (see the module docstring)
+LRC_CONFIGS = ("lrc_pixel", "lrc_region")
+LRC_MODES = ("raw", "normmap")
+LRC_MIN_ROUNDS = 20
+#: local feature width of the LRC-alone rows (the configs' proj_dim)
+LRC_DIM = 128
 
 
 # ----------------------------------------------------------------------------- presets
@@ -372,6 +389,68 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
     raise ValueError(f"unknown configuration {name!r}")
 
 
+def load_lrc_module(path: Path) -> types.ModuleType:
+    """Another version of ``lrcseg/losses/lrc.py`` (it imports only torch), for the baseline."""
+    spec = importlib.util.spec_from_file_location("lrc_baseline", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"--lrc-baseline {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lrc_baseline"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def build_lrc_steps(name: str, setting: Setting, inputs: Inputs, device: torch.device,
+                    baseline: types.ModuleType | None = None
+                    ) -> tuple[dict[str, Callable[[int], None]], float]:
+    """The LRC loss alone (forward + backward w.r.t. the map), one closure per mode.
+
+    Modes: "raw" (current loss on the unnormalised map), "normmap" (current loss on the map
+    L2-normalised per pixel, as the normalising head gives it: the normalisation is timed) and
+    "baseline" (``baseline.LRCLoss`` on the normalised map). Every mode draws its sample from
+    ``step_generator(0, step)``, so a round's calls sample the same regions and pixels.
+    Returns (steps, the largest |loss - raw loss| of the other modes at step 0).
+    """
+    import torch.nn.functional as F
+
+    variant = {"lrc_pixel": "pixel", "lrc_region": "region"}[name]
+    cfg = pretrain_config(setting, variant, device).lrc
+    kwargs = {"temperature": cfg.temperature, "num_regions": cfg.num_regions,
+              "pixels_per_region": cfg.pixels_per_region, "min_pixels": cfg.min_pixels,
+              "variant": variant, "negatives": cfg.negatives}
+    side = setting.image_size // 2 ** (4 - BENCH_LOCAL_LEVELS[0])
+    g = torch.Generator().manual_seed(2)
+    raw1, raw2 = (torch.randn(setting.batch, LRC_DIM, side, side, generator=g).to(device)
+                  .requires_grad_() for _ in (0, 1))
+    num_ids = setting.regions + 1
+    autocast = _autocast(device)  # the loop calls the loss inside the step's autocast
+
+    def make(loss_fn: torch.nn.Module, normalise: bool) -> Callable[[int], torch.Tensor]:
+        def call(step: int) -> torch.Tensor:
+            with autocast:
+                f1, f2 = (F.normalize(raw1, dim=1), F.normalize(raw2, dim=1)) if normalise else (raw1, raw2)
+                loss, _ = loss_fn(f1, f2, inputs.regions1, inputs.regions2,
+                                  generator=step_generator(0, step), num_ids=num_ids)
+            raw1.grad = raw2.grad = None
+            loss.backward()
+            return loss
+        return call
+
+    calls = {"raw": make(LRCLoss(**kwargs), False), "normmap": make(LRCLoss(**kwargs), True)}
+    if baseline is not None:
+        calls["baseline"] = make(baseline.LRCLoss(**kwargs), True)
+    values = {mode: float(call(0).detach()) for mode, call in calls.items()}
+    diff = max(abs(v - values["raw"]) for v in values.values())
+
+    def step_of(call: Callable[[int], torch.Tensor]) -> Callable[[int], None]:
+        def step(i: int) -> None:
+            if not torch.isfinite(call(i)):
+                raise FloatingPointError(f"non-finite {name} loss at step {i}")
+        return step
+
+    return {mode: step_of(call) for mode, call in calls.items()}, diff
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -443,11 +522,54 @@ def time_steps(step: Callable[[int], None], device: torch.device, warmup: int, s
             "step_s_min": min(times)}
 
 
+def time_interleaved(steps: dict[str, Callable[[int], None]], device: torch.device, warmup: int,
+                     rounds: int, max_s: float) -> dict[str, dict[str, Any]]:
+    """Time several step functions in alternation: each round calls every one once (the
+    order rotates from round to round) with the same step index, until ``rounds`` rounds or
+    ``max_s`` seconds. Returns per name the statistics of ``time_steps``."""
+    names = list(steps)
+    for i in range(warmup):
+        for name in names:
+            steps[name](i)
+            _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    started = time.perf_counter()
+    r = 0
+    while r < rounds and (r == 0 or time.perf_counter() - started < max_s):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            steps[name](warmup + r)
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+        r += 1
+    return {name: {"warmup_steps": warmup, "timed_steps": len(t), "step_s_mean": statistics.fmean(t),
+                   "step_s_median": statistics.median(t), "step_s_min": min(t)}
+            for name, t in times.items()}
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
+@contextlib.contextmanager
+def plain_batches() -> Iterator[None]:
+    """``pretrain()`` without ``DevicePrefetcher``: each batch copied when the step needs it."""
+    from lrcseg.train import pretrain as pretrain_module
+
+    def plain(batches: Iterator[Any], device: torch.device) -> Iterator[Any]:
+        for batch in batches:
+            yield {k: v.to(device, non_blocking=True).float() if v.dtype == torch.float16
+                   else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    original = pretrain_module.DevicePrefetcher
+    pretrain_module.DevicePrefetcher = plain
+    try:
+        yield
+    finally:
+        pretrain_module.DevicePrefetcher = original
+
+
 def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
-            compiled: bool = False) -> dict[str, Any]:
+            compiled: bool = False, prefetch: bool = True) -> dict[str, Any]:
     """``pretrain()`` on freshly generated phantoms; the rate over the steps after warm-up.
 
     The rate is B x (steps between the first and last logged row after warm-up) / (their
@@ -466,7 +588,8 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
     total = e2e.warmup + e2e.steps
     cfg = PretrainConfig(
         data=[str(data)],
-        run=RunConfig(out=str(workdir / f"run_{'compiled' if compiled else 'eager'}"), steps=total,
+        run=RunConfig(out=str(workdir / f"run_{'compiled' if compiled else 'eager'}"
+                              f"{'' if prefetch else '_noprefetch'}"), steps=total,
                       batch_size=setting.batch, device=device.type, workers=e2e.workers,
                       amp=True, channels_last=device.type == "cuda", compile=compiled,
                       checkpoint_every=10 * total, log_every=e2e.log_every,
@@ -477,7 +600,8 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
         model=ModelConfig(backbone=setting.backbone, local_levels=BENCH_LOCAL_LEVELS),
     )
     t1 = time.perf_counter()
-    run_dir = pretrain(cfg, progress=False)
+    with contextlib.nullcontext() if prefetch else plain_batches():
+        run_dir = pretrain(cfg, progress=False)
     wall = time.perf_counter() - t1
     rows = [r for r in read_metrics(run_dir) if r["step"] >= e2e.warmup]
     if len(rows) < 2:
@@ -492,7 +616,7 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
             "step_s_median": None, "step_s_min": None,
             "data_generation_s": round(t_data, 2), "pretrain_wall_s": round(wall, 2),
             "slices": card.get("slices"), "canvas": card.get("canvas"), "workers": e2e.workers,
-            "superpixels": SUPERPIXEL_IMPLEMENTATION}
+            "superpixels": SUPERPIXEL_IMPLEMENTATION, "prefetch": prefetch}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -507,6 +631,8 @@ class Plan:
     device: torch.device
     out: Path | None
     cudnn_benchmark: bool = False
+    only: tuple[str, ...] | None = None  # run only these configurations
+    lrc_baseline: Path | None = None  # an older losses/lrc.py for the LRC-alone rows
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -554,7 +680,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for setting in sorted({r["setting"] for r in rows}):
         ok = [r for r in rows if r["setting"] == setting and r["status"] == "ok"]
         lrc = [r for r in ok if r["config"] == "moco_lrc_pixel" and r.get("floor_ratio")]
-        e2e = [r for r in ok if r["config"] == "e2e"]
+        e2e = [r for r in ok if r["config"] == "e2e" and r["mode"] == "eager"]
         if lrc:
             best_ratio = min(lrc, key=lambda r: r["floor_ratio"])
             out.append({"setting": setting, "target": "MoCo+LRC step <= 1.15 x floor",
@@ -570,6 +696,39 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             share = e2e[0]["pairs_per_s"] / eager_lrc[0]["pairs_per_s"]
             out.append({"setting": setting, "target": "end-to-end >= 90% of synthetic (eager)",
                         "value": round(share, 4), "mode": "eager", "met": share >= 0.9})
+    return out
+
+
+def run_lrc_alone(config: str, setting: Setting, inputs: Inputs, plan: Plan,
+                  baseline: types.ModuleType | None) -> dict[str, Any]:
+    """One LRC-alone row: the "raw" mode's figures, and every mode's in ``modes`` with its
+    median relative to raw's (all timed interleaved in one run)."""
+    p = plan.preset
+    steps, diff = build_lrc_steps(config, setting, inputs, plan.device, baseline)
+    stats = time_interleaved(steps, plan.device, max(p.warmup, 2), max(p.steps, LRC_MIN_ROUNDS),
+                             p.max_s)
+    raw = stats["raw"]["step_s_median"]
+    for mode_stats in stats.values():
+        mode_stats["median_ratio_to_raw"] = round(mode_stats["step_s_median"] / raw, 4)
+    return {**stats["raw"], "modes": stats, "loss_max_abs_diff_to_raw": diff,
+            "feature_map": [setting.batch, LRC_DIM, *(2 * [setting.image_size // 4])]}
+
+
+def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Same-run ratios of issue 18: the LRC-alone modes against "raw" (median per call) and
+    the end-to-end step time without / with the prefetcher."""
+    out = []
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        for mode, stats in r.get("modes", {}).items():
+            if mode != "raw":
+                out.append({"setting": r["setting"], "what": f"{r['config']}: {mode} / raw (median)",
+                            "value": stats["median_ratio_to_raw"]})
+    for setting in sorted({r["setting"] for r in ok}):
+        e2e = {r["mode"]: r for r in ok if r["setting"] == setting and r["config"] == "e2e"}
+        if "eager" in e2e and "noprefetch" in e2e:
+            out.append({"setting": setting, "what": "e2e step time: no prefetcher / prefetcher",
+                        "value": round(e2e["noprefetch"]["step_s_mean"] / e2e["eager"]["step_s_mean"], 4)})
     return out
 
 
@@ -597,9 +756,14 @@ def run_plan(plan: Plan) -> dict[str, Any]:
                                        "threads": p.threads},
                               "results": [], "targets": [], "complete": False}
 
+    lrc_baseline = load_lrc_module(plan.lrc_baseline) if plan.lrc_baseline else None
+    if plan.lrc_baseline:
+        report["plan"]["lrc_baseline"] = str(plan.lrc_baseline)
+
     def save() -> None:
         report["elapsed_s"] = round(time.perf_counter() - started, 1)
         report["targets"] = targets(report["results"])
+        report["ratios"] = ratios(report["results"])
         if plan.out is not None:
             atomic_write_json(plan.out, report)
 
@@ -609,10 +773,12 @@ def run_plan(plan: Plan) -> dict[str, Any]:
             inputs = make_inputs(setting, plan.device, channels_last=plan.device.type == "cuda")
             floors: dict[tuple[str, str], float] = {}
             jobs: list[tuple[str, str]] = [(c, "eager") for c in MODEL_CONFIGS]
-            jobs += [("augment", "eager")]
+            jobs += [("augment", "eager")] + [(c, "alone") for c in LRC_CONFIGS]
             if p.e2e is not None:
-                jobs += [("e2e", "eager")]
+                jobs += [("e2e", "eager"), ("e2e", "noprefetch")]
             jobs += [(c, "compile") for c in MODEL_CONFIGS if c in p.compile]
+            if plan.only is not None:
+                jobs = [job for job in jobs if job[0] in plan.only]
             for config, mode in jobs:
                 row: dict[str, Any] = {"setting": setting.name, "backbone": setting.backbone,
                                        "image_size": setting.image_size, "batch": setting.batch,
@@ -626,7 +792,10 @@ def run_plan(plan: Plan) -> dict[str, Any]:
                         cap = p.cap_s * (1.5 if config == "e2e" else 1.0)  # + data prep
                         with time_cap(min(cap, remaining + 30)):
                             if config == "e2e":
-                                row.update(run_e2e(setting, p.e2e, plan.device, Path(tmp)))
+                                row.update(run_e2e(setting, p.e2e, plan.device, Path(tmp),
+                                                   prefetch=mode != "noprefetch"))
+                            elif config in LRC_CONFIGS:
+                                row.update(run_lrc_alone(config, setting, inputs, plan, lrc_baseline))
                             else:
                                 step = build_step(config, setting, inputs, plan.device,
                                                   compiled=mode == "compile")
@@ -640,9 +809,12 @@ def run_plan(plan: Plan) -> dict[str, Any]:
                     _reset_memory(plan.device)
                 if row["status"] == "ok" and config in ("supervised", "key_forward"):
                     floors[(mode, config)] = row["step_s_mean"]
-                floor_s = floor_seconds(floors, mode)
+                floor_s = floor_seconds(floors, "compile" if mode == "compile" else "eager")
                 report["results"].append(_finish_row(row, floor_s))
                 print(format_row(row), flush=True)
+                for name, stats in row.get("modes", {}).items():
+                    print(f"    {name:<10} median {1000 * stats['step_s_median']:9.2f} ms  "
+                          f"x{stats['median_ratio_to_raw']:.3f} of raw", flush=True)
                 if row["status"] == "error":
                     print(f"    {row['error'][:300]}", flush=True)
                 if config == "key_forward" and floor_s:
@@ -660,6 +832,9 @@ def run_plan(plan: Plan) -> dict[str, Any]:
             del inputs
     report["complete"] = True
     save()
+    print("\nratios (same run):", flush=True)
+    for r in report["ratios"]:
+        print(f"  {r['setting']:<24} {r['what']:<52} {r['value']:>8.3f}", flush=True)
     print("\ntargets:", flush=True)
     for t in report["targets"]:
         print(f"  {t['setting']:<24} {t['target']:<42} {t['value']:>10} ({t['mode']}) "
@@ -681,6 +856,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--max-s", type=float, default=None, help="timed seconds per configuration")
     parser.add_argument("--budget-s", type=float, default=None, help="whole-run budget (seconds)")
+    parser.add_argument("--cap-s", type=float, default=None, help="cap per configuration (seconds)")
     parser.add_argument("--compile", dest="compile", action="store_true", default=None,
                         help="also torch.compile every model configuration")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
@@ -689,6 +865,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark = True (the loops leave it off)")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end pretrain run")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated configurations to run (e.g. lrc_pixel,lrc_region)")
+    parser.add_argument("--lrc-baseline", type=Path, default=None,
+                        help="an older losses/lrc.py: adds the 'baseline' mode to the LRC-alone rows")
     return parser.parse_args(argv)
 
 
@@ -719,10 +899,19 @@ def make_plan(args: argparse.Namespace) -> Plan:
         preset, settings=settings,
         warmup=args.warmup if args.warmup is not None else preset.warmup,
         steps=args.steps or preset.steps, max_s=args.max_s or preset.max_s,
-        budget_s=args.budget_s or preset.budget_s, compile=tuple(compile_),
+        budget_s=args.budget_s or preset.budget_s, cap_s=args.cap_s or preset.cap_s,
+        compile=tuple(compile_),
         e2e=None if args.no_e2e else preset.e2e, threads=args.threads or preset.threads)
+    only = None
+    if args.only:
+        only = tuple(c.strip() for c in args.only.split(",") if c.strip())
+        known = (*MODEL_CONFIGS, "augment", *LRC_CONFIGS, "e2e")
+        unknown = [c for c in only if c not in known]
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {unknown}; known: {', '.join(known)}")
     return Plan(name=args.preset, preset=overridden, device=device, out=args.out,
-                cudnn_benchmark=bool(args.cudnn_benchmark))
+                cudnn_benchmark=bool(args.cudnn_benchmark), only=only,
+                lrc_baseline=args.lrc_baseline)
 
 
 def main(argv: list[str] | None = None) -> int:

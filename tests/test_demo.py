@@ -30,3 +30,7 @@ def test_demo_fast_runs_every_stage_and_resumes(tmp_path, capsys):
     assert main(["demo", "--fast", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     assert "done already" in capsys.readouterr().out
     assert (out / "runs" / "moco_lrc" / "final.pt").stat().st_mtime_ns == mtime
+    timings = json.loads((out / "timings.json").read_text())
+    assert len(timings["invocations"]) == 2
+    assert timings["total_seconds"] == pytest.approx(sum(r["seconds"] for r in timings["invocations"]))
+    assert "over the folder's 2 invocations" in (out / "report.md").read_text()

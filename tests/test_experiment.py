@@ -138,6 +138,7 @@ def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch)
     report = (out / "report.md").read_text()
     assert "Configurations tried before this one: 0" in report
     assert "| 1 | moco_lrc | scratch | 1 |" in report
+    assert "| moco_lrc | 1 | 1 |" in report  # the pooled HD95 row (1 cell)
     for name in ("dice_vs_k.png", "organ_bars.png", "qualitative.png"):
         assert (out / "figures" / name).stat().st_size > 1000
     assert load_config(ExperimentConfig, out / "experiment.yaml") == cfg

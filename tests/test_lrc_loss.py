@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from lrcseg.losses import lrc
 from lrcseg.losses.lrc import (
     LRCLoss,
     downsample_regions,
@@ -279,3 +281,238 @@ def test_bf16_features_and_validation():
         LRCLoss(negatives="queue")
     with pytest.raises(ValueError, match="regions1/regions2"):
         LRCLoss()(feat, feat, regions[:1], regions[:1])
+
+
+# ---------------------------------------------------------------- the previous implementation
+# The loss before issue 18, kept only here as the reference of the faster one: the head
+# L2-normalised the whole map, pixels were drawn by two sorts (by random key, then stably by
+# region id), and the sampled features were gathered from the normalised map.
+
+
+def _two_sort_pixels(regions_lr, counts, region_ids, pixels_per_region, generator):
+    B = regions_lr.shape[0]
+    ids = regions_lr.reshape(B, -1)
+    hw = ids.shape[1]
+    shuffled = torch.argsort(torch.rand((B, hw), generator=generator), dim=1)
+    by_region = torch.argsort(ids.gather(1, shuffled), dim=1, stable=True)
+    grouped = shuffled.gather(1, by_region)
+    starts = (torch.cumsum(counts, dim=1) - counts).gather(1, region_ids)
+    sizes = counts.gather(1, region_ids).clamp(min=1)
+    offsets = torch.arange(pixels_per_region)
+    positions = (starts[..., None] + offsets % sizes[..., None]).clamp(max=hw - 1)
+    return grouped.gather(1, positions.reshape(B, -1)).view(B, -1, pixels_per_region)
+
+
+def _previous_sample(r1, r2, loss_fn, generator, num_ids=None, bins=None):
+    counts1, counts2, valid = lrc._counts_and_validity(r1, r2, loss_fn.min_pixels, num_ids)
+    B, num_ids = valid.shape
+    weight = lrc._region_weights(loss_fn.sampling, counts1, counts2, valid, bins)
+    keys = torch.rand((B, num_ids), generator=generator).double().pow(1.0 / weight)
+    keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
+    region_ids = torch.topk(keys, min(loss_fn.num_regions, num_ids), dim=1).indices
+    slot_valid = valid.gather(1, region_ids) & (valid.sum(dim=1, keepdim=True) >= 2)
+    P = loss_fn.pixels_per_region
+    pixels1 = _two_sort_pixels(r1, counts1, region_ids, P, generator)
+    pixels2 = _two_sort_pixels(r2, counts2, region_ids, P, generator)
+    return lrc.RegionSample(region_ids, slot_valid, pixels1, pixels2, counts1, counts2, valid)
+
+
+def _previous_loss(loss_fn, raw1, raw2, regions1, regions2, generator, num_ids=None, image1=None):
+    """The previous LRCLoss.forward on the head's normalised maps: (loss, sample, r1)."""
+    feat1, feat2 = F.normalize(raw1.float(), dim=1), F.normalize(raw2.float(), dim=1)
+    r1 = downsample_regions(regions1, tuple(feat1.shape[-2:]))
+    r2 = downsample_regions(regions2, tuple(feat1.shape[-2:]))
+    bins = None
+    if loss_fn.sampling == "intensity":
+        ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
+        bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, loss_fn.intensity_bins)
+    sample = _previous_sample(r1, r2, loss_fn, generator, num_ids, bins)
+    B, N = sample.region_ids.shape
+    slot = torch.arange(B * N).view(B, N)
+    if loss_fn.variant == "pixel":
+        P = loss_fn.pixels_per_region
+        z1 = lrc._gather_pixels(feat1, sample.pixels1)
+        z2 = lrc._gather_pixels(feat2, sample.pixels2)
+        labels, valid = slot.repeat_interleave(P, dim=1), sample.valid.repeat_interleave(P, dim=1)
+    else:
+        ids = sample.counts1.shape[1]
+        index = sample.region_ids[..., None].expand(B, N, feat1.shape[1])
+        z1 = F.normalize(region_means(feat1, r1, ids), dim=2).gather(1, index)
+        z2 = F.normalize(region_means(feat2, r2, ids), dim=2).gather(1, index)
+        labels, valid = slot, sample.valid
+    loss = lrc._symmetric_infonce(z1, z2, labels, valid, loss_fn.temperature,
+                                  loss_fn.negatives == "image")
+    return loss, sample, r1
+
+
+def _previous_organ_statistics(sample, organs1, r1, per_image):
+    B, num_ids = sample.counts1.shape
+    majority = lrc.region_majority(organs1, r1, num_ids).gather(1, sample.region_ids)
+    num_organs = int(majority.max()) + 1
+    valid = sample.valid
+    nan = torch.tensor(math.nan)
+    present = torch.zeros(B, num_organs, dtype=torch.bool)
+    present.scatter_(1, torch.where(valid, majority, 0), valid)
+    sampled = valid.sum()
+    stats = {"sampled_background": ((majority == 0) & valid).sum() / sampled if sampled > 0 else nan,
+             "sampled_organs": present[:, 1:].sum(dim=1).float().mean()}
+    if not per_image:
+        majority, valid = majority.reshape(1, -1), valid.reshape(1, -1)
+    n = valid.shape[1]
+    pair = valid[:, :, None] & valid[:, None, :] & ~torch.eye(n, dtype=torch.bool)
+    same = (majority[:, :, None] == majority[:, None, :]) & pair
+    background = (majority[:, :, None] == 0) & same
+    pairs = pair.sum()
+    stats["neg_same_organ"] = (same & ~background).sum() / pairs if pairs > 0 else nan
+    stats["neg_background"] = background.sum() / pairs if pairs > 0 else nan
+    return {k: v.float() for k, v in stats.items()}
+
+
+def _edge_case_batch(gen, side=32, coarse=16):
+    """Four images: irregular regions of ids < 40 (many with fewer pixels than P), one with
+    no valid region (all outside the body), one with a single region, irregular again."""
+    regions = _random_regions(4, gen, side=side, coarse=coarse, num_ids=40)
+    regions[1] = 0
+    regions[2] = 5
+    return regions
+
+
+@pytest.mark.parametrize("variant, negatives, sampling", [
+    ("pixel", "image", "area"), ("pixel", "batch", "uniform"), ("pixel", "image", "intensity"),
+    ("region", "image", "area"), ("region", "batch", "intensity"),
+])
+@pytest.mark.parametrize("min_pixels, pixels_per_region", [(1, 8), (2, 3)])
+def test_equals_previous_implementation_value_and_gradients(variant, negatives, sampling,
+                                                            min_pixels, pixels_per_region):
+    gen = _gen(20)
+    regions1 = _edge_case_batch(gen)
+    regions2 = torch.roll(regions1, shifts=(4, -8), dims=(1, 2))
+    image1 = torch.rand(regions1.shape, generator=gen)
+    loss_fn = LRCLoss(temperature=0.2, num_regions=6, pixels_per_region=pixels_per_region,
+                      min_pixels=min_pixels, variant=variant, negatives=negatives, sampling=sampling)
+    # two local levels (1/4 and 1/2 resolution), drawn one after the other from one generator
+    # as in PretrainStep; raw (unnormalised) maps with a non-unit scale
+    raws = [(3 * torch.randn(4, 5, s, s, generator=gen)).requires_grad_() for s in (8, 16) for _ in (0, 1)]
+    expect_gen, got_gen, unit_gen = _gen(21), _gen(21), _gen(21)
+    expected, got, got_unit = [], [], []
+    for level in range(2):
+        raw1, raw2 = raws[2 * level], raws[2 * level + 1]
+        loss, sample, _ = _previous_loss(loss_fn, raw1, raw2, regions1, regions2, expect_gen,
+                                         num_ids=41, image1=image1)
+        assert sample.valid[1:3].sum() == 0  # no valid region / a single one: no samples
+        if pixels_per_region == 8:  # regions with fewer pixels than P: cycled
+            sizes = sample.counts1.gather(1, sample.region_ids)[sample.valid]
+            assert (sizes < pixels_per_region).any()
+        expected.append(loss)
+        got.append(loss_fn(raw1, raw2, regions1, regions2, generator=got_gen, num_ids=41,
+                           image1=image1)[0])
+        unit1, unit2 = F.normalize(raw1, dim=1), F.normalize(raw2, dim=1)
+        got_unit.append(loss_fn(unit1, unit2, regions1, regions2, generator=unit_gen, num_ids=41,
+                                image1=image1)[0])
+    for a, b, c in zip(expected, got, got_unit, strict=True):
+        assert a.item() > 0.1
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(torch.stack(losses).mean(), raws) for losses in (expected, got, got_unit)]
+    for g_expected, g_got, g_unit in zip(*grads, strict=True):
+        assert g_expected.abs().max() > 0
+        torch.testing.assert_close(g_got, g_expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g_unit, g_expected, rtol=1e-5, atol=1e-7)
+
+
+def test_one_sort_pixel_sampling_equals_two_sorts():
+    # 56 x 56 maps (3,136 pixels): 24-bit random keys tie inside a region in about a third of
+    # the images, so the tie order is exercised too
+    gen = _gen(22)
+    regions = _random_regions(64, gen, side=56, coarse=7, num_ids=40)
+    counts = lrc.region_counts(regions, 40)
+    region_ids = torch.topk(torch.rand(64, 40, generator=gen), 16, dim=1).indices
+    for P in (1, 8, 200):  # 200: more than some regions' pixels (cycling)
+        expected = _two_sort_pixels(regions, counts, region_ids, P, _gen(23))
+        got = lrc._sample_pixels(regions, counts, region_ids, P, _gen(23))
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_organ_statistics_equal_previous_implementation(per_image):
+    gen = _gen(24)
+    regions = _edge_case_batch(gen, side=64, coarse=16)
+    organs = (regions * 7 % 5).long()  # labels 0..4, shared by several regions
+    r1 = downsample_regions(regions, (16, 16))
+    sample = sample_regions(r1, r1, 8, 4, 2, generator=_gen(25))
+    got = lrc.organ_statistics(sample, organs, r1, per_image)
+    expected = _previous_organ_statistics(sample, organs, r1, per_image)
+    assert got.keys() == expected.keys()
+    for key in got:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=1e-7)
+    nothing = sample_regions(r1[1:2], r1[1:2], 8, 4, 2, generator=_gen(26))  # no valid region
+    empty = lrc.organ_statistics(nothing, organs[1:2], r1[1:2], per_image)
+    assert math.isnan(empty["sampled_background"]) and math.isnan(empty["neg_same_organ"])
+    assert empty["sampled_organs"].item() == 0
+
+
+def test_unnormalised_head_gives_the_same_loss_and_weight_gradients():
+    from lrcseg.models.heads import LocalProjectionHead
+
+    gen = _gen(27)
+    regions = _random_regions(2, gen, side=64, coarse=8)
+    x1, x2 = torch.randn(2, 2, 6, 16, 16, generator=gen)
+    losses, grads = [], []
+    for normalize in (True, False):
+        torch.manual_seed(0)
+        head = LocalProjectionHead(6, 8, normalize=normalize)
+        loss, _ = LRCLoss(min_pixels=2)(head(x1), head(x2), regions, regions.roll(4, 1),
+                                        generator=_gen(28))
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(head.parameters())))
+    assert not torch.allclose(head(x1).norm(dim=1), torch.ones(2, 16, 16))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched (each is one kernel launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant, sampling", [("pixel", "area"), ("pixel", "intensity"),
+                                               ("region", "uniform")])
+def test_step_issues_the_same_kernels_for_any_batch_and_region_count(variant, sampling):
+    """Forward + backward of a training step (num_ids known, no organ statistics) dispatches
+    one fixed sequence of operators, whatever B and the number of regions, and never reads a
+    device value on the host (``_local_scalar_dense`` is what int()/bool()/item() call)."""
+    loss_fn = LRCLoss(num_regions=8, pixels_per_region=4, min_pixels=2, variant=variant,
+                      sampling=sampling)
+    sequences = []
+    for batch, num_ids in ((2, 5), (6, 30)):
+        gen = _gen(batch)
+        regions = _random_regions(batch, gen, side=64, coarse=16, num_ids=num_ids)
+        image = torch.rand(regions.shape, generator=gen)
+        raw1, raw2 = (torch.randn(batch, 8, 16, 16, generator=gen).requires_grad_() for _ in (0, 1))
+        with _OpCounter() as counter:
+            loss, _ = loss_fn(raw1, raw2, regions, regions.roll(3, 2), generator=_gen(29),
+                              num_ids=num_ids, image1=image)
+            loss.backward()
+        assert "_local_scalar_dense" not in counter.ops
+        sequences.append(counter.ops)
+    assert sequences[0] == sequences[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned random-key copies)")
+def test_cpu_generator_on_cuda_gives_the_cpu_sample_and_loss():
+    gen = _gen(30)
+    regions = _random_regions(3, gen, side=64, coarse=16, num_ids=20)
+    raw1, raw2 = torch.randn(2, 3, 8, 16, 16, generator=gen)
+    loss_fn = LRCLoss(num_regions=8, pixels_per_region=4, min_pixels=2)
+    expected, _ = loss_fn(raw1, raw2, regions, regions.roll(3, 1), generator=_gen(31), num_ids=20)
+    cuda = [t.cuda() for t in (raw1, raw2, regions, regions.roll(3, 1))]
+    got, _ = loss_fn(*cuda, generator=_gen(31), num_ids=20)
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-6)

@@ -52,7 +52,7 @@ def test_pretrain_network_outputs(backbone, in_channels):
     assert out["global"].shape == (2, 32)
     assert out["local"][0].shape == (2, 32, 16, 16)  # 1/4 resolution
     torch.testing.assert_close(out["global"].norm(dim=1), torch.ones(2))
-    torch.testing.assert_close(out["local"][0].norm(dim=1), torch.ones(2, 16, 16))
+    assert not torch.allclose(out["local"][0].norm(dim=1), torch.ones(2, 16, 16))  # LRCLoss normalises
     keys = net.backbone_state_dict().keys()
     assert not any(k.startswith("segmentation_head") for k in keys)
     assert set(keys) == {k for k in net.unet.state_dict() if not k.startswith("segmentation_head")}
@@ -85,7 +85,6 @@ def test_channels_last_and_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = net(x)
     assert out["global"].dtype == torch.float32 and out["local"][0].dtype == torch.float32
-    torch.testing.assert_close(out["local"][0].norm(dim=1), torch.ones(2, 16, 16))
     (out["global"].sum() + out["local"][0].sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert net.unet.encoder.conv1.weight.grad.abs().sum() > 0

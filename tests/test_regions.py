@@ -77,7 +77,8 @@ def test_constant_tiny_and_empty_inputs():
     (np.full((8, 8), np.inf), np.ones((8, 8), bool), 1.5, "NaN/inf"),
     (np.zeros((8, 8)), np.ones((8, 9), bool), 1.5, "does not match"),
     (np.zeros((1, 8)), np.ones((1, 8), bool), 1.5, "too small"),
-    (np.zeros((8, 8, 2)), np.ones((8, 8, 2), bool), 1.5, "2D"),
+    (np.zeros((2, 8, 8, 2)), np.ones((8, 8), bool), 1.5, r"\(C, H, W\)"),
+    (np.zeros((2, 8, 8)), np.ones((8, 9), bool), 1.5, "does not match"),
     (np.full((8, 8), 200.0), np.ones((8, 8), bool), 1.5, r"\[0, 1\]"),
     (np.zeros((8, 8)), np.ones((8, 8), bool), 0.0, "spacing"),
 ])

@@ -117,3 +117,18 @@ def test_read_results_csv_types_and_missing(tmp_path):
     assert organs == ["liver", "spleen"]
     assert rows == [{"init": "scratch", "K": 2, "draw": 1, "seed": 4, "case": "p7",
                      "liver": 0.5, "spleen": None, "mean": 0.5}]
+
+
+def test_pooled_hd95_counts_caps_and_takes_the_median_over_cells():
+    from lrcseg.report import hd95_markdown, pooled_hd95
+
+    def result(liver, spleen, missed):
+        return {"organs": ["liver", "spleen"],
+                "cases": {"a": {"liver": {"hd95_mm": liver}, "spleen": {"hd95_mm": spleen}}},
+                "counts": {"liver": {"missed": 0, "false_positive": 0},
+                           "spleen": {"missed": missed, "false_positive": 0}}}
+
+    pooled = pooled_hd95([result(2.0, 500.0, 1), result(4.0, None, 0)])
+    assert pooled == {"mean": (2.0 + 500.0 + 4.0) / 3, "median": 4.0, "capped": 1, "n": 3}
+    table = hd95_markdown([{"init": "moco", "K": 1, "cells": 2, **pooled}])
+    assert "| moco | 1 | 2 | 168.7 | 4.0 | 1 / 3 |" in table

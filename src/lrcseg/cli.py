@@ -36,6 +36,21 @@ COMMANDS: list[tuple[str, str, str]] = [
 ]
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends ``(default: X)`` to an option's help
+    when argparse holds its default. Options whose default comes from the config dataclasses
+    (argparse default None: "not given") and on/off flags say their default in their own text.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.required
+                or action.default is None or action.default is argparse.SUPPRESS
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lrcseg",
@@ -46,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name, help_text in COMMANDS:
         module = importlib.import_module(f"lrcseg.commands.{module_name}")
         p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=HelpFormatter)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

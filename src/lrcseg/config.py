@@ -81,6 +81,11 @@ class SuperpixelConfig:
     min_size_mm2: minimum region area in mm^2, converted to pixels at the slice spacing.
     implementation: "fast" (our numba version) or "skimage" (reference).
     grid_cell_mm: cell side for method="grid".
+    windows_hu: HU windows (low, high) stacked as channels of the Felzenszwalb input (an edge
+        weighs the Euclidean distance of the windowed values); empty = the preprocessing window
+        alone (``preprocess.window_hu``, soft tissue by default). For chest CT, soft tissue
+        plus a lung window ([[-175, 250], [-1350, 150]]) splits the lungs, which the soft-tissue
+        window shows as one flat region (docs/METHOD.md).
     """
 
     method: str = "felzenszwalb"
@@ -89,8 +94,12 @@ class SuperpixelConfig:
     min_size_mm2: float = 110.0
     implementation: str = "fast"
     grid_cell_mm: float = 30.0
+    windows_hu: list[tuple[float, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.windows_hu = [tuple(float(v) for v in w) for w in self.windows_hu]
+        for w in self.windows_hu:
+            _check(len(w) == 2 and w[0] < w[1], f"Illegal superpixel HU window {w}: need (low, high), low < high")
         _check(self.method in ("felzenszwalb", "grid"), f"Illegal superpixel method {self.method!r}")
         _check(self.implementation in ("fast", "skimage"), f"Illegal implementation {self.implementation!r}")
         _check(self.scale > 0, f"Illegal scale {self.scale}: must be > 0")
@@ -101,6 +110,8 @@ class SuperpixelConfig:
     def key(self) -> str:
         d = to_dict(self)
         d.pop("implementation")  # both implementations give the same regions
+        if not d["windows_hu"]:
+            d.pop("windows_hu")  # the single-window default keeps the caches of earlier lrcseg
         return stable_hash(d)
 
 
@@ -159,6 +170,47 @@ class AugmentConfig:
 
 
 @dataclass
+class NnUNetNetworkConfig:
+    """An nnU-Net plans file's 2D network, recorded whole so a checkpoint rebuilds it alone.
+
+    Filled by ``lrcseg.models.nnunet.network_from_plans`` from ``nnUNetPlans.json`` (and the
+    ``dataset.json`` beside it); a user never writes these fields by hand.
+    plans / configuration: the plans file it came from and its configuration ("2d").
+    network_class_name, arch_kwargs, kw_requires_import: the plans' "architecture" entry,
+        passed to nnU-Net's ``get_network_from_plans`` as nnU-Net itself does.
+    num_classes: segmentation outputs (the dataset's labels; nnU-Net's loader skips them).
+    clip_hu, mean, std: nnU-Net's CTNormalization from the dataset fingerprint (foreground
+        0.5 / 99.5 percentiles, mean, std): the network sees (clip(HU) - mean) / std.
+    spacing_mm, patch_size: the configuration's in-plane spacing and patch (H, W).
+    """
+
+    plans: str
+    configuration: str
+    plans_name: str
+    dataset_name: str
+    network_class_name: str
+    arch_kwargs: dict[str, Any]
+    kw_requires_import: list[str]
+    num_classes: int
+    clip_hu: tuple[float, float]
+    mean: float
+    std: float
+    spacing_mm: tuple[float, float]
+    patch_size: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        self.clip_hu = tuple(float(v) for v in self.clip_hu)
+        self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
+        self.patch_size = tuple(int(v) for v in self.patch_size)
+        _check(len(self.clip_hu) == 2 and self.clip_hu[0] < self.clip_hu[1],
+               f"Illegal nnU-Net clip_hu {self.clip_hu}: need (low, high), low < high")
+        _check(self.std > 0, f"Illegal nnU-Net std {self.std}: must be > 0")
+        _check(self.num_classes >= 1, f"Illegal nnU-Net num_classes {self.num_classes}")
+        _check(len(self.patch_size) == 2, f"nnU-Net configuration {self.configuration!r} has patch "
+               f"size {list(self.patch_size)}: lrcseg pre-trains 2D networks only")
+
+
+@dataclass
 class ModelConfig:
     """2D U-Net (MONAI FlexibleUNet) with a ResNet encoder, plus pre-training heads.
 
@@ -167,12 +219,17 @@ class ModelConfig:
         4 = full resolution (64, 32 and 16 channels with the default decoder). The decoder runs
         up to the finest level listed; (2, 3, 4) trains the whole decoder.
     proj_dim: output width of both projection heads.
+    nnunet: instead of the FlexibleUNet (backbone and decoder_channels then unused), the 2D
+        network of an nnU-Net plans file (``lrcseg pretrain --nnunet-plans``); local level l
+        is then the decoder stage 4 - l stages above full resolution (stride 2**(4-l) with
+        nnU-Net's usual 2 x 2 poolings).
     """
 
     backbone: str = "resnet50"
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     local_levels: tuple[int, ...] = (3,)
     proj_dim: int = 128
+    nnunet: NnUNetNetworkConfig | None = None
 
     def __post_init__(self) -> None:
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
@@ -307,6 +364,8 @@ class RunConfig:
     """Settings every training run shares (where, how long, on what).
 
     steps: optimiser steps; None only for fine-tuning, where it means the automatic budget.
+    image_every: TensorBoard image summaries at step 0 and every N steps (pre-training: view
+        pairs with their region maps; fine-tuning: a prediction overlay); 0 = none.
     """
 
     out: str = "runs/run"
@@ -320,6 +379,7 @@ class RunConfig:
     compile: bool = False
     checkpoint_every: int = 200
     log_every: int = 10
+    image_every: int = 200
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
@@ -328,6 +388,7 @@ class RunConfig:
         _check(self.workers >= 0, f"Illegal workers {self.workers}")
         _check(self.checkpoint_every >= 1, f"Illegal checkpoint_every {self.checkpoint_every}")
         _check(self.log_every >= 1, f"Illegal log_every {self.log_every}")
+        _check(self.image_every >= 0, f"Illegal image_every {self.image_every}: need >= 0 (0 = off)")
 
 
 @dataclass
@@ -435,16 +496,36 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flatten_dict(config: dict[str, Any], sep: str = ".", prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"a<sep>b": leaf}: ``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, sep, name + sep))
+        else:
+            flat[name] = value
+    return flat
+
+
 def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
-    """Build dataclass ``cls`` from a (partial) dict; unknown keys raise ConfigError."""
+    """Build dataclass ``cls`` from a (partial) dict; unknown keys raise ConfigError.
+
+    A partial section fills its missing keys from ``cls``'s own default for that field, so
+    ``{"run": {"steps": 20}}`` keeps FinetuneConfig's batch size 8, not RunConfig's 32.
+    """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(names)}")
+        raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
+        factory = fields[name].default_factory
+        if (isinstance(value, dict) and dataclasses.is_dataclass(hints[name])
+                and factory is not dataclasses.MISSING):
+            value = update_dict(to_dict(factory()), value)
         kwargs[name] = _coerce(hints[name], value)
     return cls(**kwargs)
 

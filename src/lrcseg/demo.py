@@ -27,7 +27,7 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
-from lrcseg.io_utils import atomic_write_json, atomic_write_text
+from lrcseg.io_utils import append_invocation, atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -143,8 +143,10 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
     table = comparison_table(results)
     print(table)
     seconds = time.time() - t0
+    timings = append_invocation(out / "timings.json", seconds)
     report_path = out / "report.md"
-    atomic_write_text(report_path, _report(table, size, seconds, fast))
+    atomic_write_text(report_path, _report(table, hd95_table(results), size, seconds, fast,
+                                           timings))
     atomic_write_json(out / "results.json", {"results": results, "seconds": seconds})
     _say(f"done in {seconds:.0f} s: {report_path}, figures in {out / 'figures'}")
     return {"results": results, "report": str(report_path), "seconds": seconds}
@@ -164,6 +166,25 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
     lines.append("| **mean Dice** | " + " | ".join(
         f"**{results[i]['mean_dice']:.3f}**" if results[i]["mean_dice"] is not None else "—"
         for i in inits) + " |")
+    return "\n".join(lines)
+
+
+def hd95_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: HD95 per organ (rows) for each initialisation (columns) as
+    "mean / median (capped c of n)" in mm (``lrcseg.report.hd95_summary``)."""
+    from lrcseg.report import hd95_summary
+
+    inits = list(results)
+    summaries = {init: hd95_summary(results[init]) for init in inits}
+    organs = next(iter(results.values()))["organs"] if results else []
+    lines = ["| organ | " + " | ".join(inits) + " |", "|---|" + "---|" * len(inits)]
+    for organ in organs:
+        cells = []
+        for init in inits:
+            h = summaries[init][organ]
+            cells.append("—" if h["mean"] is None else
+                         f"{h['mean']:.1f} / {h['median']:.1f} ({h['capped']} of {h['n']} capped)")
+        lines.append(f"| {organ} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -189,10 +210,20 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
         images.append(np.asarray(vol.image[z, 0], dtype=np.float32))
         regions.append(reg)
         titles.append(f"{case.id} z={z}: {len(np.unique(reg[reg > 0]))} regions")
-    montage(images, regions, titles, path, ncols=3, boundaries=True)
+    montage(images, regions, titles, path, ncols=3, boundaries=True, panel_in=5.0,
+            spacing_xy=(cfg.preprocess.spacing_mm,) * 2)
 
 
-def _report(table: str, size: DemoSize, seconds: float, fast: bool) -> str:
+def _report(table: str, hd95: str, size: DemoSize, seconds: float, fast: bool,
+            timings: dict[str, Any]) -> str:
+    from lrcseg.report import HD95_CONVENTION
+
+    runs = len(timings["invocations"])
+    run_time = (f"{seconds:.0f} s" if runs == 1 else
+                f"{seconds:.0f} s in this invocation, {timings['total_seconds']:.0f} s over the "
+                f"folder's {runs} invocations (a rerun reuses the finished stages; "
+                "`timings.json`)")
+
     return f"""# lrcseg demo report
 
 **A smoke run, not evidence.** {size.cases} synthetic phantoms, ResNet-18 U-Net,
@@ -205,6 +236,11 @@ budget for every initialisation):
 
 {table}
 
+HD95 per organ, mm: mean / median over the test cases (capped: missed organs or false
+positives, which enter the mean at the cap). {HD95_CONVENTION}
+
+{hd95}
+
 Per-case numbers: `runs/ft_*/metrics.json`. Figures: `figures/` (superpixels, and image /
-reference / prediction per test case and initialisation). Run time: {seconds:.0f} s.
+reference / prediction per test case and initialisation). Run time: {run_time}.
 """

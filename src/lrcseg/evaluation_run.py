@@ -72,21 +72,33 @@ def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str 
         ref_ids = apply_label_map(ref.array, dataset.labels, meta["labels"], label_map)
         pred = predict_labels(model, image, meta["preprocess"], device=device,
                               batch_size=batch_size, num_classes=num_classes)
-        metrics.add(case.id, pred, ref_ids, image.spacing)
+        scores = metrics.add(case.id, pred, ref_ids, image.spacing)
         if figures_dir is not None:
             write_case_figure(figures_dir / f"{case.id}.png", image, ref_ids, pred,
-                              meta["labels"], case.id, meta["preprocess"].window_hu)
+                              meta["labels"], case.id, meta["preprocess"].window_hu,
+                              case_dice(scores))
     return metrics.result()
 
 
+def case_dice(scores: dict[str, dict]) -> float | None:
+    """A case's mean Dice over the organs scored in it (those present in the reference or
+    the prediction), as in its row of metrics.json; None when no organ is in either."""
+    values = [s["dice"] for s in scores.values() if s["dice"] is not None]
+    return float(np.mean(values)) if values else None
+
+
 def write_case_figure(path: Path, image, ref: np.ndarray, pred: np.ndarray,
-                      labels: dict[str, int], title: str, window_hu: tuple[float, float]) -> None:
+                      labels: dict[str, int], title: str, window_hu: tuple[float, float],
+                      dice: float | None = None) -> None:
     """Overlay figure of the axial slice with the most reference foreground, shown in the
-    model's HU window."""
+    model's HU window; the title gives the case's mean Dice and the slice position."""
     from lrcseg.viz import prediction_figure
 
     z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
     lo, hi = window_hu
     slice_hu = np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1)
-    prediction_figure(slice_hu, ref[:, :, z], pred[:, :, z], path, title=f"{title} z={z}",
-                      label_names=labels, spacing_xy=image.spacing[:2])
+    z_mm = float((image.affine @ [0.0, 0.0, float(z), 1.0])[2])
+    score = "" if dice is None else f", case mean Dice {dice:.3f}"
+    prediction_figure(slice_hu, ref[:, :, z], pred[:, :, z], path,
+                      title=f"{title} z={z} ({z_mm:.1f} mm){score}", label_names=labels,
+                      spacing_xy=image.spacing[:2], z_mm=z_mm)

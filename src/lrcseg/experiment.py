@@ -70,7 +70,7 @@ from lrcseg.config import (
     update_dict,
 )
 from lrcseg.errors import ConfigError
-from lrcseg.io_utils import atomic_write_json, atomic_write_text
+from lrcseg.io_utils import append_invocation, atomic_write_text
 
 PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
 #: left in a pre-training folder whose weights were deleted (keep_checkpoints: false)
@@ -176,6 +176,15 @@ class ExperimentConfig:
         fine-tuning budget (the report states the change over the last doubling).
     keep_checkpoints: False deletes each block's weights once its metrics are written
         (pre-training weights once every probe and cell of the block has finished).
+    finetune_with: "lrcseg" (lrcseg's fine-tuning) or "nnunet": every initialisation is then
+        nnU-Net's 2d network (its plans, made once by nnU-Net's planner for the dataset in
+        ``<out>/nnunet``), pre-trained through ``--nnunet-plans`` and fine-tuned by nnU-Net's
+        own trainer on the K labelled cases for ``finetune_steps`` iterations
+        (``nnunet_iterations_per_epoch`` per epoch), scored by lrcseg's evaluation. Needs the
+        lrcseg[nnunet] extra and an nnU-Net raw dataset (phantoms are one); no probes or
+        learning curves; the pre-training views are the plans' patch, not image_size.
+    nnunet_dataset_id: the id under which nnU-Net sees the dataset (its folder naming).
+    nnunet_mirroring: nnU-Net's test-time mirroring when predicting (its default; on).
     """
 
     dataset: str | None = None
@@ -210,6 +219,10 @@ class ExperimentConfig:
     finetune: bool = True
     learning_curve: list[str] = field(default_factory=list)
     keep_checkpoints: bool = True
+    finetune_with: str = "lrcseg"
+    nnunet_iterations_per_epoch: int = 250
+    nnunet_dataset_id: int = 990
+    nnunet_mirroring: bool = True
 
     def __post_init__(self) -> None:
         self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
@@ -249,6 +262,23 @@ class ExperimentConfig:
         _check(self.probe_pixels >= 100, f"Illegal probe_pixels {self.probe_pixels}: need >= 100")
         _check(isinstance(self.pretrain_overrides, dict),
                "pretrain_overrides must be a mapping of pre-training config keys")
+        _check(self.finetune_with in ("lrcseg", "nnunet"),
+               f"Illegal finetune_with {self.finetune_with!r}: lrcseg or nnunet")
+        if self.finetune_with == "nnunet":
+            _check(not self.probe and not self.learning_curve,
+                   "finetune_with nnunet: the probe and learning curves read lrcseg's networks; "
+                   "set probe: false and learning_curve: []")
+            _check(self.finetune, "finetune_with nnunet needs finetune: true")
+            _check(not any(s.method == "supervised" for s in self.initialisations),
+                   "finetune_with nnunet: supervised pre-training is not available for nnU-Net "
+                   "networks yet")
+            _check(1 <= self.nnunet_dataset_id <= 999,
+                   f"Illegal nnunet_dataset_id {self.nnunet_dataset_id}: 1..999")
+            per_epoch = self.nnunet_iterations_per_epoch
+            _check(per_epoch >= 1 and (self.finetune_steps <= per_epoch
+                                       or self.finetune_steps % per_epoch == 0),
+                   f"finetune_steps {self.finetune_steps} must be a multiple of "
+                   f"nnunet_iterations_per_epoch {per_epoch} (or smaller than it)")
         if any(s.method == "supervised" for s in self.initialisations):
             _check(self.labels_dataset is not None,
                    "a 'supervised' initialisation needs labels_dataset (the labelled source)")
@@ -368,6 +398,10 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
         augment=AugmentConfig(image_size=cfg.image_size),
         model=ModelConfig(backbone=cfg.backbone), lrc=lrc,
         optim=OptimConfig(lr=cfg.pretrain_lr, warmup_steps=cfg.warmup_steps))
+    if cfg.finetune_with == "nnunet":
+        from lrcseg.models.nnunet import apply_plans, network_from_plans
+
+        base = apply_plans(base, network_from_plans(nnunet_plans_path(cfg, data, out_dir)))
     if not cfg.pretrain_overrides and not spec.overrides:
         return base
     merged = update_dict(update_dict(to_dict(base), cfg.pretrain_overrides), spec.overrides)
@@ -380,6 +414,18 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
         _check(not changed, f"initialisation {spec.name}: overrides may not change "
                f"{section if key is None else section + '.' + key} (the experiment sets it)")
     return from_dict(PretrainConfig, merged)
+
+
+def nnunet_work_dir(out_dir: Path) -> Path:
+    """nnU-Net's raw / preprocessed folders of the experiment (finetune_with nnunet)."""
+    return out_dir / "nnunet"
+
+
+def nnunet_plans_path(cfg: ExperimentConfig, data: Path, out_dir: Path) -> Path:
+    from lrcseg.train.nnunet_finetune import dataset_folder_name
+
+    return (nnunet_work_dir(out_dir) / "preprocessed"
+            / dataset_folder_name(cfg.nnunet_dataset_id, data) / "nnUNetPlans.json")
 
 
 def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path) -> FinetuneConfig:
@@ -536,6 +582,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
 
+    if cfg.finetune_with == "nnunet":
+        from lrcseg.train.nnunet_finetune import plan_and_preprocess
+
+        with _lock(out_dir / "locks" / "nnunet_plans.lock", wait=True):
+            plans = plan_and_preprocess(data, nnunet_work_dir(out_dir), cfg.nnunet_dataset_id)
+        _say(f"nnU-Net plans: {plans}")
+
     tasks = block_tasks(cfg)
     for spec in cfg.initialisations:  # a bad override fails now, not after other blocks trained
         if spec.pretrained:
@@ -576,6 +629,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
             if spec.pretrained and not ensure_pretrained(spec, cell.seed, wait):
                 return False
             _say(f"cell {i}/{len(tasks)}: {cell.folder} ({cfg.finetune_steps} steps)")
+            if cfg.finetune_with == "nnunet":
+                write_metrics(_finetune_with_nnunet(cfg, cell, data, out_dir, ft_dir, device),
+                              metrics_path)
+                trained["finetune"] += 1
+                if not cfg.keep_checkpoints:
+                    for weights in ft_dir.rglob("checkpoint_*.pth"):
+                        weights.unlink()
+                return True
             trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
             for step in ft_cfg.snapshots:  # learning-curve points first: metrics.json = done
                 snapshot = ft_dir / snapshot_name(step)
@@ -679,26 +740,53 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                        if cfg.qualitative_figure else None)
         write_report(whole, out_dir, results_path, machine=_machine(), timings=timings,
                      qualitative=qualitative, probe_path=probe_path,
-                     curves=learning_curves(whole, out_dir))
+                     curves=learning_curves(whole, out_dir), hd95=hd95_rows(whole, out_dir))
     _say(f"done: {results_path}, {out_dir / 'report.md'} "
          f"({trained['pretrain']} pre-training and {trained['finetune']} fine-tuning runs trained "
          f"in this call, {seconds:.0f} s)")
     return results_path
 
 
+def _finetune_with_nnunet(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path,
+                         ft_dir: Path, device: Any) -> dict[str, Any]:
+    """One cell through nnU-Net: export the pre-training for nnU-Net (not for scratch), train
+    nnU-Net's trainer on the cell's K labelled cases, predict ``eval_split``, score it."""
+    from lrcseg.config import to_dict
+    from lrcseg.data.layouts import load_dataset
+    from lrcseg.evaluation_run import split_cases
+    from lrcseg.models.export import export_nnunet
+    from lrcseg.train import nnunet_finetune
+    from lrcseg.train.checkpoint import load_pretrain_network
+    from lrcseg.train.finetune import choose_labelled
+
+    dataset = load_dataset(data)
+    labelled = choose_labelled(dataset, cell.labeled, cell.draw)["labeled"]
+    spec = cfg.init(cell.init)
+    weights = None
+    if spec.pretrained:
+        weights = ft_dir / "init_nnunet.pth"
+        net, pt_cfg, _ = load_pretrain_network(pretrain_dir(out_dir, spec.name, cell.seed))
+        export_nnunet(net, pt_cfg.model, to_dict(pt_cfg.preprocess), to_dict(pt_cfg.superpixels),
+                      weights)
+    work = nnunet_work_dir(out_dir)
+    kind = str(device.type)
+    model = nnunet_finetune.train(work, cfg.nnunet_dataset_id, data, labelled, weights,
+                                  cfg.finetune_steps, cfg.nnunet_iterations_per_epoch, cell.seed,
+                                  ft_dir / "nnunet", device=kind)
+    cases = split_cases(dataset, cfg.eval_split)
+    predictions = nnunet_finetune.predict(work, model, {c.id: str(c.image) for c in cases},
+                                          ft_dir / "predictions", device=kind,
+                                          mirroring=cfg.nnunet_mirroring)
+    result = nnunet_finetune.score(dataset, predictions, dataset.labels)
+    result["labelled_cases"] = labelled
+    return result
+
+
 def _record_time(out_dir: Path, seconds: float, trained: dict[str, int]) -> dict[str, Any]:
     """Append this invocation to timings.json; returns the record with the running total."""
-    import json
-
-    path = out_dir / "timings.json"
     with _lock(out_dir / "locks" / "timings.lock", wait=True):  # parallel invocations
-        record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
-        record["invocations"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                      "seconds": round(seconds, 1), "trained": trained,
-                                      "host": platform.node(), "pid": os.getpid()})
-        record["total_seconds"] = round(sum(r["seconds"] for r in record["invocations"]), 1)
-        atomic_write_json(path, record)
-    return record
+        return append_invocation(out_dir / "timings.json", seconds, trained=trained,
+                                 host=platform.node(), pid=os.getpid())
 
 
 def _metrics_path(out_dir: Path, cell: Cell, kind: str, step: int | None) -> Path:
@@ -748,6 +836,25 @@ def write_results_csv(cfg: ExperimentConfig, out_dir: Path, kind: str = "finetun
     path = out_dir / ("probe_results.csv" if kind == "probe" else "results.csv")
     atomic_write_text(path, buf.getvalue())
     return path
+
+
+def hd95_rows(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str, Any]]:
+    """Per (initialisation, K): HD95 mean, median and capped count pooled over the finished
+    fine-tuning cells (``report.hd95_markdown`` rows)."""
+    import json
+
+    from lrcseg.report import pooled_hd95
+
+    rows = []
+    for spec in cfg.initialisations:
+        for k in cfg.labeled:
+            paths = [_metrics_path(out_dir, c, "finetune", None) for c in cells(cfg)
+                     if c.init == spec.name and c.labeled == k]
+            results = [json.loads(p.read_text()) for p in paths if p.is_file()]
+            if results:
+                rows.append({"init": spec.name, "K": k, "cells": len(results),
+                             **pooled_hd95(results)})
+    return rows
 
 
 def learning_curves(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str, Any]]:

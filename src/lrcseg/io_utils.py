@@ -64,6 +64,21 @@ def atomic_write_json(target: str | os.PathLike, obj: Any, indent: int = 2) -> N
     atomic_write_text(target, json.dumps(obj, indent=indent, default=_json_default) + "\n")
 
 
+def append_invocation(path: str | os.PathLike, seconds: float, **fields: Any) -> dict[str, Any]:
+    """Add one invocation ({"finished", "seconds", **fields}) to a ``timings.json`` of a folder
+    that several invocations build (a resumed experiment or demo) and return the whole record,
+    ``{"invocations": [...], "total_seconds": sum}``. The caller serialises parallel writers."""
+    import time
+
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.is_file() else {"invocations": []}
+    record["invocations"].append({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "seconds": round(seconds, 1), **fields})
+    record["total_seconds"] = round(sum(r["seconds"] for r in record["invocations"]), 1)
+    atomic_write_json(path, record)
+    return record
+
+
 def atomic_save(target: str | os.PathLike, save: Callable[[Path], None]) -> None:
     """Call ``save(tmp_path)`` and rename the result onto ``target`` (for torch.save, savefig...).
 

@@ -202,6 +202,56 @@ def read_results_csv(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]
 # --------------------------------------------------------------------------- tables
 
 
+#: how HD95 is computed, stated in every report that shows it
+HD95_CONVENTION = (
+    "HD95 (mm) is the larger of the two directed 95th-percentile surface distances "
+    "(reference to prediction and back), as MONAI computes it; medpy's `hd95` pools both "
+    "directions into one percentile, which reads lower on noisy masks. A missed organ or a pure false positive has no distance and is given the "
+    "case's field-of-view diagonal (the cap), so the mean mixes caps with real distances: "
+    "read it beside the median and the count of capped values.")
+
+
+def hd95_summary(result: Mapping[str, Any]) -> dict[str, dict[str, float | int | None]]:
+    """Per organ of an evaluation result (``SegmentationMetrics.result()``): HD95 mean and
+    median (mm) over the scored cases, and how many of them are capped (missed organs and
+    false positives): ``{organ: {"mean", "median", "capped", "n"}}``."""
+    out = {}
+    for organ in result["organs"]:
+        values = [c[organ]["hd95_mm"] for c in result["cases"].values()
+                  if c[organ]["hd95_mm"] is not None]
+        counts = result["counts"][organ]
+        out[organ] = {"mean": float(np.mean(values)) if values else None,
+                      "median": float(np.median(values)) if values else None,
+                      "capped": counts["missed"] + counts["false_positive"], "n": len(values)}
+    return out
+
+
+def pooled_hd95(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
+    """HD95 over every scored (case, organ) of several evaluation results (the cells of one
+    initialisation and K): {"mean", "median" (mm), "capped" (missed + false positives), "n"}."""
+    values, capped = [], 0
+    for result in results:
+        for organ in result["organs"]:
+            values += [c[organ]["hd95_mm"] for c in result["cases"].values()
+                       if c[organ]["hd95_mm"] is not None]
+            capped += result["counts"][organ]["missed"] + result["counts"][organ]["false_positive"]
+    return {"mean": float(np.mean(values)) if values else None,
+            "median": float(np.median(values)) if values else None,
+            "capped": capped, "n": len(values)}
+
+
+def hd95_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """rows: {"init", "K", "cells", "mean", "median", "capped", "n"} -> a markdown table."""
+    lines = ["| init | K | cells | HD95 mean (mm) | HD95 median (mm) | capped / scored |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        mean = "-" if r["mean"] is None else f"{r['mean']:.1f}"
+        median = "-" if r["median"] is None else f"{r['median']:.1f}"
+        lines.append(f"| {r['init']} | {r['K']} | {r['cells']} | {mean} | {median} | "
+                     f"{r['capped']} / {r['n']} |")
+    return "\n".join(lines)
+
+
 def _pm(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "—"
@@ -411,12 +461,14 @@ def curves_markdown(curves: Sequence[Mapping[str, Any]]) -> str:
 def write_report(cfg: Any, out_dir: Path, results_path: Path, machine: Mapping[str, str],
                  timings: Mapping[str, Any], qualitative: Mapping[str, Any] | None = None,
                  probe_path: Path | None = None,
-                 curves: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                 curves: Sequence[Mapping[str, Any]] | None = None,
+                 hd95: Sequence[Mapping[str, Any]] | None = None) -> Path:
     """Write report.md and figures/ of an experiment from its results.csv; returns the path.
 
     cfg: the ExperimentConfig (its settings, baselines and bootstrap parameters are used).
     probe_path: probe_results.csv (same layout) for the probe section; curves: the
-    ``experiment.learning_curves`` rows for the convergence section.
+    ``experiment.learning_curves`` rows for the convergence section; hd95: the
+    ``hd95_markdown`` rows (per initialisation and K, pooled over cells, cases and organs).
     """
     import yaml
 
@@ -473,6 +525,8 @@ the number of paired runs, not of cases. Claim a difference only where both view
     expected = len(inits) * len(ks) * len(cfg.draws) * len(cfg.seeds)
     finished = len({(r["init"], r["K"], r["draw"], r["seed"]) for r in rows})
     wall = _duration(float(timings.get("total_seconds", 0.0)))
+    hd95_text = ("\nHD95 over every scored organ and case of the finished cells:\n\n"
+                 + hd95_markdown(hd95) + "\n") if hd95 else ""
     text = f"""# Experiment report
 
 {finished} of {expected} cells finished ({len(inits)} initialisations × K ∈ {ks} ×
@@ -506,8 +560,9 @@ invocation(s), counting parallel ones separately (`timings.json`).
 {yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()}
 ```
 
-Per-case numbers: `results.csv`; run folders: `runs/`.
-"""
+Per-case numbers: `results.csv` (Dice); run folders: `runs/` (each evaluation's
+`metrics.json` holds HD95 too). {HD95_CONVENTION}
+{hd95_text}"""
     path = out_dir / "report.md"
     atomic_write_text(path, text)
     return path

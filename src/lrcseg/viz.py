@@ -95,17 +95,47 @@ def _check_pair(image_hw: np.ndarray, labels_hw: np.ndarray | None) -> None:
 
 
 def show_image(ax: Axes, image_hw: np.ndarray, spacing_xy: tuple[float, float] | None = None,
-               vmin: float | None = None, vmax: float | None = None) -> None:
-    """Draw a grey-level ``(X, Y)`` slice in radiological orientation, axes hidden."""
+               vmin: float | None = None, vmax: float | None = None,
+               z_mm: float | None = None) -> None:
+    """Draw a grey-level ``(X, Y)`` slice in radiological orientation, axes hidden, with its
+    orientation markers, a mm scale bar (when ``spacing_xy`` is known) and the slice position
+    ``z_mm`` (when given): :func:`annotate_slice`."""
     _check_pair(image_hw, None)
     ax.imshow(radiological(image_hw), cmap="gray", vmin=vmin, vmax=vmax,
               interpolation="nearest", aspect=_aspect(spacing_xy))
     ax.set_axis_off()
+    annotate_slice(ax, np.shape(image_hw), spacing_xy, z_mm)
+
+
+def annotate_slice(ax: Axes, shape_xy: tuple[int, int], spacing_xy: tuple[float, float] | None,
+                   z_mm: float | None = None, upsample: int = 1) -> None:
+    """Orientation markers of a radiological axial slice (R on the viewer's left, L right,
+    A top, P bottom), a scale bar of a round length near a fifth of the width (``spacing_xy``
+    in mm; none when None) and "z = ... mm" (the slice position, when ``z_mm`` is given).
+    shape_xy: the slice's ``(X, Y)`` shape; upsample: display pixels per voxel."""
+    style = {"color": "white", "fontsize": 8, "fontweight": "bold",
+             "transform": ax.transAxes}
+    for text, x, y, ha, va in (("R", 0.01, 0.5, "left", "center"), ("L", 0.99, 0.5, "right", "center"),
+                               ("A", 0.5, 0.99, "center", "top"), ("P", 0.5, 0.01, "center", "bottom")):
+        ax.text(x, y, text, ha=ha, va=va, **style)
+    if z_mm is not None:
+        ax.text(0.01, 0.99, f"z = {z_mm:.1f} mm", ha="left", va="top", **{**style, "fontweight": "normal"})
+    if spacing_xy is None:
+        return
+    width_mm = shape_xy[0] * float(spacing_xy[0])
+    bar_mm = next((v for v in (200, 100, 50, 20, 10, 5, 2, 1) if v <= width_mm / 5), 1)
+    bar_px = bar_mm / float(spacing_xy[0]) * upsample  # columns run along x
+    height = shape_xy[1] * upsample
+    x0, y0 = 0.04 * shape_xy[0] * upsample, 0.93 * height
+    ax.plot([x0, x0 + bar_px], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt")
+    ax.text(x0 + bar_px / 2, y0 - 0.02 * height, f"{bar_mm} mm", color="white", fontsize=7,
+            ha="center", va="bottom")
 
 
 def overlay_labels(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray, alpha: float = 0.4,
                    spacing_xy: tuple[float, float] | None = None, n_colors: int | None = None,
-                   vmin: float | None = None, vmax: float | None = None) -> None:
+                   vmin: float | None = None, vmax: float | None = None,
+                   z_mm: float | None = None) -> None:
     """Draw ``image_hw`` in grey and the label ids of ``labels_hw`` as filled colours.
 
     image_hw, labels_hw: ``(X, Y)`` arrays of one axial slice; labels are integer ids, 0 left
@@ -115,7 +145,7 @@ def overlay_labels(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray, alpha:
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"Illegal alpha {alpha}: must be in [0, 1]")
     _check_pair(image_hw, labels_hw)
-    show_image(ax, image_hw, spacing_xy, vmin, vmax)
+    show_image(ax, image_hw, spacing_xy, vmin, vmax, z_mm)
     labels = np.asarray(radiological(labels_hw)).astype(np.int64)
     if labels.size and labels.min() < 0:
         raise ValueError("label ids must be >= 0")
@@ -163,8 +193,11 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int | None = None) ->
 
 
 def overlay_boundaries(ax: Axes, image_hw: np.ndarray, regions_hw: np.ndarray,
-                       color: tuple[float, float, float] = (1.0, 0.85, 0.0)) -> None:
-    """Draw region boundaries (e.g. superpixels) in ``color`` on the grey image, radiological.
+                       color: tuple[float, float, float] = (1.0, 0.85, 0.0),
+                       spacing_xy: tuple[float, float] | None = None,
+                       z_mm: float | None = None) -> None:
+    """Draw region boundaries (e.g. superpixels) in ``color`` on the grey image, radiological,
+    with :func:`annotate_slice`'s markers, scale bar and position.
 
     image_hw: ``(X, Y)`` in [0, 1]; regions_hw: ``(X, Y)`` integer ids (0 = outside, no edge
     drawn inside it).
@@ -180,16 +213,23 @@ def overlay_boundaries(ax: Axes, image_hw: np.ndarray, regions_hw: np.ndarray,
     rgb = mark_boundaries(image, regions, color=color, mode="inner")
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
+    annotate_slice(ax, np.shape(image_hw), spacing_xy, z_mm, upsample=k)
 
 
 def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | None] | None,
             titles: Sequence[str] | None, path: str | os.PathLike, ncols: int = 4,
-            alpha: float = 0.4, panel_in: float = 3.0, boundaries: bool = False) -> None:
+            alpha: float = 0.4, panel_in: float = 3.0, boundaries: bool = False,
+            label_names: Mapping[str, int] | None = None,
+            spacing_xy: tuple[float, float] | None = None,
+            z_mm: Sequence[float | None] | None = None) -> Figure:
     """Write a grid of ``(X, Y)`` slices, each optionally with its label overlay, to ``path``.
 
     images: N slices ``(X, Y)``; labels_list: N label slices or None entries (or None for no
     overlays); titles: N strings or None; ncols: panels per row. Panels share one colour table.
     boundaries: draw the label maps as region boundaries (superpixels) instead of filled colour.
+    label_names: ``{name: id}``: a colour legend of the ids (background left out).
+    spacing_xy: in-plane voxel size in mm (scale bars); z_mm: N slice positions in mm or None.
+    Every panel carries orientation markers. Returns the (closed) figure, for inspection.
     """
     n = len(images)
     if n == 0:
@@ -210,21 +250,38 @@ def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | Non
         if k >= n:
             ax.set_axis_off()
             continue
+        z = z_mm[k] if z_mm is not None else None
         if labels_list[k] is None:
-            show_image(ax, images[k])
+            show_image(ax, images[k], spacing_xy, z_mm=z)
         elif boundaries:
-            overlay_boundaries(ax, images[k], labels_list[k])
+            overlay_boundaries(ax, images[k], labels_list[k], spacing_xy=spacing_xy, z_mm=z)
         else:
-            overlay_labels(ax, images[k], labels_list[k], alpha=alpha, n_colors=n_colors)
+            overlay_labels(ax, images[k], labels_list[k], alpha=alpha, spacing_xy=spacing_xy,
+                           n_colors=n_colors, z_mm=z)
         if titles[k]:
             ax.set_title(titles[k], fontsize=9)
+    if label_names:
+        _add_legend(fig, label_names, sorted(i for i in label_names.values() if i > 0))
     save_figure(fig, path)
+    return fig
+
+
+def _add_legend(fig: Figure, label_names: Mapping[str, int], ids: Sequence[int]) -> None:
+    """A colour patch per label id below the panels (names from ``label_names``)."""
+    if not ids:
+        return
+    colors = label_colors(max(ids) + 1)
+    by_id = {i: n for n, i in label_names.items()}
+    handles = [Patch(color=colors[i, :3], label=by_id.get(i, f"label {i}")) for i in ids]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               frameon=False, bbox_to_anchor=(0.5, -0.02))
 
 
 def prediction_figure(image_hw: np.ndarray, reference_hw: np.ndarray | None,
                       prediction_hw: np.ndarray, path: str | os.PathLike, title: str = "",
                       label_names: Mapping[str, int] | None = None,
-                      spacing_xy: tuple[float, float] | None = None, alpha: float = 0.4) -> None:
+                      spacing_xy: tuple[float, float] | None = None, alpha: float = 0.4,
+                      z_mm: float | None = None) -> Figure:
     """Write image | reference overlay | prediction overlay of one axial slice, with a legend.
 
     image_hw, reference_hw, prediction_hw: ``(X, Y)`` slices (reference may be None: two
@@ -246,21 +303,74 @@ def prediction_figure(image_hw: np.ndarray, reference_hw: np.ndarray | None,
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, labels) in zip(axes, panels, strict=True):
         if labels is None:
-            show_image(ax, image_hw, spacing_xy, vmin, vmax)
+            show_image(ax, image_hw, spacing_xy, vmin, vmax, z_mm)
         else:
             overlay_labels(ax, image_hw, labels, alpha=alpha, spacing_xy=spacing_xy,
-                           n_colors=n_colors, vmin=vmin, vmax=vmax)
+                           n_colors=n_colors, vmin=vmin, vmax=vmax, z_mm=z_mm)
         ax.set_title(name, fontsize=10)
-    colors = label_colors(n_colors)
     legend_ids = sorted({i for i in names.values() if i > 0}
                         | {int(i) for i in np.unique(prediction_hw) if i > 0}
                         | ({int(i) for i in np.unique(reference_hw) if i > 0}
                            if reference_hw is not None else set()))
-    by_id = {i: n for n, i in names.items()}
-    handles = [Patch(color=colors[i, :3], label=by_id.get(i, f"label {i}")) for i in legend_ids]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6),
-                   fontsize=8, frameon=False)
+    _add_legend(fig, names, legend_ids)
     if title:
         fig.suptitle(title, fontsize=11)
     save_figure(fig, path)
+    return fig
+
+
+# ----------------------------------------------------------------- RGB arrays (TensorBoard)
+
+
+def grey_rgb(image_hw: np.ndarray) -> np.ndarray:
+    """An ``(Y, X, 3)`` uint8 picture of a [0, 1] ``(X, Y)`` slice, radiological."""
+    return (_grey(image_hw) * 255).round().astype(np.uint8)
+
+
+def _grey(image_hw: np.ndarray) -> np.ndarray:
+    grey = np.clip(radiological(np.asarray(image_hw, dtype=np.float64)), 0, 1)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def regions_rgb(image_hw: np.ndarray, regions_hw: np.ndarray, alpha: float = 0.35) -> np.ndarray:
+    """An ``(Y, X, 3)`` uint8 picture of region ids over a [0, 1] slice, radiological.
+
+    image_hw, regions_hw: ``(X, Y)``; each region id > 0 gets its fixed colour
+    (:func:`label_colors`) at opacity ``alpha`` and its boundary in yellow; id 0 stays grey.
+    """
+    _check_pair(image_hw, regions_hw)
+    rgb = _grey(image_hw)
+    regions = np.asarray(radiological(regions_hw)).astype(np.int64)
+    colors = label_colors(int(regions.max(initial=0)) + 1)[regions]
+    inside = regions > 0
+    rgb[inside] = (1 - alpha) * rgb[inside] + alpha * colors[inside, :3]
+    edge = np.zeros(regions.shape, dtype=bool)
+    edge[:, :-1] |= regions[:, :-1] != regions[:, 1:]
+    edge[:-1, :] |= regions[:-1, :] != regions[1:, :]
+    rgb[edge & inside] = (1.0, 0.85, 0.0)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def labels_rgb(image_hw: np.ndarray, labels_hw: np.ndarray, n_colors: int,
+               alpha: float = 0.45) -> np.ndarray:
+    """An ``(Y, X, 3)`` uint8 picture of label ids (filled, :func:`label_colors`) over a [0, 1]
+    slice, radiological; ``n_colors`` fixes the colour table so panels agree."""
+    _check_pair(image_hw, labels_hw)
+    rgb = _grey(image_hw)
+    labels = np.asarray(radiological(labels_hw)).astype(np.int64)
+    colors = label_colors(max(n_colors, int(labels.max(initial=0)) + 1))[labels]
+    inside = labels > 0
+    rgb[inside] = (1 - alpha) * rgb[inside] + alpha * colors[inside, :3]
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def tile_rgb(rows: Sequence[Sequence[np.ndarray]], gap: int = 2) -> np.ndarray:
+    """Equal-sized ``(H, W, 3)`` uint8 panels as a grid (rows of panels), ``gap`` white pixels
+    between them."""
+    h, w = rows[0][0].shape[:2]
+    ncols = max(len(r) for r in rows)
+    out = np.full((len(rows) * (h + gap) - gap, ncols * (w + gap) - gap, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, panel in enumerate(row):
+            out[i * (h + gap):i * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = panel
+    return out

@@ -14,9 +14,9 @@ from lrcseg.cli import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="lrcseg_demo", help="output folder (default lrcseg_demo)")
-    parser.add_argument("--fast", action="store_true", help="tiny budgets (about 2-3 minutes; used by CI)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default="lrcseg_demo", help="output folder")
+    parser.add_argument("--fast", action="store_true", help="tiny budgets: the smoke run the test suite runs")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_device_argument(parser)
 
 

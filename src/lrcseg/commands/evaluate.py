@@ -21,8 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="metrics JSON file to write")
     parser.add_argument("--figures", action="store_true",
                         help="write overlay figures (image, reference, prediction) beside --out")
-    parser.add_argument("--label-map", default=None, help="JSON mapping dataset labels onto the model's")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--label-map", default=None, help="JSON mapping dataset labels onto the model's (default: none, the "
+                             "dataset's labels are the model's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(parser)
 
 

@@ -6,6 +6,12 @@ writes moco_lrc_unet.pt (a plain state_dict) and moco_lrc_unet.json (FlexibleUNe
 window, spacing, input channels, superpixel settings). In Python, without lrcseg:
   net = FlexibleUNet(**meta["flexible_unet"], out_channels=N)
   net.load_state_dict(torch.load("moco_lrc_unet.pt"), strict=False)  # only the head is missing
+
+A run pre-trained with --nnunet-plans exports for nnU-Net instead:
+  lrcseg export runs/nnunet_lrc --format nnunet --out lrc_nnunet.pth
+  nnUNetv2_train DATASET 2d FOLD -pretrained_weights lrc_nnunet.pth
+(--nnunet-plans PLANS checks the weights against another plans file, e.g. the fine-tuning
+dataset's, before writing.)
 """
 
 from __future__ import annotations
@@ -17,25 +23,34 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="pre-training run folder (or a checkpoint file)")
     parser.add_argument("--out", required=True, help="output .pt file (a .json is written beside it)")
+    parser.add_argument("--format", choices=["flexibleunet", "nnunet"], default="flexibleunet",
+                        help="flexibleunet: MONAI FlexibleUNet state dict; nnunet: "
+                             "{'network_weights': ...} for nnUNetv2_train -pretrained_weights "
+                             "(default: flexibleunet)")
+    parser.add_argument("--nnunet-plans", default=None, metavar="PLANS_JSON",
+                        help="with --format nnunet: refuse unless the weights load into this "
+                             "plans file's network (default: the plans pre-trained with)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.config import PretrainConfig, from_dict, to_dict
+    from lrcseg.config import to_dict
     from lrcseg.errors import ConfigError
-    from lrcseg.models.export import export_weights
-    from lrcseg.models.pretrain_net import PretrainNetwork
-    from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
+    from lrcseg.models.export import export_nnunet, export_weights
+    from lrcseg.train.checkpoint import load_pretrain_network
 
     if Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: --out is a folder; name the .pt file to write")
-    ckpt = resolve_checkpoint(args.run, "pre-training run")
-    state = load_checkpoint(ckpt)
-    if state.get("kind") != "pretrain":
-        raise ConfigError(f"{ckpt}: not a pre-training checkpoint (kind={state.get('kind')})")
-    cfg = from_dict(PretrainConfig, state["config"])
-    net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels)
-    net.load_state_dict(state["network"])
-    export_weights(net, cfg.model, cfg.preprocess.in_channels, preprocess=to_dict(cfg.preprocess),
-                   superpixels=to_dict(cfg.superpixels), out_path=Path(args.out))
-    print(f"exported {ckpt} (step {state['step']}) -> {args.out} and {Path(args.out).with_suffix('.json')}")
+    if args.nnunet_plans and args.format != "nnunet":
+        raise ConfigError("--nnunet-plans checks an nnU-Net export: add --format nnunet")
+    net, cfg, state = load_pretrain_network(args.run)
+    if args.format == "nnunet":
+        export_nnunet(net, cfg.model, preprocess=to_dict(cfg.preprocess),
+                      superpixels=to_dict(cfg.superpixels), out_path=Path(args.out),
+                      plans=args.nnunet_plans)
+    else:
+        export_weights(net, cfg.model, cfg.preprocess.in_channels,
+                       preprocess=to_dict(cfg.preprocess), superpixels=to_dict(cfg.superpixels),
+                       out_path=Path(args.out))
+    print(f"exported {state['path']} (step {state['step']}) -> {args.out} and "
+          f"{Path(args.out).with_suffix('.json')}")
     return 0

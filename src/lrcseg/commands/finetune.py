@@ -13,21 +13,39 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrcseg.commands._run_options import add_run_arguments, run_overrides
+from lrcseg.commands._run_options import (
+    add_run_arguments,
+    config_yaml,
+    default_note,
+    require_out,
+    run_overrides,
+)
 from lrcseg.config import FinetuneConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", default=None, help="labelled dataset (nnU-Net layout or datalist JSON)")
-    parser.add_argument("--init", default=None, help="scratch (default), a pre-training run folder, or weights file")
+    d = FinetuneConfig()
+
+    def note(path: str) -> str:
+        return default_note(d, path)
+
+    parser.add_argument("--dataset", default=None,
+                        help="labelled dataset (nnU-Net layout or datalist JSON); required here "
+                             "or in --config")
+    parser.add_argument("--init", default=None,
+                        help="scratch, a pre-training run folder, or weights file" + note("init"))
     parser.add_argument("--labeled", type=float, default=None,
-                        help="number of labelled cases (>= 1) or a fraction (< 1)")
-    parser.add_argument("--split-seed", type=int, default=None, help="seed that draws the labelled cases")
-    parser.add_argument("--image-size", type=int, default=None, help="training crop side (pixels)")
-    parser.add_argument("--label-map", default=None, help="JSON mapping dataset labels onto the model's")
+                        help="number of labelled cases (>= 1) or a fraction (< 1)" + note("labeled"))
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed that draws the labelled cases" + note("split_seed"))
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="training crop side (pixels)" + note("image_size"))
+    parser.add_argument("--label-map", default=None,
+                        help="JSON mapping dataset labels onto the model's" + note("label_map"))
     parser.add_argument("--allow-mismatch", action="store_true", default=None,
-                        help="warn instead of refusing when preprocessing differs from --init")
-    add_run_arguments(parser)
+                        help="warn instead of refusing when preprocessing differs from --init"
+                             + note("allow_mismatch"))
+    add_run_arguments(parser, d)
 
 
 def build_config(args: argparse.Namespace) -> FinetuneConfig:
@@ -45,9 +63,15 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
 
 def run(args: argparse.Namespace) -> int:
     from lrcseg.errors import ConfigError
-    from lrcseg.train.finetune import finetune
 
+    if args.resume or not args.print_config:
+        require_out(args)
     cfg = build_config(args)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    from lrcseg.train.finetune import finetune  # imports torch: not for --help or --print-config
+
     if not cfg.dataset:
         raise ConfigError("no --dataset given (and none in --config)")
     run_dir = finetune(cfg, resume=args.resume, progress=not args.no_progress)

@@ -22,21 +22,23 @@ from lrcseg.errors import ConfigError, DataError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="dataset folder to create")
     parser.add_argument("--cases", type=int, default=None,
-                        help="number of cases to write (omit with --report to report on --out)")
+                        help="number of cases to write (default: none; omit with --report to report on "
+                             "--out)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed (case i is the same for any N)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="sampling preset: default (0.8x0.8x2.5 mm) or small (2x2x5 mm, 40 slices)")
+                        help="sampling preset: default (0.8x0.8x2.5 mm) or small (2x2x5 mm, 40 slices) "
+                             "(default: default)")
     parser.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), default=None,
-                        help="voxel size in mm (overrides the preset)")
+                        help="voxel size in mm (default: the preset's)")
     parser.add_argument("--size", type=int, nargs=3, metavar=("X", "Y", "Z"), default=None,
                         help="grid size (default: 400 x 300 x 200 mm field of view at the spacing)")
     parser.add_argument("--pretrain-fraction", type=float, default=0.5,
-                        help="share of cases in the pre-training pool (default 0.5)")
+                        help="share of cases in the pre-training pool")
     parser.add_argument("--train-fraction", type=float, default=0.2,
-                        help="share of labelled training candidates (default 0.2); the rest is test")
+                        help="share of labelled training candidates; the rest is test")
     parser.add_argument("--report", action="store_true",
                         help="measure realism (writes realism.json, prints the table)")
-    parser.add_argument("--report-cases", type=int, default=4, help="cases the report reads (default 4)")
+    parser.add_argument("--report-cases", type=int, default=4, help="cases the report reads")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output .nii.gz (single input) or folder (several inputs)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace masks that already exist at --output")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(parser)
 
 

@@ -13,42 +13,75 @@ from __future__ import annotations
 
 import argparse
 
-from lrcseg.commands._run_options import add_run_arguments, run_overrides, set_nested
+from lrcseg.commands._run_options import (
+    add_run_arguments,
+    config_yaml,
+    default_note,
+    require_out,
+    run_overrides,
+    set_nested,
+)
 from lrcseg.config import PretrainConfig, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = PretrainConfig()
+
+    def note(path: str) -> str:
+        return default_note(d, path)
+
     parser.add_argument("--data", action="append", default=None,
-                        help="dataset, folder of volumes, NIfTI file or DICOM series (repeatable)")
-    parser.add_argument("--method", default=None, choices=["moco", "simclr", "byol", "none", "supervised"])
+                        help="dataset, folder of volumes, NIfTI file or DICOM series (repeatable) "
+                             "(default: none)")
+    parser.add_argument("--method", default=None, choices=["moco", "simclr", "byol", "none", "supervised"],
+                        help="global method" + note("method"))
     parser.add_argument("--labels", default=None,
-                        help="labelled source dataset for --method supervised (Dice + CE on its slices)")
-    parser.add_argument("--lrc", dest="lrc", action="store_true", default=None, help="add the LRC loss (default)")
+                        help="labelled source dataset for --method supervised (Dice + CE on its "
+                             "slices)" + note("labels"))
+    parser.add_argument("--lrc", dest="lrc", action="store_true", default=None,
+                        help="add the LRC loss" + note("lrc.enabled"))
     parser.add_argument("--no-lrc", dest="lrc", action="store_false", help="global method alone")
-    parser.add_argument("--lrc-weight", type=float, default=None, help="lambda in L = L_global + lambda L_LRC")
-    parser.add_argument("--lrc-temperature", type=float, default=None)
-    parser.add_argument("--lrc-variant", choices=["pixel", "region"], default=None)
+    parser.add_argument("--lrc-weight", type=float, default=None,
+                        help="lambda in L = L_global + lambda L_LRC" + note("lrc.weight"))
+    parser.add_argument("--lrc-temperature", type=float, default=None,
+                        help="LRC softmax temperature" + note("lrc.temperature"))
+    parser.add_argument("--lrc-variant", choices=["pixel", "region"], default=None,
+                        help="contrast sampled pixels or region means" + note("lrc.variant"))
     parser.add_argument("--lrc-levels", default=None,
-                        help="decoder levels for LRC, comma-separated (2 = 1/4, 3 = 1/2 [default], "
-                             "4 = full resolution; 2,3,4 trains the whole decoder)")
+                        help="decoder levels for LRC, comma-separated (2 = 1/4, 3 = 1/2, "
+                             "4 = full resolution; 2,3,4 trains the whole decoder)"
+                             + note("model.local_levels"))
     parser.add_argument("--lrc-sampling", choices=["area", "uniform", "intensity"], default=None,
-                        help="how regions are drawn (default uniform)")
+                        help="how regions are drawn" + note("lrc.sampling"))
     parser.add_argument("--lrc-regions", type=int, default=None,
-                        help="regions sampled per image (default 48)")
+                        help="regions sampled per image" + note("lrc.num_regions"))
     parser.add_argument("--lrc-min-pixels", type=int, default=None,
-                        help="pixels a region needs in both views at the local level (default 4)")
+                        help="pixels a region needs in both views at the local level"
+                             + note("lrc.min_pixels"))
     parser.add_argument("--regions", choices=["felzenszwalb", "grid"], default=None,
-                        help="region source (grid = ablation)")
+                        help="region source (grid = ablation)" + note("superpixels.method"))
     parser.add_argument("--probe-dataset", default=None,
-                        help="labelled dataset for an online linear probe during pre-training")
-    parser.add_argument("--probe-every", type=int, default=None, help="probe every N steps (default 100)")
-    parser.add_argument("--image-size", type=int, default=None, help="side of each view (pixels)")
-    parser.add_argument("--compile", action="store_true", default=None, help="torch.compile the network")
+                        help="labelled dataset for an online linear probe during pre-training"
+                             + note("probe.dataset"))
+    parser.add_argument("--probe-every", type=int, default=None,
+                        help="probe every N steps" + note("probe.every"))
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of each view (pixels)" + note("augment.image_size"))
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="torch.compile the network" + note("run.compile"))
     parser.add_argument("--sync-bn", action="store_true",
                         help="SyncBatchNorm across GPUs under torchrun (CUDA only)")
     parser.add_argument("--gather-negatives", action="store_true",
                         help="under torchrun: MoCo keys, SimCLR and LRC batch negatives from all ranks")
-    add_run_arguments(parser)
+    parser.add_argument("--nnunet-plans", default=None, metavar="PLANS_JSON",
+                        help="pre-train the 2D network of this nnU-Net plans file "
+                             "(nnUNet_preprocessed/DatasetXXX/nnUNetPlans.json): network, in-plane "
+                             "spacing, patch (views of its shorter side, rounded down to a multiple of 32, unless --image-size) and "
+                             "CTNormalization follow the plans; needs lrcseg[nnunet] (default: none, "
+                             "the U-Net of --backbone)")
+    parser.add_argument("--nnunet-configuration", default="2d",
+                        help="configuration of --nnunet-plans (default: 2d)")
+    add_run_arguments(parser, d)
 
 
 def build_config(args: argparse.Namespace) -> PretrainConfig:
@@ -86,16 +119,33 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
         from pathlib import Path
 
         config_file = Path(args.out) / "config.yaml"
-    return load_config(PretrainConfig, config_file, overrides)
+    cfg = load_config(PretrainConfig, config_file, overrides)
+    if args.nnunet_plans:
+        if args.resume:
+            from lrcseg.errors import ConfigError
+
+            raise ConfigError("--nnunet-plans with --resume: the run folder's config.yaml already "
+                              "holds the plans' network; drop --nnunet-plans")
+        from lrcseg.models.nnunet import apply_plans, network_from_plans
+
+        cfg = apply_plans(cfg, network_from_plans(args.nnunet_plans, args.nnunet_configuration),
+                          image_size=args.image_size)
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:
     import os
 
     from lrcseg.errors import ConfigError
-    from lrcseg.train.pretrain import pretrain
 
+    if args.resume or not args.print_config:
+        require_out(args)
     cfg = build_config(args)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    from lrcseg.train.pretrain import pretrain  # imports torch: not for --help or --print-config
+
     if not cfg.data and not (cfg.method == "supervised" and cfg.labels):
         raise ConfigError("no --data given (and none in --config)")
     run_dir = pretrain(cfg, resume=args.resume, progress=not args.no_progress)

@@ -18,6 +18,8 @@ import argparse
 from pathlib import Path
 
 from lrcseg.cli import add_device_argument
+from lrcseg.commands._run_options import default_note
+from lrcseg.config import PreprocessConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(with its .json), or 'scratch'")
     parser.add_argument("--dataset", required=True, help="labelled dataset")
     parser.add_argument("--labeled", type=float, default=1,
-                        help="labelled cases to fit on: a count, or a fraction < 1 (default 1)")
+                        help="labelled cases to fit on: a count, or a fraction < 1")
     parser.add_argument("--split-seed", type=int, default=0, help="seed that draws the labelled cases")
     parser.add_argument("--split", default="test", help="test (default), train, all, or a splits.json key")
     parser.add_argument("--out", required=True, help="metrics JSON file to write")
@@ -34,13 +36,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the pixel draw (and of the scratch initialisation)")
     parser.add_argument("--backbone", default=None, help="scratch only: resnet18 (default), resnet10, ...")
     parser.add_argument("--spacing", type=float, default=None,
-                        help="scratch only: in-plane spacing in mm (default: PreprocessConfig's)")
+                        help="scratch only: in-plane spacing in mm" + default_note(PreprocessConfig(), "spacing_mm"))
     parser.add_argument("--pixels", type=int, default=None,
                         help="labelled pixels to fit on, class-balanced (default 20000)")
     parser.add_argument("--levels", default=None,
                         help="comma list of feature levels (default enc4,enc8,enc16,dec4,dec2,dec1)")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default $LRCSEG_CACHE or ~/.cache/lrcseg)")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(parser)
 
 

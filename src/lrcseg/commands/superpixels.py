@@ -32,17 +32,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = SuperpixelConfig()
     parser.add_argument("--data", required=True, metavar="PATH", help="dataset, NIfTI file or DICOM series")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for summary.json and overlays")
-    parser.add_argument("--scale", type=float, default=d.scale, help=f"Felzenszwalb scale (default {d.scale})")
-    parser.add_argument("--sigma", type=float, default=d.sigma, help=f"Gaussian pre-smoothing (default {d.sigma})")
+    parser.add_argument("--scale", type=float, default=d.scale, help="Felzenszwalb scale")
+    parser.add_argument("--sigma", type=float, default=d.sigma, help="Gaussian pre-smoothing (pixels)")
     parser.add_argument("--min-size-mm2", type=float, default=d.min_size_mm2,
-                        help=f"minimum region area in mm^2 (default {d.min_size_mm2})")
-    parser.add_argument("--method", choices=["felzenszwalb", "grid"], default=d.method)
-    parser.add_argument("--implementation", choices=["fast", "skimage"], default=d.implementation)
-    parser.add_argument("--grid-cell-mm", type=float, default=d.grid_cell_mm)
+                        help="minimum region area in mm^2")
+    parser.add_argument("--method", choices=["felzenszwalb", "grid"], default=d.method,
+                        help="region source (grid = ablation)")
+    parser.add_argument("--implementation", choices=["fast", "skimage"], default=d.implementation,
+                        help="Felzenszwalb implementation (same regions)")
+    parser.add_argument("--grid-cell-mm", type=float, default=d.grid_cell_mm,
+                        help="cell side for --method grid, mm")
+    parser.add_argument("--window", type=float, nargs=2, action="append", default=None,
+                        metavar=("LOW", "HIGH"), dest="windows",
+                        help="HU window stacked as a Felzenszwalb channel, repeatable (chest CT: "
+                             "--window -175 250 --window -1350 150 splits the lungs) (default: "
+                             f"the preprocessing window {PreprocessConfig().window_hu} alone)")
     parser.add_argument("--spacing", type=float, default=PreprocessConfig().spacing_mm,
-                        help="in-plane spacing of the preprocessed slices, mm (default 1.5)")
+                        help="in-plane spacing of the preprocessed slices, mm")
     parser.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
-    parser.add_argument("--overlays", type=int, default=4, help="number of PNG overlays (default 4)")
+    parser.add_argument("--overlays", type=int, default=4, help="number of PNG overlays")
     parser.add_argument("--cache-dir", default=None, help="cache root (default $LRCSEG_CACHE or ~/.cache/lrcseg)")
 
 
@@ -54,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
     sp_cfg = SuperpixelConfig(method=args.method, scale=args.scale, sigma=args.sigma,
                               min_size_mm2=args.min_size_mm2, implementation=args.implementation,
-                              grid_cell_mm=args.grid_cell_mm)
+                              grid_cell_mm=args.grid_cell_mm, windows_hu=args.windows or [])
     pre_cfg = PreprocessConfig(spacing_mm=args.spacing)
     dataset = load_dataset(args.data)
     cases = list(dataset.cases) + list(dataset.test_cases)
@@ -138,7 +146,7 @@ def _write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases, 
         path = out / f"overlay_{_safe(case.id)}_z{z:03d}.png"
         title = f"{case.id} z={z}: {len(np.unique(regions[regions > 0]))} regions"
         montage([np.asarray(vol.image[z, 0], dtype=np.float32)], [regions], [title], path,
-                ncols=1, panel_in=5.0, boundaries=True)
+                ncols=1, panel_in=8.0, boundaries=True, spacing_xy=tuple(vol.spacing_mm[:2]))
         written.append(path.name)
     return written
 

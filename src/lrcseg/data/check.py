@@ -7,12 +7,17 @@ is the JSON object printed by ``lrcseg check-data --json``::
 
     {"root", "layout", "labels": {name: id} | null,
      "cases": [{"id", "split", "image", "label", "shape": [x, y, z], "spacing_mm": [x, y, z],
-                "orientation": "RAS", "intensity_min", "intensity_max", "labels": [ids] | null,
-                "warnings": [{"file", "message"}]}],
+                "source_orientation": "LPS", "orientation": "RAS", "intensity_min",
+                "intensity_max", "labels": [ids] | null, "warnings": [{"file", "message"}]}],
      "errors": [{"case", "file", "message"}],
      "warnings": [{"case", "file", "message"}]}
 
-Shape and spacing are after canonical (RAS+) orientation; ``labels`` lists the ids present in
+Shape and spacing are after canonical (RAS+) orientation; ``source_orientation`` is the voxel
+axis order of the file itself (nibabel axis codes; for a DICOM series: columns, rows, then
+slices by position, as the reader stacks them) and ``orientation`` that after reorientation
+(always RAS). ``split`` is "training" for a labelled case of the dataset's training part,
+"unlabelled" for one without a label map (an unlabelled series is not training data for
+fine-tuning) and "test" for held-out images (imagesTs). ``labels`` lists the ids present in
 the case's label map (null for an unlabelled case). The top-level ``warnings`` holds those not
 listed under a case in "cases" (about the dataset as a whole, or a case that failed).
 """
@@ -24,9 +29,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 
 from lrcseg.data.layouts import Case, check_label_values, load_dataset
-from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.readers import Volume, dicom_modality, list_dicom_files, read_image, read_label
 from lrcseg.errors import DataError, DataWarning, handle_data_warnings
 
 
@@ -49,6 +55,8 @@ def check_data(path: str | os.PathLike) -> dict:
     for split, cases in (("training", ds.cases), ("test", ds.test_cases)):
         for case in cases:
             caught = [w for w in dataset_warnings if w.case == case.id]
+            if split == "training" and case.label is None:
+                split = "unlabelled"
             try:
                 with handle_data_warnings(caught.append):
                     entry = _check_case(case, split, ds.labels)
@@ -81,6 +89,7 @@ def _check_case(case: Case, split: str, declared: dict[str, int] | None) -> dict
         "label": None if case.label is None else str(case.label),
         "shape": list(image.shape),
         "spacing_mm": [round(s, 6) for s in image.spacing],
+        "source_orientation": _source_orientation(image),
         "orientation": "".join(nib.aff2axcodes(image.affine)),
         "intensity_min": float(image.array.min()),
         "intensity_max": float(image.array.max()),
@@ -88,11 +97,31 @@ def _check_case(case: Case, split: str, declared: dict[str, int] | None) -> dict
     }
 
 
+def _source_orientation(image: Volume) -> str:
+    """Axis codes of the input's own voxel order, before the reader's reorientation to RAS."""
+    if image.source_affine is not None:
+        return "".join(nib.aff2axcodes(image.source_affine))
+    if image.path.is_dir():  # DICOM: columns, rows, slices by position along their normal
+        for f in list_dicom_files(image.path):
+            if dicom_modality(f) != "CT":
+                continue
+            ds = pydicom.dcmread(f, stop_before_pixels=True,
+                                 specific_tags=["ImageOrientationPatient"])
+            cosines = np.array([float(v) for v in ds.ImageOrientationPatient])
+            axes_lps = np.eye(4)
+            axes_lps[:3, 0], axes_lps[:3, 1] = cosines[:3], cosines[3:]
+            axes_lps[:3, 2] = np.cross(cosines[:3], cosines[3:])
+            return "".join(nib.aff2axcodes(np.diag([-1.0, -1.0, 1.0, 1.0]) @ axes_lps))
+    return "".join(nib.aff2axcodes(image.affine))
+
+
 def format_report(report: dict) -> str:
     """A human-readable table of the cases, then the errors and a one-line summary."""
-    header = ["case", "split", "shape (x,y,z)", "spacing mm", "orient", "HU min..max", "labels"]
+    header = ["case", "split", "shape (x,y,z)", "spacing mm", "orientation", "HU min..max",
+              "labels"]
     rows = [[c["id"], c["split"], "x".join(map(str, c["shape"])),
-             "x".join(f"{s:.3g}" for s in c["spacing_mm"]), c["orientation"],
+             "x".join(f"{s:.3g}" for s in c["spacing_mm"]),
+             f"{c['source_orientation']} -> {c['orientation']}",
              f"{c['intensity_min']:.0f}..{c['intensity_max']:.0f}",
              "-" if c["labels"] is None else ",".join(map(str, c["labels"]))]
             for c in report["cases"]]
@@ -109,6 +138,9 @@ def format_report(report: dict) -> str:
         for e in items:
             who = f"[{e['case']}] " if e["case"] else ""
             lines.append(f"{kind} {who}{e['file']}: {e['message']}")
+    if rows:
+        lines.append("orientation: the file's voxel axes -> after reorientation (shape and "
+                     "spacing are given after it)")
     lines.append(f"{len(report['cases'])} case(s) ok, {len(report['errors'])} error(s), "
                  f"{len(warnings) + len(report['warnings'])} warning(s)")
     return "\n".join(lines)

@@ -674,15 +674,17 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
         })
         atomic_write_json(tmp / "splits.json", splits)
         if previews:
-            _write_montage(tmp / "montage.png", previews)
+            _write_montage(tmp / "montage.png", previews, affine)
     return out_dir
 
 
-def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
-    """Four slices per case (where the most organs are), window -175..250 HU, label overlay."""
+def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]],
+                   affine: np.ndarray) -> None:
+    """Four slices per case (where the most organs are), window -175..250 HU, label overlay,
+    an organ colour legend, scale bars and slice positions (mm, from ``affine``)."""
     from lrcseg import viz
 
-    images, labels, titles = [], [], []
+    images, labels, titles, z_mm = [], [], [], []
     for case_id, hu, lab in previews:
         organ_slices = np.flatnonzero((lab > 0).any(axis=(0, 1)))
         if organ_slices.size == 0:
@@ -691,4 +693,7 @@ def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]
             images.append(np.clip((hu[:, :, z] + 175.0) / 425.0, 0.0, 1.0))
             labels.append(lab[:, :, z])
             titles.append(f"{case_id} z={z}")
-    viz.montage(images, labels, titles, path, ncols=4)
+            z_mm.append(float((affine @ [0.0, 0.0, float(z), 1.0])[2]))
+    spacing_xy = tuple(float(v) for v in np.linalg.norm(affine[:3, :2], axis=0))
+    viz.montage(images, labels, titles, path, ncols=4, label_names=LABELS,
+                spacing_xy=spacing_xy, z_mm=z_mm)

@@ -4,7 +4,9 @@ Yan et al., "Localized Region Contrast for Enhancing Self-supervised Learning in
 Segmentation", MICCAI 2023 (arXiv:2304.03406). The paper gives no formula or code; this is our
 reconstruction, LRC_METHOD.md section 6.
 
-Pipeline for a batch of two views (all steps batched, no Python loop over images or regions):
+Pipeline for a batch of two views (all steps batched, no Python loop over images or regions;
+given ``num_ids`` and without organ statistics, no host-device sync: a step issues the same
+kernels whatever the batch size and the number of regions):
 
 1. ``downsample_regions``: region maps (B, H, W) -> (B, h, w) at the feature resolution by
    nearest neighbour, taking the pixel at the centre of each (H/h x W/w) cell.
@@ -20,15 +22,16 @@ Pipeline for a batch of two views (all steps batched, no Python loop over images
    contribute nothing.
 4. The loss (``variant``):
 
-   - "pixel" (default): every sampled pixel i of view 1 is an anchor, with embedding z_i;
+   - "pixel" (default): every sampled pixel i of view 1 is an anchor, with embedding
+     z_i = normalize(f_i) (only the sampled pixels' features f are normalised);
      its contrast set A(i) is the sampled pixels of view 2 in the same image
      (``negatives="image"``) or in the whole batch (``"batch"``); its positives Pos(i) are
      those of the same region. Multi-positive InfoNCE (SupCon, Khosla et al. 2020)::
 
          l_i = -1/|Pos(i)| sum_{p in Pos(i)} log( exp(z_i.z'_p / t) / sum_{a in A(i)} exp(z_i.z'_a / t) )
 
-   - "region" (DetCon-like, Henaff et al. 2021): z_r = normalize(mean of the features over
-     *all* pixels of region r at feature resolution); anchors are the sampled regions of
+   - "region" (DetCon-like, Henaff et al. 2021): z_r = normalize(mean of normalize(f_u) over
+     *all* pixels u of region r at feature resolution); anchors are the sampled regions of
      view 1, A(i) the sampled regions of view 2 (image or batch), one positive each.
 
    The loss is symmetric, L = (mean_i l_i(view 1 -> 2) + mean_i l_i(view 2 -> 1)) / 2, with
@@ -38,7 +41,6 @@ Pipeline for a batch of two views (all steps batched, no Python loop over images
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +124,20 @@ def valid_regions(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int) -> 
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Uniform [0, 1) on the generator's device (a CPU generator may drive a GPU run)."""
+    """Uniform [0, 1) drawn on the generator's device, returned on ``device``.
+
+    A CPU generator may drive a GPU run: its numbers are then copied from pinned memory
+    without blocking (a copy from pageable memory would wait for the GPU queue to drain, a
+    host-device sync per call); the caching host allocator keeps the pinned buffer alive
+    until the copy is done.
+    """
     gen_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+    values = torch.rand(shape, generator=generator, device=gen_device)
+    if values.device == device:
+        return values
+    if values.device.type == "cpu" and device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
 
 
 def _sample_pixels(
@@ -133,16 +146,17 @@ def _sample_pixels(
 ) -> Tensor:
     """P uniformly drawn pixels per sampled region: (B, N) ids -> (B, N, P) flat indices.
 
-    Pixels are put in random order (random keys), then stably sorted by region id, so each
-    region's pixels form one contiguous, randomly ordered run starting at the exclusive
+    Every pixel gets a random key u in [0, 1); one stable sort by id + u (float64, exact for
+    the 24-bit u of ``torch.rand`` and ids < 2**29) groups each region's pixels into one
+    contiguous run in random order (by u, ties by position), starting at the exclusive
     cumulative count; the first P of the run are taken (cyclically if the run is shorter).
+    This is the order of "sort by u, then stably by id" in one sort instead of two.
     """
     B = regions_lr.shape[0]
     ids = regions_lr.reshape(B, -1)
     hw = ids.shape[1]
-    shuffled = torch.argsort(_rand((B, hw), generator, ids.device), dim=1)
-    by_region = torch.argsort(ids.gather(1, shuffled), dim=1, stable=True)
-    grouped = shuffled.gather(1, by_region)
+    keys = ids.double() + _rand((B, hw), generator, ids.device).double()
+    grouped = torch.argsort(keys, dim=1, stable=True)
     starts = (torch.cumsum(counts, dim=1) - counts).gather(1, region_ids)
     sizes = counts.gather(1, region_ids).clamp(min=1)
     offsets = torch.arange(pixels_per_region, device=ids.device)
@@ -161,15 +175,19 @@ def intensity_bins(image: Tensor, regions: Tensor, num_ids: int, bins: int) -> T
 
 
 def _region_weights(sampling: str, counts1: Tensor, counts2: Tensor, valid: Tensor,
-                    bins: Tensor | None) -> Tensor:
-    """(B, R + 1) float64 sampling weights of the valid regions (see ``sample_regions``)."""
+                    bins: Tensor | None, num_bins: int | None = None) -> Tensor:
+    """(B, R + 1) float64 sampling weights of the valid regions (see ``sample_regions``).
+
+    num_bins: an upper bound of the bins + 1 (no host-device sync); None = largest bin + 1.
+    """
     if sampling == "area":
         return (counts1 + counts2).double().clamp(min=1)
     if sampling == "uniform":
         return torch.ones_like(counts1, dtype=torch.float64)
     if bins is None:
         raise ValueError("sampling 'intensity' needs the regions' intensity bins")
-    num_bins = int(bins.max()) + 1 if bins.numel() else 1
+    if num_bins is None:
+        num_bins = int(bins.max()) + 1 if bins.numel() else 1
     B = bins.shape[0]
     flat = (bins + torch.arange(B, device=bins.device)[:, None] * num_bins).reshape(-1)
     per_bin = torch.bincount(flat, weights=valid.reshape(-1).double(), minlength=B * num_bins)
@@ -179,7 +197,7 @@ def _region_weights(sampling: str, counts1: Tensor, counts2: Tensor, valid: Tens
 def sample_regions(
     regions1_lr: Tensor, regions2_lr: Tensor, num_regions: int, pixels_per_region: int,
     min_pixels: int, generator: torch.Generator | None = None, num_ids: int | None = None,
-    sampling: str = "area", bins: Tensor | None = None,
+    sampling: str = "area", bins: Tensor | None = None, num_bins: int | None = None,
 ) -> RegionSample:
     """Weighted region sampling and uniform pixel sampling (steps 2-3 above).
 
@@ -190,7 +208,8 @@ def sample_regions(
     Efraimidis-Spirakis keys u^(1/w_r) (top-N of the keys = sequential weighted sampling
     without replacement; invalid regions get key -1 and are never chosen before a valid one).
     All randomness comes from ``generator``: region keys (B, R + 1), then pixel keys of view 1
-    (B, h*w), then of view 2. num_ids: see ``_counts_and_validity``.
+    (B, h*w), then of view 2. num_ids: see ``_counts_and_validity``; num_bins: an upper bound
+    of ``bins`` + 1 (e.g. the ``intensity_bins`` count), which spares a host-device sync.
     """
     if regions1_lr.shape[0] != regions2_lr.shape[0]:
         raise ValueError("the two views' region maps have different batch sizes")
@@ -198,7 +217,7 @@ def sample_regions(
         raise ValueError(f"Illegal sampling {sampling!r}: one of {', '.join(SAMPLING)}")
     counts1, counts2, valid = _counts_and_validity(regions1_lr, regions2_lr, min_pixels, num_ids)
     B, num_ids = valid.shape
-    weight = _region_weights(sampling, counts1, counts2, valid, bins)
+    weight = _region_weights(sampling, counts1, counts2, valid, bins, num_bins)
     keys = _rand((B, num_ids), generator, valid.device).double().pow(1.0 / weight)
     keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
     n = min(num_regions, num_ids)
@@ -280,19 +299,18 @@ def organ_statistics(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
     regions share the same *labelled* organ (label > 0: pairs pushed apart that fine-tuning
     must group); "neg_background", the share where both are label 0; "sampled_background",
     the share of sampled regions that are label 0; "sampled_organs", the mean number of
-    distinct labelled organs among an image's sampled regions. NaN without pairs/samples.
+    distinct labelled organs among an image's sampled regions. NaN without pairs/samples
+    (0 / 0, so no host-device sync here; ``region_majority`` syncs once).
     """
-    B, num_ids = sample.counts1.shape
+    num_ids = sample.counts1.shape[1]
     majority = region_majority(organs1, regions1_lr, num_ids).gather(1, sample.region_ids)
-    num_organs = int(majority.max()) + 1 if majority.numel() else 1
     valid = sample.valid
-    nan = torch.tensor(math.nan)
-    present = torch.zeros(B, num_organs, dtype=torch.bool, device=valid.device)
-    present.scatter_(1, torch.where(valid, majority, 0), valid)
-    sampled = valid.sum()
+    # distinct labels > 0 per image: in ascending order, each new value is a step up from 0
+    labelled = torch.where(valid, majority, 0).sort(dim=1).values
+    steps_up = torch.diff(labelled, dim=1, prepend=torch.zeros_like(labelled[:, :1])) != 0
     stats = {
-        "sampled_background": ((majority == 0) & valid).sum() / sampled if sampled > 0 else nan,
-        "sampled_organs": present[:, 1:].sum(dim=1).float().mean(),
+        "sampled_background": ((majority == 0) & valid).sum() / valid.sum(),
+        "sampled_organs": steps_up.sum(dim=1).float().mean(),
     }
     if not per_image:
         majority, valid = majority.reshape(1, -1), valid.reshape(1, -1)
@@ -301,8 +319,8 @@ def organ_statistics(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
     same = (majority[:, :, None] == majority[:, None, :]) & pair
     background = (majority[:, :, None] == 0) & same
     pairs = pair.sum()
-    stats["neg_same_organ"] = (same & ~background).sum() / pairs if pairs > 0 else nan
-    stats["neg_background"] = background.sum() / pairs if pairs > 0 else nan
+    stats["neg_same_organ"] = (same & ~background).sum() / pairs
+    stats["neg_background"] = background.sum() / pairs
     return {k: v.float() for k, v in stats.items()}
 
 
@@ -321,7 +339,11 @@ class LRCLoss(nn.Module):
 
     forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None,
             num_ids=None, image1=None):
-        feat1, feat2: (B, D, h, w) L2-normalised local features of the two views.
+        feat1, feat2: (B, D, h, w) local features of the two views, raw or L2-normalised
+            per pixel: the loss L2-normalises every vector it uses (pixel variant: only the
+            B x N x P sampled pixels, after gathering; region variant: every pixel before
+            the segment means), so unit-norm inputs give the same loss up to float rounding
+            and a head that leaves its map unnormalised spares a pass over the whole map.
         regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
             ids corresponding across views; brought to (h, w) by ``downsample_regions``.
         generator: torch.Generator for the sampling (None = global RNG).
@@ -389,7 +411,7 @@ class LRCLoss(nn.Module):
             ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
             bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, self.intensity_bins)
         sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels,
-                                generator, num_ids, self.sampling, bins)
+                                generator, num_ids, self.sampling, bins, self.intensity_bins)
         loss = self.loss_from_sample(feat1, feat2, r1, r2, sample)
         B = feat1.shape[0]
         stats = {
@@ -402,20 +424,23 @@ class LRCLoss(nn.Module):
 
     def loss_from_sample(self, feat1: Tensor, feat2: Tensor, regions1_lr: Tensor, regions2_lr: Tensor,
                          sample: RegionSample) -> Tensor:
-        """The loss for a given ``RegionSample`` (features (B, D, h, w), regions (B, h, w))."""
+        """The loss for a given ``RegionSample`` (features (B, D, h, w), raw or unit-norm per
+        pixel, regions (B, h, w)); features are L2-normalised here, see ``forward``."""
         B, N = sample.region_ids.shape
         slot = torch.arange(B * N, device=feat1.device).view(B, N)
         if self.variant == "pixel":
             P = self.pixels_per_region
-            z1 = _gather_pixels(feat1, sample.pixels1)
-            z2 = _gather_pixels(feat2, sample.pixels2)
+            z1 = F.normalize(_gather_pixels(feat1, sample.pixels1), dim=2)
+            z2 = F.normalize(_gather_pixels(feat2, sample.pixels2), dim=2)
             labels = slot.repeat_interleave(P, dim=1)
             valid = sample.valid.repeat_interleave(P, dim=1)
         else:
             num_ids = sample.counts1.shape[1]
             index = sample.region_ids[..., None].expand(B, N, feat1.shape[1])
-            z1 = F.normalize(region_means(feat1, regions1_lr, num_ids), dim=2).gather(1, index)
-            z2 = F.normalize(region_means(feat2, regions2_lr, num_ids), dim=2).gather(1, index)
+            means1 = region_means(F.normalize(feat1, dim=1), regions1_lr, num_ids)
+            means2 = region_means(F.normalize(feat2, dim=1), regions2_lr, num_ids)
+            z1 = F.normalize(means1, dim=2).gather(1, index)
+            z2 = F.normalize(means2, dim=2).gather(1, index)
             labels, valid = slot, sample.valid
         # Always a function of the gathered features: without valid anchors it is an exact 0
         # whose backward gives zero (not missing) gradients.

@@ -78,6 +78,8 @@ def export_weights(network: PretrainNetwork | FlexibleUNet, model_cfg: ModelConf
     out_path = Path(out_path)
     if out_path.suffix == ".json":
         raise ConfigError(f"{out_path}: the weights file must not end in .json (the metadata goes there)")
+    if model_cfg.nnunet is not None:
+        raise ConfigError("this run pre-trained an nnU-Net network: export it with --format nnunet")
     kwargs = flexible_unet_kwargs(model_cfg, in_channels, out_channels=1)
     kwargs.pop("out_channels")
     weights = _backbone_weights(network)
@@ -122,3 +124,48 @@ def load_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(path, "exported weights are not a dict of tensors")
     return state, meta
+
+
+NNUNET_EXPORT_FORMAT = "lrcseg-nnunet-v1"
+
+
+def export_nnunet(network: PretrainNetwork, model_cfg: ModelConfig, preprocess: dict[str, Any],
+                  superpixels: dict[str, Any] | None, out_path: str | os.PathLike,
+                  plans: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write ``{"network_weights": state_dict}`` for nnU-Net's ``-pretrained_weights`` and a
+    JSON description beside it. ``plans``: another plans file the weights must load into
+    (e.g. the fine-tuning dataset's); by default the plans the run was pre-trained with.
+    ConfigError when the run was not pre-trained for an nnU-Net network or does not fit.
+    """
+    from lrcseg.models.nnunet import NNUNET_WEIGHTS_KEY, check_loads_into, network_from_plans
+
+    out_path = Path(out_path)
+    if model_cfg.nnunet is None:
+        raise ConfigError("this run pre-trained a FlexibleUNet, not an nnU-Net network: pre-train "
+                          "with --nnunet-plans to export for nnU-Net")
+    if out_path.suffix == ".json":
+        raise ConfigError(f"{out_path}: the weights file must not end in .json (the metadata goes there)")
+    arch = model_cfg.nnunet
+    target = network_from_plans(plans, arch.configuration) if plans else arch
+    weights = {k: v.detach().cpu().contiguous().clone()
+               for k, v in network.backbone_state_dict().items()}
+    check_loads_into(weights, target, "the pre-training run")
+    meta = {
+        "format": NNUNET_EXPORT_FORMAT,
+        "weights": out_path.name,
+        "load_with": "nnUNetv2_train DATASET CONFIGURATION FOLD -pretrained_weights "
+                     f"{out_path.name}",
+        "plans": arch.plans, "configuration": arch.configuration, "plans_name": arch.plans_name,
+        "dataset_name": arch.dataset_name, "network_class_name": arch.network_class_name,
+        "checked_against_plans": str(target.plans),
+        "preprocess": preprocess,
+        "superpixels": superpixels,
+    }
+    atomic_torch_save(out_path, {NNUNET_WEIGHTS_KEY: weights})
+    json_path = meta_path(out_path)
+    try:
+        atomic_write_json(json_path, meta)
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    return out_path, json_path

@@ -3,9 +3,10 @@
 - ``GlobalProjectionHead``: MoCo v2's MLP on the global-average-pooled bottleneck,
   Linear(C, C_h) -> ReLU -> Linear(C_h, P), L2-normalised (He et al. / Chen et al. 2020).
 - ``LocalProjectionHead``: the per-pixel analogue on a decoder feature map,
-  Conv1x1(C, C) -> ReLU -> Conv1x1(C, P), L2-normalised over channels at every pixel.
+  Conv1x1(C, C) -> ReLU -> Conv1x1(C, P), L2-normalised over channels at every pixel, or left
+  unnormalised (``normalize=False``) for a loss that normalises only the pixels it samples.
 
-Both return float32 unit vectors even under autocast, so the losses compute in float32.
+Both return float32 even under autocast, so the losses compute in float32.
 """
 
 from __future__ import annotations
@@ -53,13 +54,18 @@ class LocalProjectionHead(nn.Module):
     Args:
         in_channels: C, channels of the decoder feature map (64 at 1/4 resolution by default).
         out_dim: P, projection width.
+        normalize: L2-normalise every pixel (True); False returns W2 * relu(...) + b2 as it
+            is, for ``LRCLoss``, which normalises the B x N x P pixels it samples itself (the
+            same loss and gradients, without a pass over the whole map).
 
-    Input: (B, C, h, w). Output: a float32 tensor (B, P, h, w), unit L2 norm over P per pixel.
+    Input: (B, C, h, w). Output: a float32 tensor (B, P, h, w), unit L2 norm over P per pixel
+    when ``normalize``.
     """
 
-    def __init__(self, in_channels: int, out_dim: int):
+    def __init__(self, in_channels: int, out_dim: int, normalize: bool = True):
         super().__init__()
         _check_positive(in_channels=in_channels, out_dim=out_dim)
+        self.normalize = normalize
         self.net = nn.Sequential(
             nn.Conv2d(in_channels, in_channels, kernel_size=1),
             nn.ReLU(inplace=True),
@@ -69,5 +75,6 @@ class LocalProjectionHead(nn.Module):
     def forward(self, features: Tensor) -> Tensor:
         if features.ndim != 4:
             raise ValueError(f"LocalProjectionHead expects (B, C, h, w), got {tuple(features.shape)}")
-        return F.normalize(self.net(features).float(), dim=1)
+        z = self.net(features).float()
+        return F.normalize(z, dim=1) if self.normalize else z
 

@@ -1,21 +1,31 @@
-"""The pre-training network: a FlexibleUNet plus a global and a local projection head.
+"""The pre-training network: any 2D U-Net plus a global and a local projection head.
+
+The U-Net is reached through a small *levels* adapter that yields its encoder feature maps
+and its decoder outputs by level, so the heads attach by level and not by one library's
+internals. Two adapters exist: MONAI's FlexibleUNet (``ModelConfig.backbone``) and nnU-Net's
+plans network (``ModelConfig.nnunet``: ``PlainConvUNet`` / ``ResidualEncoderUNet``).
+
+Level l is the decoder output 4 - l stages above full resolution: 0 = 1/16, 1 = 1/8,
+2 = 1/4, 3 = 1/2, 4 = 1/1 (with 2 x 2 poolings; an nnU-Net network with more stages has
+coarser decoder stages before level 0, which run but are not levels).
 
 One forward pass gives both outputs the losses need (LRC_METHOD.md section 4):
 
 - ``global``: GAP(bottleneck) -> MLP -> L2-normalise, a float32 tensor (B, P).
-- ``local``: a list with one map per level of ``cfg.local_levels``: decoder block l (stride
-  s_l = 16 / 2**l; 1/2 by default) -> its own 1x1 conv head -> L2-normalise per pixel, a
-  float32 tensor (B, P, H/s_l, W/s_l).
+- ``local``: a list with one map per level of ``cfg.local_levels``: decoder level l -> its own
+  1x1 conv head, a float32 tensor (B, P, H_l, W_l), *not* normalised: the LRC loss
+  L2-normalises only the pixels it samples (``LRCLoss``), not the whole map.
 
 The decoder is run only up to the finest local level: finer blocks and the segmentation head
 feed nothing during pre-training, so running them would cost time and leave parameters without
 gradients (a problem for DDP). They are kept in the state dict and exported with their
-initial weights; ``local_levels = (2, 3, 4)`` trains the whole decoder. ``backbone_state_dict`` gives the encoder + decoder weights under the exact
-keys of a plain ``FlexibleUNet``.
+initial weights; ``local_levels = (2, 3, 4)`` trains the whole decoder. ``backbone_state_dict``
+gives the U-Net's weights under the exact keys of the plain network.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from lrcseg.config import ModelConfig
@@ -24,59 +34,136 @@ from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, encoder_cha
 
 # Pre-training never uses the segmentation head; it must still exist for FlexibleUNet's keys.
 _PRETRAIN_OUT_CHANNELS = 2
+#: levels 0..4 = decoder outputs at 1/16 .. 1/1
+NUM_LEVELS = 5
+
+
+class FlexibleUNetLevels:
+    """Levels of a MONAI ``FlexibleUNet``: ``decoder.blocks[l]`` is level l (stride 16 / 2**l)."""
+
+    def __init__(self, unet: nn.Module, cfg: ModelConfig):
+        self.unet = unet
+        self.bottleneck_channels = encoder_channels(cfg.backbone)[-1]
+        self.channels = tuple(cfg.decoder_channels)
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        """(B, C, H, W) -> the 5 encoder maps, strides 2 .. 32 (the last is the bottleneck)."""
+        return self.unet.encoder(x)
+
+    def decode(self, features: list[Tensor], last: int) -> dict[int, Tensor]:
+        """Decoder levels 0..last from the encoder maps, with MONAI ``UNetDecoder``'s skips."""
+        skips = features[:-1][::-1]
+        y, out = features[-1], {}
+        for i in range(last + 1):
+            y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
+            out[i] = y
+        return out
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """Encoder + decoder weights keyed as in ``FlexibleUNet`` (no segmentation head)."""
+        return {k: v for k, v in self.unet.state_dict().items()
+                if not k.startswith(SEGMENTATION_HEAD_PREFIX)}
+
+
+class NnUNetLevels:
+    """Levels of an nnU-Net ``PlainConvUNet`` / ``ResidualEncoderUNet`` (dynamic-network-
+    architectures): ``decoder.stages[s]`` is level ``s - (len(stages) - 5)``; the input goes
+    through ``NnUNetInput`` (lrcseg's window channel -> CTNormalization) first."""
+
+    def __init__(self, unet: nn.Module, cfg: ModelConfig, input_channel: int):
+        from lrcseg.models.nnunet import NnUNetInput
+
+        self.unet = unet
+        self.input = NnUNetInput(cfg.nnunet, input_channel)
+        features = [int(f) for f in cfg.nnunet.arch_kwargs["features_per_stage"]]
+        self.bottleneck_channels = features[-1]
+        stages = len(unet.decoder.stages)
+        self.first = stages - NUM_LEVELS  # decoder stage of level 0 (< 0: coarse levels missing)
+        # decoder stage s outputs the channels of encoder stage -(s + 2)
+        self.channels = tuple(features[-(self.first + level + 2)] if self.first + level >= 0 else 0
+                              for level in range(NUM_LEVELS))
+
+    def encode(self, x: Tensor) -> list[Tensor]:
+        return self.unet.encoder(self.input(x))
+
+    def decode(self, features: list[Tensor], last: int) -> dict[int, Tensor]:
+        """nnU-Net ``UNetDecoder``'s stages (transposed conv, concatenated skip, convs) up to
+        level ``last``, without the segmentation layers."""
+        decoder, y, out = self.unet.decoder, features[-1], {}
+        for s in range(self.first + last + 1):
+            y = decoder.stages[s](torch.cat((decoder.transpconvs[s](y), features[-(s + 2)]), 1))
+            if s >= self.first:
+                out[s - self.first] = y
+        return out
+
+    def backbone_state_dict(self) -> dict[str, Tensor]:
+        """Every weight of the plans' network, segmentation layers included (nnU-Net's loader
+        skips them, but its network has them)."""
+        return dict(self.unet.state_dict())
 
 
 class PretrainNetwork(nn.Module):
     """U-Net with projection heads for global (MoCo) and local (LRC) contrastive losses.
 
     Args:
-        cfg: backbone, decoder widths, local levels and projection width P.
-        in_channels: C, input channels (windows x context slices).
+        cfg: the U-Net (FlexibleUNet backbone, or ``cfg.nnunet``), local levels, width P.
+        in_channels: C, input channels (windows x context slices). An nnU-Net network takes
+            the second window (the plans' CT clip range) of a single slice: C must be 2.
 
-    ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of 32, returns
-    ``{"global": (B, P), "local": [(B, P, H/s_l, W/s_l) for l in cfg.local_levels]}``, all
-    float32 and unit-norm; the decoder runs only up to the finest local level (finer blocks
-    feed nothing in pre-training), unless ``full_decoder=True``.
+    ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of the network's
+    total stride, returns ``{"global": (B, P), "local": [(B, P, H_l, W_l) for l in
+    cfg.local_levels]}``, all float32 (global unit-norm, local unnormalised); the decoder runs only up to the finest
+    local level (finer blocks feed nothing in pre-training), unless ``full_decoder=True``.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int):
         super().__init__()
         self.cfg = cfg
         self.in_channels = in_channels
-        self.unet = build_unet(cfg, in_channels, _PRETRAIN_OUT_CHANNELS)
-        bottleneck = encoder_channels(cfg.backbone)[-1]
+        if cfg.nnunet is None:
+            self.unet = build_unet(cfg, in_channels, _PRETRAIN_OUT_CHANNELS)
+            self.levels = FlexibleUNetLevels(self.unet, cfg)
+        else:
+            from lrcseg.models.nnunet import build_nnunet
+
+            if in_channels != 2:
+                raise ValueError(f"an nnU-Net network takes 2 cached channels (soft-tissue window, "
+                                 f"CT clip range) of one slice, got in_channels={in_channels}")
+            self.unet = build_nnunet(cfg.nnunet)
+            self.levels = NnUNetLevels(self.unet, cfg, input_channel=1)
+        missing = [level for level in cfg.local_levels if self.levels.channels[level] == 0]
+        if missing:
+            raise ValueError(f"local level(s) {missing} do not exist in this network (too few "
+                             "stages); use finer levels (3 = 1/2, 4 = 1/1)")
+        bottleneck = self.levels.bottleneck_channels
         self.global_head = GlobalProjectionHead(bottleneck, bottleneck, cfg.proj_dim)
         self.local_heads = nn.ModuleList(
-            LocalProjectionHead(cfg.decoder_channels[level], cfg.proj_dim) for level in cfg.local_levels)
+            LocalProjectionHead(self.levels.channels[level], cfg.proj_dim, normalize=False)
+            for level in cfg.local_levels)
 
     @property
-    def local_strides(self) -> tuple[int, ...]:
-        return self.cfg.local_strides
+    def full_resolution_channels(self) -> int:
+        """Channels of the full-resolution decoder output (level 4)."""
+        return self.levels.channels[NUM_LEVELS - 1]
 
     def forward(self, x: Tensor, full_decoder: bool = False) -> dict[str, Tensor]:
-        """Decoder blocks 0..max(local_levels) (all five with ``full_decoder``, which adds
-        "decoder": (B, C_0, H, W) full-resolution features for a segmentation head), with the
-        same skips as MONAI's ``UNetDecoder.forward``."""
-        features = self.unet.encoder(x)
-        skips = features[:-1][::-1]
-        y, out = features[-1], {"global": self.global_head(features[-1])}
-        last = len(self.unet.decoder.blocks) - 1 if full_decoder else max(self.cfg.local_levels)
-        by_level = {}
-        for i in range(last + 1):
-            y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
-            by_level[i] = y
+        """Decoder levels 0..max(local_levels) (all five with ``full_decoder``, which adds
+        "decoder": (B, C_4, H, W) full-resolution features for a segmentation head)."""
+        features = self.levels.encode(x)
+        out = {"global": self.global_head(features[-1])}
+        last = NUM_LEVELS - 1 if full_decoder else max(self.cfg.local_levels)
+        by_level = self.levels.decode(features, last)
         out["local"] = [head(by_level[level])
                         for level, head in zip(self.cfg.local_levels, self.local_heads, strict=True)]
         if full_decoder:
-            out["decoder"] = y
+            out["decoder"] = by_level[last]
         return out
 
     def encode_global(self, x: Tensor) -> Tensor:
         """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P) unit vectors."""
-        return self.global_head(self.unet.encoder(x)[-1])
+        return self.global_head(self.levels.encode(x)[-1])
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
-        """Encoder + decoder weights keyed as in ``FlexibleUNet`` (no segmentation head)."""
-        return {
-            k: v for k, v in self.unet.state_dict().items() if not k.startswith(SEGMENTATION_HEAD_PREFIX)
-        }
+        """The U-Net's weights keyed as in the plain network (FlexibleUNet: no segmentation
+        head; nnU-Net: every key)."""
+        return self.levels.backbone_state_dict()

@@ -10,6 +10,7 @@ then rename), so concurrent builders are safe.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterable
@@ -33,7 +34,10 @@ class RegionCache:
 
     slice_cache: the SliceCache whose slices (window channel 0, the soft-tissue window) and
         body masks are segmented.
-    cfg: SuperpixelConfig; ``cfg.key()`` names the files.
+    cfg: SuperpixelConfig; ``cfg.key()`` names the files. With ``cfg.windows_hu`` the input
+        channels are those windows: taken from the slice cache's channels where it has them,
+        else from a second slice cache of the same grid with just those windows
+        (``window_cache``; the network's input channels stay as configured).
     ``get(case)`` returns a read-only ``(Z, H, W)`` uint16 memmap; ``computed_slices`` counts
     the slices this object segmented (0 after a pure cache hit).
     """
@@ -44,6 +48,15 @@ class RegionCache:
         self.slice_cache = slice_cache
         self.cfg = cfg
         self.computed_slices = 0
+        windows = [tuple(w) for w in cfg.windows_hu] or [slice_cache.cfg.window_hu]
+        have = [tuple(w) for w in slice_cache.cfg.windows]
+        self.window_cache: SliceCache | None = None
+        self._channels = [have.index(w) for w in windows] if set(windows) <= set(have) else None
+        if self._channels is None:
+            window_cfg = dataclasses.replace(slice_cache.cfg, window_hu=windows[0],
+                                             extra_windows_hu=windows[1:], context_slices=1)
+            self.window_cache = SliceCache(window_cfg, slice_cache.dir.parent.parent)
+            self._channels = list(range(len(windows)))
 
     def path(self, cached: CachedVolume) -> Path:
         return Path(cached.dir) / f"regions-{self.cfg.key()}.npy"
@@ -53,7 +66,8 @@ class RegionCache:
         cached = self.slice_cache.get(case)
         path = self.path(cached)
         if not path.is_file():
-            regions = np.stack([self._slice(cached, z) for z in range(cached.num_slices)])
+            source = self._source(case, cached)
+            regions = np.stack([self._slice(cached, source, z) for z in range(cached.num_slices)])
             _save(path, regions)
         return np.load(path, mmap_mode="r")
 
@@ -73,6 +87,8 @@ class RegionCache:
             mapper = pool.map if pool is not None else map
             volumes = list(mapper(self.slice_cache.get, cases))
             todo = [(c, v) for c, v in zip(cases, volumes, strict=True) if not self.path(v).is_file()]
+            if self.window_cache is not None:  # once per case, before the slice chunks use it
+                list(mapper(self.window_cache.get, [c for c, _ in todo]))
             jobs = [(self, i, case, z0, min(z0 + _CHUNK, v.num_slices))
                     for i, (case, v) in enumerate(todo) for z0 in range(0, v.num_slices, _CHUNK)]
             chunks: dict[int, list[np.ndarray]] = {}
@@ -106,9 +122,14 @@ class RegionCache:
             "regions_max": int(counts.max()) if counts.size else 0,
         }
 
-    def _slice(self, cached: CachedVolume, z: int) -> np.ndarray:
-        regions = compute_regions(np.asarray(cached.image[z, 0], dtype=np.float32), cached.body[z],
-                                  float(cached.spacing_mm[0]), self.cfg)
+    def _source(self, case: Case, cached: CachedVolume) -> CachedVolume:
+        """The cached volume whose channels ``self._channels`` are the Felzenszwalb input."""
+        return cached if self.window_cache is None else self.window_cache.get(case)
+
+    def _slice(self, cached: CachedVolume, source: CachedVolume, z: int) -> np.ndarray:
+        channels = np.asarray(source.image[z, self._channels], dtype=np.float32)
+        image = channels[0] if len(self._channels) == 1 else channels
+        regions = compute_regions(image, cached.body[z], float(cached.spacing_mm[0]), self.cfg)
         if regions.max(initial=0) > _MAX_ID:
             raise ValueError(f"{cached.dir}: slice {z} has {regions.max()} regions, more than uint16 holds")
         self.computed_slices += 1
@@ -121,7 +142,8 @@ _CHUNK = 16  # slices per worker task
 def _segment_chunk(job: tuple[RegionCache, int, Case, int, int]) -> tuple[int, np.ndarray]:
     cache, index, case, z0, z1 = job
     cached = cache.slice_cache.get(case)
-    return index, np.stack([cache._slice(cached, z) for z in range(z0, z1)])
+    source = cache._source(case, cached)
+    return index, np.stack([cache._slice(cached, source, z) for z in range(z0, z1)])
 
 
 def _regions_per_slice(regions: np.ndarray) -> np.ndarray:

@@ -5,7 +5,8 @@ scikit-image's conventions (``skimage.segmentation.felzenszwalb``, the reference
 
 - the image (float64) is smoothed by a Gaussian of ``sigma`` (``mode="reflect"``, truncate 4);
 - the graph is the 8-connected pixel grid, edges to the right, down, down-right and up-right
-  neighbours, weight ``w = |I(p) - I(q)|`` (single channel);
+  neighbours, weight ``w = |I(p) - I(q)|`` (the Euclidean distance of the channel vectors
+  for a multi-channel image, each channel smoothed alone);
 - ``k = scale / 255`` (skimage's rescaling for float images);
 - edges are visited by increasing weight; components A and B of an edge merge when
   ``w < min(Int(A) + k/|A|, Int(B) + k/|B|)``, ``Int`` being the weight of the last edge that
@@ -31,9 +32,11 @@ from scipy import ndimage
 
 def felzenszwalb_fast(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8,
                       min_size: int = 20) -> np.ndarray:
-    """Felzenszwalb segmentation of a single-channel image, same result as skimage's.
+    """Felzenszwalb segmentation of a single- or multi-channel image, same result as skimage's.
 
-    image: (H, W) float array (any real dtype), H, W >= 1.
+    image: (H, W) or (H, W, C) float array (any real dtype, channels last), H, W >= 1; each
+        channel is smoothed alone, and an edge weighs the Euclidean distance of the pixels'
+        C-vectors (skimage's ``felzenszwalb(image, channel_axis=-1)``).
     scale: observation level k*255 (higher = larger regions); > 0.
     sigma: Gaussian pre-smoothing std in pixels; >= 0.
     min_size: minimum region size in pixels, enforced in a post-processing pass.
@@ -41,8 +44,8 @@ def felzenszwalb_fast(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8,
     pixel (skimage's numbering).
     """
     image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"felzenszwalb_fast needs a 2D single-channel image, got shape {image.shape}")
+    if image.ndim not in (2, 3):
+        raise ValueError(f"felzenszwalb_fast needs an (H, W) or (H, W, C) image, got shape {image.shape}")
     if image.size == 0:
         raise ValueError(f"felzenszwalb_fast got an empty image of shape {image.shape}")
     if image.size >= 2**29:
@@ -51,15 +54,17 @@ def felzenszwalb_fast(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8,
         raise ValueError(f"Illegal scale {scale}: must be > 0")
     if sigma < 0:
         raise ValueError(f"Illegal sigma {sigma}: must be >= 0")
-    smooth = ndimage.gaussian_filter(image.astype(np.float64), sigma=sigma, mode="reflect",
+    channels = image.reshape(*image.shape[:2], -1).astype(np.float64)
+    smooth = ndimage.gaussian_filter(channels, sigma=(sigma, sigma, 0), mode="reflect",
                                      truncate=4.0)
     return _segment(np.ascontiguousarray(smooth), float(scale) / 255.0, int(min_size))
 
 
 @numba.njit(cache=True)
 def _edges(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """8-connected grid edges (a, b) and weights |I(a) - I(b)| in skimage's order."""
-    h, w = img.shape
+    """8-connected grid edges (a, b) and weights in skimage's order; img (H, W, C), weight
+    ``sqrt(sum_c (I_c(a) - I_c(b))**2)`` (``|I(a) - I(b)|`` for one channel)."""
+    h, w, _ = img.shape
     n = h * (w - 1) + (h - 1) * w + 2 * (h - 1) * (w - 1)
     a = np.empty(n, np.int32)
     b = np.empty(n, np.int32)
@@ -67,33 +72,38 @@ def _edges(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     e = 0
     for i in range(h):  # right neighbour
         for j in range(w - 1):
-            d = img[i, j + 1] - img[i, j]
             a[e] = i * w + j + 1
             b[e] = i * w + j
-            cost[e] = np.sqrt(d * d)
+            cost[e] = _distance(img, i, j + 1, i, j)
             e += 1
     for i in range(h - 1):  # down neighbour
         for j in range(w):
-            d = img[i + 1, j] - img[i, j]
             a[e] = (i + 1) * w + j
             b[e] = i * w + j
-            cost[e] = np.sqrt(d * d)
+            cost[e] = _distance(img, i + 1, j, i, j)
             e += 1
     for i in range(h - 1):  # down-right neighbour
         for j in range(w - 1):
-            d = img[i + 1, j + 1] - img[i, j]
             a[e] = (i + 1) * w + j + 1
             b[e] = i * w + j
-            cost[e] = np.sqrt(d * d)
+            cost[e] = _distance(img, i + 1, j + 1, i, j)
             e += 1
     for i in range(h - 1):  # up-right neighbour: (i, j+1) -- (i+1, j)
         for j in range(w - 1):
-            d = img[i, j + 1] - img[i + 1, j]
             a[e] = i * w + j + 1
             b[e] = (i + 1) * w + j
-            cost[e] = np.sqrt(d * d)
+            cost[e] = _distance(img, i, j + 1, i + 1, j)
             e += 1
     return a, b, cost
+
+
+@numba.njit(cache=True)
+def _distance(img: np.ndarray, i0: int, j0: int, i1: int, j1: int) -> float:
+    total = 0.0
+    for c in range(img.shape[2]):
+        d = img[i0, j0, c] - img[i1, j1, c]
+        total += d * d
+    return np.sqrt(total)
 
 
 @numba.njit(cache=True)
@@ -149,7 +159,7 @@ def _find(parent: np.ndarray, x: int) -> int:
 
 @numba.njit(cache=True)
 def _segment(img: np.ndarray, k: float, min_size: int) -> np.ndarray:
-    h, w = img.shape
+    h, w, _ = img.shape
     n_pix = h * w
     a, b, cost = _edges(img)
     order = _stable_order(cost)

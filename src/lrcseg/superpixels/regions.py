@@ -1,7 +1,8 @@
 """Local regions for LRC: Felzenszwalb superpixels (or grid cells) inside the body.
 
 Computed once on the un-augmented preprocessed slice (the soft-tissue window channel, values
-in [0, 1]); pixels outside the body get id 0 (ignored by the loss), the others ids 1..R.
+in [0, 1], or several windows stacked as channels: ``SuperpixelConfig.windows_hu``); pixels
+outside the body get id 0 (ignored by the loss), the others ids 1..R.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ def compute_regions(image: np.ndarray, body: np.ndarray, spacing_mm: float,
                     cfg: SuperpixelConfig) -> np.ndarray:
     """Region map of one slice: 0 outside the body, contiguous ids 1..R inside.
 
-    image: (H, W) float in [0, 1], the soft-tissue window channel of the preprocessed slice;
-        H, W >= 2; a constant image is legal and gives a single region.
+    image: (H, W) float in [0, 1], the soft-tissue window channel of the preprocessed slice,
+        or (C, H, W) for C windows as channels (Felzenszwalb weighs an edge by the Euclidean
+        distance of the C values); H, W >= 2; a constant image is legal and gives one region.
     body: (H, W) bool body mask.
     spacing_mm: in-plane pixel spacing; ``cfg.min_size_mm2`` and ``cfg.grid_cell_mm`` are
         converted to pixels with it.
@@ -44,11 +46,11 @@ def compute_regions(image: np.ndarray, body: np.ndarray, spacing_mm: float,
     """
     image = np.asarray(image)
     body = np.asarray(body)
-    if image.ndim != 2:
-        raise ValueError(f"compute_regions needs a 2D (H, W) slice, got shape {image.shape}")
-    if body.shape != image.shape:
+    if image.ndim not in (2, 3):
+        raise ValueError(f"compute_regions needs an (H, W) or (C, H, W) slice, got shape {image.shape}")
+    if body.shape != image.shape[-2:]:
         raise ValueError(f"body mask shape {body.shape} does not match image shape {image.shape}")
-    if min(image.shape) < 2:
+    if min(image.shape[-2:]) < 2:
         raise ValueError(f"slice of shape {image.shape} is too small: need H, W >= 2")
     if not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"Illegal spacing_mm {spacing_mm}: must be finite and > 0")
@@ -61,11 +63,13 @@ def compute_regions(image: np.ndarray, body: np.ndarray, spacing_mm: float,
     body = body.astype(bool, copy=False)
 
     if cfg.method == "grid":
-        raw = grid_cells(image.shape, cfg.grid_cell_mm / spacing_mm)
+        raw = grid_cells(body.shape, cfg.grid_cell_mm / spacing_mm)
     else:
         min_size = min_size_pixels(cfg.min_size_mm2, spacing_mm)
         segment = felzenszwalb_fast if cfg.implementation == "fast" else felzenszwalb
-        raw = segment(image.astype(np.float64), scale=cfg.scale, sigma=cfg.sigma, min_size=min_size)
+        channels_last = image if image.ndim == 2 else np.moveaxis(image, 0, -1)
+        raw = segment(channels_last.astype(np.float64), scale=cfg.scale, sigma=cfg.sigma,
+                      min_size=min_size)
     return relabel_inside(raw, body)
 
 

@@ -95,3 +95,20 @@ def resolve_checkpoint(path: str | Path, what: str) -> Path:
     if not path.is_file():
         raise ConfigError(f"{path}: no such {what} folder or checkpoint file")
     return path
+
+
+def load_pretrain_network(path: str | Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(PretrainNetwork with the checkpoint's weights, its PretrainConfig, the checkpoint) of a
+    pre-training run folder or checkpoint file; ConfigError if it is not a pre-training one."""
+    from lrcseg.config import PretrainConfig, from_dict
+    from lrcseg.models.pretrain_net import PretrainNetwork
+
+    ckpt = resolve_checkpoint(path, "pre-training run")
+    state = load_checkpoint(ckpt)
+    if state.get("kind") != "pretrain":
+        raise ConfigError(f"{ckpt}: not a pre-training checkpoint (kind={state.get('kind')})")
+    cfg = from_dict(PretrainConfig, state["config"])
+    net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels)
+    net.load_state_dict(state["network"])
+    state["path"] = str(ckpt)
+    return net, cfg, state

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lrcseg.errors import ConfigError
+from lrcseg.config import flatten_dict
+from lrcseg.errors import ConfigError, warn_data
 from lrcseg.train.checkpoint import FINAL, LATEST, find_checkpoint, load_checkpoint
 
 
@@ -92,6 +93,15 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warn_long_warmup(warmup_steps: int, total_steps: int) -> None:
+    """A warning (printed once by the CLI) when the warm-up is not shorter than the run: the
+    learning rate then never reaches its peak and the cosine decay never starts."""
+    if warmup_steps >= total_steps:
+        warn_data(None, f"warm-up of {warmup_steps} steps >= the run's {total_steps} steps: the "
+                        "learning rate never reaches its peak (--lr) nor decays; lower "
+                        "optim.warmup_steps (--warmup-steps)")
 
 
 class ResumableSampler(Sampler[int]):
@@ -263,8 +273,8 @@ _RESUME_NOTED: dict[str, str] = {
 }
 # Changes that do not alter the result.
 _RESUME_FREE = ("run.out", "run.device", "run.workers", "run.cache_dir", "run.compile",
-                "run.channels_last", "run.checkpoint_every", "run.log_every", "allow_mismatch",
-                "probe")  # the online probe only logs (a probed run is bit-identical)
+                "run.channels_last", "run.checkpoint_every", "run.log_every", "run.image_every",
+                "allow_mismatch", "probe")  # the online probe only logs (a probed run is bit-identical)
 
 
 def check_resume_compatible(saved_config: dict, new_config: dict, kind: str) -> list[str]:
@@ -282,7 +292,8 @@ def check_resume_compatible(saved_config: dict, new_config: dict, kind: str) -> 
     """
     if kind not in _RESUME_FIXED:
         raise ValueError(f"Illegal kind {kind!r}: 'pretrain' or 'finetune'")
-    saved, new = _flatten(saved_config), _flatten(new_config)
+    saved, new = ({k: _as_lists(v) for k, v in flatten_dict(c).items()}
+                  for c in (saved_config, new_config))
     refused, notes = [], []
     for key in sorted(saved.keys() & new.keys()):
         old_value, new_value = saved[key], new[key]
@@ -305,18 +316,6 @@ def check_resume_compatible(saved_config: dict, new_config: dict, kind: str) -> 
                           + ". Resume without these changes, or start a new run with another "
                           "--out")
     return notes
-
-
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {dotted key: leaf}; tuples become lists so YAML and dataclass agree."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        else:
-            flat[name] = _as_lists(value)
-    return flat
 
 
 def _as_lists(value: Any) -> Any:

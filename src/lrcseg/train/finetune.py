@@ -60,7 +60,9 @@ from lrcseg.train.common import (
     set_lr,
     step_generator,
     warmup_cosine,
+    warn_long_warmup,
 )
+from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.pretrain import TrainingDiverged
 from lrcseg.train.runlog import RunLogger, write_run_card
 
@@ -134,6 +136,10 @@ def has_laterality(label_names: list[str]) -> bool:
 def pretrained_unet_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The U-Net weights of a pre-training checkpoint (``PretrainNetwork.unet``), keyed as in
     a plain ``FlexibleUNet``, without the segmentation head (pre-training never trains it)."""
+    if (state.get("config", {}).get("model") or {}).get("nnunet"):
+        raise ConfigError("this run pre-trained an nnU-Net plans network: fine-tune it with "
+                          "nnU-Net (lrcseg export RUN --format nnunet --out FILE.pth, then "
+                          "nnUNetv2_train ... -pretrained_weights FILE.pth)")
     return {k[len("unet."):]: v for k, v in state["network"].items()
             if k.startswith("unet.") and not k.startswith("unet." + SEGMENTATION_HEAD_PREFIX)}
 
@@ -224,6 +230,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     data = LabelledSlices(volumes, cfg.preprocess.context_slices, label_lut=label_lut)
     prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
     steps = cfg.run.steps or default_steps(len(data), cfg.run.batch_size)
+    warn_long_warmup(cfg.optim.warmup_steps, steps)
     if cfg.snapshots and cfg.snapshots[-1] >= steps:
         raise ConfigError(f"snapshots {cfg.snapshots}: each must be < the budget of {steps} steps")
     hflip = cfg.hflip and not has_laterality(list(labels))
@@ -247,7 +254,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                   "model_config": to_dict(cfg.model), "preprocess": to_dict(cfg.preprocess),
                   "labels": labels}
 
-    start = 0
+    start, clock = 0, None
     if resume:
         state = load_resume_checkpoint(run_dir)
         for note in check_resume_compatible(state["config"], to_dict(cfg), "finetune"):
@@ -256,7 +263,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+        start, clock = state["step"], state.get("clock")
     else:
         save_config(cfg, run_dir / "config.yaml")
         atomic_write_json(run_dir / "split.json", split)
@@ -268,14 +275,16 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     def state_dict(step: int) -> dict[str, Any]:
         return {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "torch_rng": torch.get_rng_state(), "config": to_dict(cfg), "kind": "finetune",
-                "steps": steps, **model_meta}
+                "steps": steps, "clock": logger.clock(), **model_meta}
 
     sampler = ResumableSampler(len(data), cfg.run.seed, start=start * cfg.run.batch_size)
     loader = make_loader(data, cfg.run.batch_size, sampler, cfg.run.workers, device)
-    logger = RunLogger(run_dir, start_step=start)
+    logger = RunLogger(run_dir, start_step=start, clock=clock)
+    if start == 0:
+        logger.log_hparams(to_dict(cfg), ["loss/seg"])
     autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=steps, initial=start, desc="finetune", disable=not progress, dynamic_ncols=True)
-    step, batches = start, iter(loader)
+    step, batches = start, DevicePrefetcher(iter(loader), device)  # float16 -> float32
     t_last, n_last = time.perf_counter(), 0
     model.train()
     interrupt = GracefulInterrupt()
@@ -288,8 +297,7 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                     raise KeyboardInterrupt
                 batch = next(batches)
                 g = step_generator(cfg.run.seed, step)
-                images, targets = augment_batch(batch["image"].to(device).float(),
-                                                batch["label"].to(device).long(),
+                images, targets = augment_batch(batch["image"], batch["label"].long(),
                                                 cfg.image_size, cfg.rotation_deg, hflip, g)
                 if cfg.run.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -298,6 +306,9 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                 with autocast:
                     logits = forward(images)
                 loss = loss_fn(logits.float(), targets[:, None])
+                if cfg.run.image_every and step % cfg.run.image_every == 0:
+                    logger.log_prediction(step, images, targets, logits, channel=(
+                        cfg.preprocess.context_slices // 2) * len(cfg.preprocess.windows))
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"non-finite loss at step {step}; the last good checkpoint "
                                            f"in {run_dir} is untouched. Lower --lr.")

@@ -226,6 +226,6 @@ def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_sli
     if cfg.method == "supervised":
         if num_classes is None:
             raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
-        return SupervisedObjective(cfg.model.decoder_channels[-1], num_classes)
+        return SupervisedObjective(online.full_resolution_channels, num_classes)
     raise ConfigError(f"pre-training method {cfg.method!r} is not implemented "
                       "(available: moco, simclr, byol, none, supervised)")

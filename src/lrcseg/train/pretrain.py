@@ -51,6 +51,7 @@ from lrcseg.train.common import (
     set_lr,
     step_generator,
     warmup_cosine,
+    warn_long_warmup,
 )
 from lrcseg.train.distributed import (
     DistContext,
@@ -63,6 +64,7 @@ from lrcseg.train.distributed import (
     teardown,
 )
 from lrcseg.train.objectives import Views, build_global_objective
+from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.runlog import RunLogger, write_run_card
 
 #: generator stream shared by all ranks (ranks use streams 0..W-1 for per-sample randomness)
@@ -264,6 +266,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     run_dir = prepare_run_dir(cfg.run.out, resume, create=False)
     seed_everything(cfg.run.seed)
     progress = progress and ctx.is_main
+    if ctx.is_main:
+        warn_long_warmup(cfg.optim.warmup_steps, cfg.run.steps)
     probe = None  # the online probe runs on rank 0 (built with the data, before any step)
     if ctx.is_main:  # rank 0 builds the caches, the others then read them
         data = build_pretrain_data(cfg, progress=progress)
@@ -308,7 +312,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     params = [p for p in step_module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg.optim, device)
 
-    start = 0
+    start, clock = 0, None
     if resume:
         state = load_resume_checkpoint(run_dir)
         for note in check_resume_compatible(state["config"], to_dict(cfg), "pretrain"):
@@ -324,7 +328,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
         global_objective.load_state_dict(state["global_objective"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start = state["step"]
+        start, clock = state["step"], state.get("clock")
     elif ctx.is_main:
         save_config(cfg, run_dir / "config.yaml")
         write_run_card(run_dir, "pretrain", {
@@ -342,7 +346,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
         return {"step": step, "network": net.state_dict(),
                 "global_objective": global_objective.state_dict(),
                 "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
-                "config": to_dict(cfg), "kind": "pretrain", "world_size": ctx.world_size}
+                "config": to_dict(cfg), "kind": "pretrain", "world_size": ctx.world_size,
+                "clock": None if logger is None else logger.clock()}
 
     def checkpoint(step: int, final: bool = False) -> None:
         if ctx.is_main:
@@ -354,14 +359,16 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                                rank=ctx.rank, num_replicas=ctx.world_size)
     loader = make_loader(data.dataset, batch_size, sampler, cfg.run.workers, device,
                          drop_last=True)
-    logger = RunLogger(run_dir, start_step=start) if ctx.is_main else None
+    logger = RunLogger(run_dir, start_step=start, clock=clock) if ctx.is_main else None
+    if logger is not None and start == 0:
+        logger.log_hparams(to_dict(cfg), _hparam_metrics(cfg, global_objective.logs_global))
 
     autocast = autocast_context(device, cfg.run.amp)
     bar = tqdm(total=cfg.run.steps, initial=start, desc="pretrain", disable=not progress,
                dynamic_ncols=True)
     with_labels = data.dataset.with_organs and (cfg.lrc.enabled or cfg.method == "supervised")
     step = start
-    batches = iter(loader)
+    batches = DevicePrefetcher(iter(loader), device)  # on the device, float16 -> float32
     t_last, n_last = time.perf_counter(), 0
     interrupt = GracefulInterrupt()
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
@@ -385,13 +392,16 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                     raise KeyboardInterrupt
                 batch = next(batches)
                 g = step_generator(cfg.run.seed, step, ctx.rank)
-                images = batch["image"].to(device, non_blocking=True).float()
-                regions = batch["regions"].to(device, non_blocking=True).long()
+                images = batch["image"]
+                regions = batch["regions"].long()
                 view1, regions1, view2, regions2 = augment(images, regions, g)
+                if logger is not None and cfg.run.image_every and step % cfg.run.image_every == 0:
+                    logger.log_view_pairs(step, view1, regions1, view2, regions2,
+                                          channel=step_module.intensity_channel)
                 labels1 = labels2 = None
                 logging_step = (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps
                 if with_labels and (cfg.method == "supervised" or logging_step):
-                    labels1, labels2 = _labels_in_views(augment, batch["organs"].to(device).long(),
+                    labels1, labels2 = _labels_in_views(augment, batch["organs"].long(),
                                                         step_generator(cfg.run.seed, step, ctx.rank))
                 if cfg.run.channels_last:
                     view1 = view1.contiguous(memory_format=torch.channels_last)
@@ -401,10 +411,10 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
                 groups = None
                 if cfg.method == "moco" and cfg.moco.position_partitions > 0:
                     partitions = cfg.moco.position_partitions
-                    groups = (batch["position"].to(device) * partitions).long().clamp_(max=partitions - 1)
+                    groups = (batch["position"] * partitions).long().clamp_(max=partitions - 1)
                 labelled = None
                 if cfg.method == "supervised" and data.mixed_pool:
-                    labelled = (batch["organs"] >= 0).flatten(1).any(1).to(device)
+                    labelled = (batch["organs"] >= 0).flatten(1).any(1)
                 views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
                               labels1, labels2, groups, labelled)
 
@@ -452,6 +462,13 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
         if logger is not None:
             logger.close()
     return run_dir
+
+
+def _hparam_metrics(cfg: PretrainConfig, logs_global: bool) -> list[str]:
+    """The scalar tags that are the columns of the run's TensorBoard HPARAMS row."""
+    tags = ["loss/total"] + (["loss/global"] if logs_global else [])
+    tags += ["loss/lrc"] if cfg.lrc.enabled else []
+    return tags + (["probe/mean_dice"] if cfg.probe.dataset else [])
 
 
 def _reduced_scalars(loss: Tensor, loss_global: Tensor, loss_lrc: Tensor, grad_norm: Tensor,

@@ -1,0 +1,215 @@
+"""nnU-Net's own 2D network, built from a plans file, for LRC pre-training and export.
+
+Needs the optional extra ``lrcseg[nnunet]`` (nnunetv2 and dynamic-network-architectures).
+The network is built by nnU-Net's ``get_network_from_plans`` from the plans' "architecture"
+entry, exactly as nnU-Net's trainer builds it, so the exported state dict has nnU-Net's own
+keys (``PlainConvUNet`` / ``ResidualEncoderUNet``: InstanceNorm, LeakyReLU, no BatchNorm).
+
+Intensities: lrcseg's slice cache holds HU windows mapped to [0, 1]. For an nnU-Net network
+the cache gets the plans' CTNormalization clip range as a second window, and
+``NnUNetInput`` maps that channel back to nnU-Net's input, (clip(HU) - mean) / std, an
+affine map of the window channel. Channel 0 stays the soft-tissue window the superpixels are
+computed on. nnU-Net's own preprocessing also crops to the non-zero region and resamples with
+third-order splines; lrcseg resamples linearly. Both are at the plans' spacing.
+
+Orientation: lrcseg reads volumes into RAS+; nnU-Net uses each file's array order. The two
+differ by flips and transposes of the slice, which nnU-Net's training augmentation (mirroring
+on both axes, rotations up to 180 degrees in 2D) covers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lrcseg.config import NnUNetNetworkConfig, PretrainConfig
+from lrcseg.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported where a network is built, not to read a plans file
+    from torch import Tensor, nn
+
+#: the key nnU-Net's ``load_pretrained_weights`` reads
+NNUNET_WEIGHTS_KEY = "network_weights"
+#: key fragment of the segmentation layers, which nnU-Net's loader skips
+SEG_LAYERS = ".seg_layers."
+
+
+def _require_nnunet() -> None:
+    try:
+        import nnunetv2  # noqa: F401
+    except ImportError as exc:
+        raise ConfigError("nnU-Net networks need the optional extra: pip install -c "
+                          "constraints.txt 'lrcseg[nnunet]' (constraints.txt pinning your torch "
+                          f"version, so pip does not replace it) ({exc})") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(path, "file not found") from exc
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise DataError(path, "not a JSON object")
+    return data
+
+
+def network_from_plans(plans_path: str | os.PathLike, configuration: str = "2d"
+                       ) -> NnUNetNetworkConfig:
+    """Read ``nnUNetPlans.json`` (``nnUNetv2_plan_and_preprocess``'s output folder) and the
+    ``dataset.json`` beside it into an ``NnUNetNetworkConfig``.
+
+    Refused with a message naming the file: a missing configuration, a 3D one, more than one
+    input channel, or a normalization other than CTNormalization (lrcseg reads CT in HU).
+    """
+    plans_path = Path(plans_path)
+    if plans_path.is_dir():
+        plans_path = plans_path / "nnUNetPlans.json"
+    plans = _read_json(plans_path)
+    configs = plans.get("configurations")
+    if not isinstance(configs, dict) or "dataset_name" not in plans:
+        raise DataError(plans_path, "not an nnU-Net v2 plans file (no configurations / dataset_name)")
+    if configuration not in configs:
+        raise DataError(plans_path, f"no configuration {configuration!r}; it has "
+                        f"{', '.join(sorted(configs))}")
+    conf = dict(configs[configuration])
+    seen = {configuration}
+    while "inherits_from" in conf:  # e.g. 3d_cascade_fullres: missing keys come from the parent
+        parent = conf.pop("inherits_from")
+        if parent in seen or parent not in configs:
+            raise DataError(plans_path, f"configuration {configuration!r} inherits from "
+                            f"{parent!r}, which is missing or circular")
+        seen.add(parent)
+        conf = {**configs[parent], **conf}
+    patch = conf.get("patch_size", [])
+    if len(patch) != 2:
+        raise DataError(plans_path, f"configuration {configuration!r} is {len(patch)}D (patch "
+                        f"size {patch}); lrcseg pre-trains 2D networks: use the 2d configuration")
+    schemes = conf.get("normalization_schemes", [])
+    if len(schemes) != 1:
+        raise DataError(plans_path, f"{len(schemes)} input channels; lrcseg pre-trains on "
+                        "single-channel CT")
+    if schemes[0] != "CTNormalization":
+        raise DataError(plans_path, f"normalization {schemes[0]!r}: lrcseg pre-trains on CT in HU "
+                        "and reproduces CTNormalization only")
+    props = plans.get("foreground_intensity_properties_per_channel", {}).get("0")
+    if not props:
+        raise DataError(plans_path, "no foreground_intensity_properties_per_channel for channel "
+                        "0 (needed by CTNormalization)")
+    dataset_json = _read_json(plans_path.parent / "dataset.json")
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(plans_path.parent / "dataset.json", "no labels")
+    arch = conf.get("architecture", {})
+    if "network_class_name" not in arch:
+        raise DataError(plans_path, f"configuration {configuration!r} has no architecture entry "
+                        "(plans from nnU-Net < 2.4 are not supported)")
+    spacing = [float(v) for v in conf["spacing"]][-2:]
+    return NnUNetNetworkConfig(
+        plans=str(plans_path.resolve()), configuration=configuration,
+        plans_name=str(plans.get("plans_name", plans_path.stem)),
+        dataset_name=str(plans["dataset_name"]),
+        network_class_name=str(arch["network_class_name"]),
+        arch_kwargs=dict(arch["arch_kwargs"]),
+        kw_requires_import=list(arch.get("_kw_requires_import", [])),
+        num_classes=_num_segmentation_outputs(labels),
+        clip_hu=(float(props["percentile_00_5"]), float(props["percentile_99_5"])),
+        mean=float(props["mean"]), std=max(float(props["std"]), 1e-8),
+        spacing_mm=tuple(spacing), patch_size=tuple(int(v) for v in patch))
+
+
+def _num_segmentation_outputs(labels: dict[str, Any]) -> int:
+    """nnU-Net's number of outputs: one per label id (regions: one per region, no background)."""
+    values = list(labels.values())
+    if any(isinstance(v, (list, tuple)) for v in values):  # region-based training
+        return len([k for k in labels if k != "background"])
+    return len({int(v) for v in values})
+
+
+def build_nnunet(arch: NnUNetNetworkConfig) -> nn.Module:
+    """The plans' network, freshly initialised as nnU-Net initialises it (one input channel)."""
+    _require_nnunet()
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(arch.network_class_name, arch.arch_kwargs,
+                                  arch.kw_requires_import, input_channels=1,
+                                  output_channels=arch.num_classes, allow_init=True,
+                                  deep_supervision=False)
+
+
+class NnUNetInput:
+    """lrcseg's window channel -> nnU-Net's CTNormalization, (clip(HU) - mean) / std.
+
+    The cached channel ``channel`` holds ``w = (clip(HU, lo, hi) - lo) / (hi - lo)`` with
+    (lo, hi) = ``arch.clip_hu``, so nnU-Net's input is ``w * (hi - lo) / std + (lo - mean) / std``.
+    Input (B, C, H, W) float, output (B, 1, H, W).
+    """
+
+    def __init__(self, arch: NnUNetNetworkConfig, channel: int):
+        lo, hi = arch.clip_hu
+        self.channel = channel
+        self.scale = (hi - lo) / arch.std
+        self.offset = (lo - arch.mean) / arch.std
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return x[:, self.channel:self.channel + 1] * self.scale + self.offset
+
+
+def nnunet_preprocess_windows(arch: NnUNetNetworkConfig, soft_tissue: tuple[float, float]
+                              ) -> list[tuple[float, float]]:
+    """The cache's windows for an nnU-Net network: [soft tissue (superpixels), CT clip range]."""
+    return [tuple(soft_tissue), tuple(arch.clip_hu)]
+
+
+def nnunet_state_dict(network: nn.Module) -> dict[str, Tensor]:
+    """``network``'s weights as nnU-Net's loader reads them: plain keys, CPU tensors."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
+
+
+def check_loads_into(weights: dict[str, Tensor], arch: NnUNetNetworkConfig, source: str) -> None:
+    """What nnU-Net's ``load_pretrained_weights`` asserts: every key of the plans' network but
+    the segmentation layers is present with the same shape. ConfigError otherwise."""
+    import torch
+
+    with torch.device("meta"):
+        reference = build_nnunet(arch).state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items() if SEG_LAYERS not in k}
+    got = {k: tuple(v.shape) for k, v in weights.items() if SEG_LAYERS not in k}
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing or wrong:
+        raise ConfigError(f"{source}: the weights do not fit the network of {arch.plans} "
+                          f"({arch.configuration}): missing {missing[:3]}, wrong shape {wrong[:3]}; "
+                          "pre-train with --nnunet-plans of these plans")
+
+
+def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int | None = None
+                ) -> PretrainConfig:
+    """``cfg`` with the plans' network, in-plane spacing, patch and intensity normalization.
+
+    The cache gets two windows (``nnunet_preprocess_windows``): the soft-tissue window
+    (superpixels, augmentation statistics) and the CT clip range (the network's input); views
+    are square crops of the patch's shorter side rounded down to a multiple of 32 (lrcseg's
+    view sizes are), or of ``image_size``.
+    """
+    if cfg.preprocess.context_slices != 1:
+        raise ConfigError("--nnunet-plans: nnU-Net's 2d networks take one slice; drop "
+                          "--context-slices")
+    sy, sx = arch.spacing_mm
+    if abs(sy - sx) > 0.01 * max(sy, sx):
+        raise ConfigError(f"{arch.plans}: in-plane spacing {sy} x {sx} mm is anisotropic; lrcseg "
+                          "resamples slices to one in-plane spacing")
+    if cfg.probe.dataset:
+        raise ConfigError("--probe-dataset is not available for nnU-Net networks yet (the probe "
+                          "reads FlexibleUNet features); drop it")
+    preprocess = dataclasses.replace(
+        cfg.preprocess, spacing_mm=(sy + sx) / 2,
+        extra_windows_hu=nnunet_preprocess_windows(arch, cfg.preprocess.window_hu)[1:])
+    return dataclasses.replace(
+        cfg, preprocess=preprocess,
+        augment=dataclasses.replace(cfg.augment, image_size=image_size or max(32, min(arch.patch_size) // 32 * 32)),
+        model=dataclasses.replace(cfg.model, nnunet=arch))
