@@ -100,7 +100,7 @@ def main() -> None:
     interval_hu = {n: [float(edges[i]), float(edges[j] + HU_STEP)] for n, (i, j) in intervals.items()}
 
     from lrcseg.evaluation_run import evaluate_model
-    from lrcseg.train.common import resolve_device
+    from lrcseg.runtime import resolve_device
     from lrcseg.train.finetune import finetune
 
     t1 = time.time()

@@ -199,7 +199,10 @@ def _fake_training(monkeypatch, calls: list[str]):
         score = 0.5 + 0.1 * ("lrc" in str(run_dir))
         if Path(run_dir).name.startswith("snapshot_"):  # a learning curve: 0.3 at 1, 0.4 at 2
             score -= 0.1 * (3 - int(Path(run_dir).stem.split("_")[1]))
-        return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
+        return {"organs": ["liver"],  # the shape of SegmentationMetrics.result()
+                "cases": {"phantom_003": {"liver": {"dice": score, "hd95_mm": 10 * score}}},
+                "counts": {"liver": {"absent_both": 0, "missed": 0, "false_positive": 0,
+                                     "evaluated": 1}}}
 
     def probe(model, data, labeled, split_seed, split, seed, backbone, spacing_mm, pixels,
               device, cache_dir, progress):

@@ -14,11 +14,13 @@ from lrcseg.cli import main
 from lrcseg.config import FinetuneConfig, ModelConfig, OptimConfig, PreprocessConfig, RunConfig
 from lrcseg.data.phantoms import write_phantom_dataset
 from lrcseg.data.readers import read_image
+from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError
 from lrcseg.evaluation_run import evaluate_model
 from lrcseg.inference import predict_labels
+from lrcseg.models.load import load_finetuned
 from lrcseg.models.unet import build_unet
-from lrcseg.train.finetune import choose_labelled, finetune, has_laterality, load_finetuned
+from lrcseg.train.finetune import finetune, has_laterality
 
 SPACING = 4.0
 COMMON = ["--backbone", "resnet10", "--spacing", str(SPACING), "--batch-size", "4",

@@ -14,8 +14,6 @@ from lrcseg.data.layouts import (
     check_label_values,
     load_dataset,
     load_label_map,
-    save_splits,
-    split_cases,
 )
 from lrcseg.data.readers import write_nifti
 from lrcseg.errors import ConfigError, DataError
@@ -156,30 +154,6 @@ def test_single_file_and_single_series(tmp_path):
 def test_missing_path(tmp_path):
     with pytest.raises(DataError, match="not found"):
         load_dataset(tmp_path / "nothing")
-
-
-def test_split_cases_deterministic_partition():
-    ids = [f"case{i:02d}" for i in range(10)]
-    a = split_cases(ids, {"train": 0.8, "val": 0.2}, seed=3)
-    assert {k: len(v) for k, v in a.items()} == {"train": 8, "val": 2}
-    assert sorted(a["train"] + a["val"]) == ids
-    assert split_cases(list(reversed(ids)), {"train": 0.8, "val": 0.2}, seed=3) == a
-    others = [split_cases(ids, {"train": 0.8, "val": 0.2}, seed=s)["val"] for s in range(4, 10)]
-    assert any(o != a["val"] for o in others)
-    c = split_cases(ids, {"labeled": 2, "test": 3}, seed=0)
-    assert len(c["labeled"]) == 2 and len(c["test"]) == 3 and not set(c["labeled"]) & set(c["test"])
-    assert {k: len(v) for k, v in split_cases(ids[:7], {"a": 0.5, "b": 0.5}).items()} in (
-        {"a": 4, "b": 3}, {"a": 3, "b": 4})
-    with pytest.raises(ValueError, match="sum <= 10"):
-        split_cases(ids, {"train": 8, "val": 3})
-    with pytest.raises(ValueError, match="fractions"):
-        split_cases(ids, {"train": 0.8, "val": 0.3})
-
-
-def test_save_splits_round_trip(tmp_path):
-    splits = split_cases(["a", "b", "c"], {"train": 2, "val": 1}, seed=1)
-    save_splits(tmp_path / "run" / "splits.json", splits)
-    assert json.loads((tmp_path / "run" / "splits.json").read_text()) == splits
 
 
 def test_apply_label_map():

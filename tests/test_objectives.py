@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcseg.config import ModelConfig, PretrainConfig, RunConfig
+from lrcseg.config import PRETRAIN_METHODS, ModelConfig, PretrainConfig, RunConfig
 from lrcseg.errors import ConfigError
 from lrcseg.losses.byol import BYOL, byol_regression, cosine_momentum
 from lrcseg.losses.simclr import SimCLRLoss, nt_xent
@@ -207,3 +207,10 @@ def test_build_global_objective_checks():
     build_global_objective(cfg, net, 40)
     with pytest.raises(ConfigError, match="2 x global batch = 16"):
         build_global_objective(cfg, net, 40, world_size=2, gather_negatives=True)
+
+
+def test_every_registered_method_is_built():
+    net = PretrainNetwork(small_cfg("moco").model, 1)
+    for method in PRETRAIN_METHODS:
+        assert isinstance(build_global_objective(small_cfg(method), net, 40, num_classes=4),
+                          nn.Module)

@@ -13,12 +13,12 @@ from lrcseg.data.phantoms import (
     LABELS,
     TISSUES,
     generate_phantom,
-    make_splits,
     phantom_affine,
     write_phantom_dataset,
 )
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.realism import interval_dice_table, realism_report
+from lrcseg.data.splits import make_splits
 
 SHAPE = (100, 75, 16)
 SPACING = (4.0, 4.0, 12.5)

@@ -23,11 +23,11 @@ from lrcseg.config import (
     SuperpixelConfig,
 )
 from lrcseg.data.phantoms import write_phantom_dataset
-from lrcseg.errors import ConfigError
+from lrcseg.errors import ConfigError, TrainingDiverged
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.train import pretrain as pretrain_module
 from lrcseg.train.checkpoint import load_checkpoint
-from lrcseg.train.pretrain import TrainingDiverged, build_pretrain_data, pretrain
+from lrcseg.train.pretrain import build_pretrain_data, pretrain
 
 
 @pytest.fixture(scope="module", autouse=True)

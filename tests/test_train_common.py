@@ -14,7 +14,6 @@ from lrcseg.train.common import (
     check_resume_compatible,
     load_resume_checkpoint,
     prepare_run_dir,
-    resolve_device,
     step_generator,
     warmup_cosine,
 )
@@ -191,14 +190,6 @@ def test_resume_of_a_finetune_run():
         ["run.steps None -> 300"]
     with pytest.raises(ValueError, match="Illegal kind"):
         check_resume_compatible(saved, saved, "evaluate")
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        assert resolve_device("auto").type == "cpu"
-        with pytest.raises(ConfigError, match="CUDA is not available"):
-            resolve_device("cuda")
 
 
 def test_final_state_is_stored_once_and_later_checkpoints_leave_it_alone(tmp_path):

@@ -91,8 +91,8 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
     from lrcseg.data.phantoms import write_phantom_dataset
     from lrcseg.evaluate import write_metrics
     from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.runtime import resolve_device
     from lrcseg.train.checkpoint import find_checkpoint
-    from lrcseg.train.common import resolve_device
     from lrcseg.train.finetune import finetune
     from lrcseg.train.pretrain import pretrain
 
@@ -193,8 +193,8 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
     import numpy as np
 
     from lrcseg.data.cache import SliceCache
+    from lrcseg.data.splits import pretraining_cases
     from lrcseg.superpixels.cache import RegionCache
-    from lrcseg.train.pretrain import pretraining_cases
     from lrcseg.viz import montage
 
     cases, _ = pretraining_cases(cfg.data)

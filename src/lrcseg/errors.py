@@ -31,6 +31,10 @@ class ConfigError(LrcsegError):
     """An invalid or inconsistent configuration (e.g. preprocessing mismatch at fine-tuning)."""
 
 
+class TrainingDiverged(LrcsegError):
+    """A non-finite loss: training stops, the last good checkpoint stays as it was."""
+
+
 class DataWarning(UserWarning):
     """Data that is read, but may be processed other than the user expects.
 

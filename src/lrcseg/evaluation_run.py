@@ -12,34 +12,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lrcseg.data.layouts import Dataset, apply_label_map, load_dataset, load_label_map
+from lrcseg.data.layouts import apply_label_map, load_dataset, load_label_map
 from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.splits import split_cases
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate import SegmentationMetrics
 from lrcseg.inference import predict_labels
-from lrcseg.train.finetune import load_finetuned
-
-
-def split_cases(dataset: Dataset, split: str) -> list:
-    """Cases of ``split``: from splits.json if the dataset has one, else imagesTs ("test") or
-    imagesTr ("train"); only cases with a label can be evaluated."""
-    if dataset.splits and split in dataset.splits:
-        wanted = dataset.splits[split]
-        by_id = {c.id: c for c in dataset.all_cases}
-        cases = [by_id[i] for i in wanted if i in by_id]
-    elif split == "test":
-        cases = dataset.test_cases
-    elif split == "train":
-        cases = dataset.cases
-    elif split == "all":
-        cases = dataset.all_cases
-    else:
-        raise ConfigError(f"{dataset.root}: no split {split!r} (splits.json has "
-                          f"{sorted(dataset.splits or {})})")
-    cases = [c for c in cases if c.label is not None]
-    if not cases:
-        raise ConfigError(f"{dataset.root}: no labelled cases in split {split!r}")
-    return cases
+from lrcseg.models.load import load_finetuned
 
 
 def check_label_names(model_labels: dict[str, int], dataset_labels: dict[str, int] | None,

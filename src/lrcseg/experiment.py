@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg.config import (
+    PRETRAIN_METHODS,
     AugmentConfig,
     FinetuneConfig,
     LRCConfig,
@@ -72,7 +73,6 @@ from lrcseg.config import (
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import append_invocation, atomic_write_text
 
-PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
 #: left in a pre-training folder whose weights were deleted (keep_checkpoints: false)
 RELEASED = "weights_released.txt"
 # Fields that may change between invocations of the same experiment without changing results.
@@ -185,6 +185,8 @@ class ExperimentConfig:
         learning curves; the pre-training views are the plans' patch, not image_size.
     nnunet_dataset_id: the id under which nnU-Net sees the dataset (its folder naming).
     nnunet_mirroring: nnU-Net's test-time mirroring when predicting (its default; on).
+    nnunet_batch_size: nnU-Net's fine-tuning batch size (None = the plans'; a CPU-sized run
+        may lower it).
     """
 
     dataset: str | None = None
@@ -223,6 +225,7 @@ class ExperimentConfig:
     nnunet_iterations_per_epoch: int = 250
     nnunet_dataset_id: int = 990
     nnunet_mirroring: bool = True
+    nnunet_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
@@ -272,6 +275,8 @@ class ExperimentConfig:
             _check(not any(s.method == "supervised" for s in self.initialisations),
                    "finetune_with nnunet: supervised pre-training is not available for nnU-Net "
                    "networks yet")
+            _check(self.nnunet_batch_size is None or self.nnunet_batch_size >= 1,
+                   f"Illegal nnunet_batch_size {self.nnunet_batch_size}: >= 1 or null")
             _check(1 <= self.nnunet_dataset_id <= 999,
                    f"Illegal nnunet_dataset_id {self.nnunet_dataset_id}: 1..999")
             per_epoch = self.nnunet_iterations_per_epoch
@@ -562,7 +567,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     from lrcseg.evaluate import write_metrics
     from lrcseg.evaluation_run import evaluate_model
     from lrcseg.probe import evaluate_probe
-    from lrcseg.train.common import resolve_device
+    from lrcseg.runtime import resolve_device
     from lrcseg.train.finetune import finetune, snapshot_name
     from lrcseg.train.pretrain import pretrain
 
@@ -753,11 +758,10 @@ def _finetune_with_nnunet(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir
     nnU-Net's trainer on the cell's K labelled cases, predict ``eval_split``, score it."""
     from lrcseg.config import to_dict
     from lrcseg.data.layouts import load_dataset
-    from lrcseg.evaluation_run import split_cases
+    from lrcseg.data.splits import choose_labelled, split_cases
     from lrcseg.models.export import export_nnunet
     from lrcseg.train import nnunet_finetune
     from lrcseg.train.checkpoint import load_pretrain_network
-    from lrcseg.train.finetune import choose_labelled
 
     dataset = load_dataset(data)
     labelled = choose_labelled(dataset, cell.labeled, cell.draw)["labeled"]
@@ -772,7 +776,8 @@ def _finetune_with_nnunet(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir
     kind = str(device.type)
     model = nnunet_finetune.train(work, cfg.nnunet_dataset_id, data, labelled, weights,
                                   cfg.finetune_steps, cfg.nnunet_iterations_per_epoch, cell.seed,
-                                  ft_dir / "nnunet", device=kind)
+                                  ft_dir / "nnunet", device=kind,
+                                  batch_size=cfg.nnunet_batch_size)
     cases = split_cases(dataset, cfg.eval_split)
     predictions = nnunet_finetune.predict(work, model, {c.id: str(c.image) for c in cases},
                                           ft_dir / "predictions", device=kind,
@@ -901,9 +906,9 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
 
     from lrcseg.data.layouts import apply_label_map, load_dataset
     from lrcseg.data.readers import read_image, read_label
-    from lrcseg.evaluation_run import split_cases
+    from lrcseg.data.splits import split_cases
     from lrcseg.inference import predict_labels
-    from lrcseg.train.finetune import load_finetuned
+    from lrcseg.models.load import load_finetuned
 
     k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
     runs = {s.name: cell_dir(out_dir, Cell(s.name, k, draw, seed))

@@ -54,19 +54,16 @@ from lrcseg.data.cache import CachedVolume, SliceCache
 from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset
 from lrcseg.data.preprocess import stack_context
 from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.splits import choose_labelled, split_cases
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate import SegmentationMetrics
-from lrcseg.evaluation_run import check_label_names, split_cases
+from lrcseg.evaluation_run import check_label_names
 from lrcseg.inference import pad_amounts, predict_labels
 from lrcseg.models.export import load_exported
+from lrcseg.models.load import load_finetuned
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
 from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
-from lrcseg.train.finetune import (
-    choose_labelled,
-    load_finetuned,
-    model_labels,
-    pretrained_unet_weights,
-)
+from lrcseg.train.finetune import model_labels, pretrained_unet_weights
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i

@@ -155,27 +155,6 @@ def overlay_labels(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray, alpha:
     ax.imshow(rgba, interpolation="nearest", aspect=_aspect(spacing_xy))
 
 
-def overlay_contours(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray,
-                     spacing_xy: tuple[float, float] | None = None, linewidth: float = 1.0,
-                     n_colors: int | None = None, vmin: float | None = None,
-                     vmax: float | None = None) -> None:
-    """Draw ``image_hw`` in grey and the outline of each label id (one colour per id).
-
-    image_hw, labels_hw: ``(X, Y)`` arrays of one axial slice. Outlines are the 0.5 iso-line of
-    each id's binary mask, in radiological orientation.
-    """
-    _check_pair(image_hw, labels_hw)
-    show_image(ax, image_hw, spacing_xy, vmin, vmax)
-    labels = np.asarray(radiological(labels_hw)).astype(np.int64)
-    ids = [int(i) for i in np.unique(labels) if i > 0]
-    if not ids:
-        return
-    colors = label_colors(max(max(ids) + 1, n_colors or 0))
-    for i in ids:
-        ax.contour((labels == i).astype(np.float32), levels=[0.5], colors=[colors[i, :3]],
-                   linewidths=linewidth)
-
-
 def new_figure(width_in: float, height_in: float, dpi: int = 100) -> Figure:
     """A Figure on the Agg canvas, independent of pyplot's global figure list."""
     fig = Figure(figsize=(width_in, height_in), dpi=dpi)

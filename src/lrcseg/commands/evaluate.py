@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lrcseg.evaluate import markdown_table, write_metrics
     from lrcseg.evaluation_run import evaluate_model
-    from lrcseg.train.common import resolve_device
+    from lrcseg.runtime import resolve_device
 
     out = Path(args.out)
     figures = out.parent / f"{out.stem}_figures" if args.figures else None

@@ -33,8 +33,8 @@ def run(args: argparse.Namespace) -> int:
     from lrcseg.errors import DataError
     from lrcseg.inference import predict_labels, write_prediction
     from lrcseg.io_utils import atomic_write_json
-    from lrcseg.train.common import resolve_device
-    from lrcseg.train.finetune import load_finetuned
+    from lrcseg.models.load import load_finetuned
+    from lrcseg.runtime import resolve_device
 
     dataset = load_dataset(args.input)
     cases = dataset.all_cases

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lrcseg.evaluate import markdown_table, write_metrics
     from lrcseg.probe import DEFAULT_LEVELS, DEFAULT_PIXELS, evaluate_probe, parse_levels
-    from lrcseg.train.common import resolve_device
+    from lrcseg.runtime import resolve_device
 
     out = Path(args.out)
     levels = parse_levels(args.levels) if args.levels is not None else DEFAULT_LEVELS

@@ -11,8 +11,8 @@ Accepted (``load_dataset`` picks by what it finds):
 - ``single``: one NIfTI file or one DICOM series folder.
 
 ``<root>/splits.json`` (``{"train": [ids], "val": [ids], ...}``), if present, becomes
-``Dataset.splits``; a case may be listed in one split only. Splits are made with
-:func:`split_cases`; label maps with :func:`apply_label_map`.
+``Dataset.splits``; a case may be listed in one split only. Which cases each stage uses is
+decided in :mod:`lrcseg.data.splits`; label maps are applied with :func:`apply_label_map`.
 
 Refused (DataError): a folder with ``imagesTr/`` or ``labelsTr/`` but no ``dataset.json`` (it
 would be read as a plain folder, label maps as images), a case in two splits. Warned about
@@ -26,7 +26,6 @@ stored beside the CT series), skipped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,7 +35,6 @@ import numpy as np
 
 from lrcseg.data.readers import dicom_modality, is_dicom_file, is_nifti, list_dicom_files
 from lrcseg.errors import ConfigError, DataError, warn_data
-from lrcseg.io_utils import atomic_write_json
 
 
 @dataclass
@@ -62,14 +60,6 @@ class Dataset:
     @property
     def all_cases(self) -> list[Case]:
         return [*self.cases, *self.test_cases]
-
-    def held_out_ids(self) -> set[str]:
-        """Cases that must never be trained on: imagesTs/"test" cases and the "test"/"val"
-        lists of splits.json."""
-        ids = {c.id for c in self.test_cases}
-        for key in ("test", "val"):
-            ids |= set((self.splits or {}).get(key, []))
-        return ids
 
     def case(self, case_id: str) -> Case:
         for c in self.all_cases:
@@ -332,44 +322,6 @@ def check_label_values(label: np.ndarray, labels: dict[str, int], path: str | os
 
 
 # --------------------------------------------------------------------------- splits
-
-
-def split_cases(ids, sizes: dict[str, float | int], seed: int = 0) -> dict[str, list[str]]:
-    """Seeded case-level split of ``ids`` into named parts.
-
-    sizes: ``{name: count}`` (ints, sum <= len(ids)) or ``{name: fraction}`` (floats in (0, 1],
-    sum <= 1; counts by largest remainder). The ids are sorted, permuted with
-    ``numpy.random.default_rng(seed)`` and cut into consecutive parts in the order of ``sizes``;
-    each part is returned sorted. Same ids + sizes + seed = same split on any machine.
-    """
-    ids = sorted(set(str(i) for i in ids))
-    n = len(ids)
-    if not sizes:
-        raise ValueError("split_cases needs at least one part")
-    values = list(sizes.values())
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        if any(v < 0 for v in values) or sum(values) > n:
-            raise ValueError(f"Illegal split counts {sizes}: need >= 0 and sum <= {n} cases")
-        counts = values
-    else:
-        if any(not 0 <= v <= 1 for v in values) or sum(values) > 1 + 1e-9:
-            raise ValueError(f"Illegal split fractions {sizes}: need 0..1 and sum <= 1")
-        exact = [v * n for v in values]
-        counts = [math.floor(e) for e in exact]
-        total = min(n, round(sum(exact)))
-        for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
-            counts[i] += 1
-    order = np.random.default_rng(seed).permutation(n)
-    out, start = {}, 0
-    for name, count in zip(sizes, counts, strict=True):
-        out[name] = sorted(ids[i] for i in order[start:start + count])
-        start += count
-    return out
-
-
-def save_splits(path: str | os.PathLike, splits: dict[str, list[str]]) -> None:
-    """Write splits as JSON (atomic), e.g. into a run folder."""
-    atomic_write_json(path, {k: list(v) for k, v in splits.items()})
 
 
 def load_splits(path: str | os.PathLike, known_ids: set[str] | None = None) -> dict[str, list[str]]:

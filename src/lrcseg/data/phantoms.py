@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from lrcseg.data.splits import make_splits
 from lrcseg.io_utils import atomic_dir, atomic_write_json
 
 # Label ids (fixed; written to dataset.json "labels").
@@ -604,25 +605,6 @@ def _check_grid(shape_xyz, spacing_mm) -> tuple[tuple[int, int, int], tuple[floa
 # --------------------------------------------------------------------------- dataset writer
 
 
-def make_splits(case_ids: list[str], pretrain_fraction: float = 0.5,
-                train_fraction: float = 0.2) -> dict[str, list[str]]:
-    """Standard disjoint splits: the first cases form the pre-training pool, then labelled
-    training candidates, the rest test. With >= 3 cases, train and test get >= 1 case each.
-    """
-    if not (0 <= pretrain_fraction < 1 and 0 < train_fraction < 1
-            and pretrain_fraction + train_fraction < 1):
-        raise ValueError(f"Illegal split fractions pretrain={pretrain_fraction}, train={train_fraction}: "
-                         "need 0 <= pretrain < 1, 0 < train < 1 and pretrain + train < 1")
-    n = len(case_ids)
-    n_pre = int(round(n * pretrain_fraction))
-    n_train = int(round(n * train_fraction))
-    if n >= 3:
-        n_train = max(1, n_train)
-        n_pre = min(n_pre, n - n_train - 1)
-    return {"pretrain": case_ids[:n_pre], "train": case_ids[n_pre:n_pre + n_train],
-            "test": case_ids[n_pre + n_train:]}
-
-
 def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
                           spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
                           shape: tuple[int, int, int] | None = None,
@@ -633,8 +615,8 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
     Layout: ``dataset.json`` (name, channel_names {"0": "CT"}, labels, numTraining,
     file_ending ".nii.gz", plus a "phantoms" record of seed, spacing, shape and each case's
     contrast phase), ``imagesTr/<id>_0000.nii.gz`` (float32 HU), ``labelsTr/<id>.nii.gz``
-    (uint8), ``splits.json`` (:func:`make_splits`) and ``montage.png``. Case i is drawn from
-    child i of ``np.random.SeedSequence(seed)``: the same whatever ``cases``.
+    (uint8), ``splits.json`` (:func:`lrcseg.data.splits.make_splits`) and ``montage.png``.
+    Case i is drawn from child i of ``np.random.SeedSequence(seed)``: the same whatever ``cases``.
     Raises FileExistsError if ``out_dir`` exists; nothing is left behind on failure.
     """
     from lrcseg.data.readers import write_nifti

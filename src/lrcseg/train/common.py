@@ -1,11 +1,11 @@
-"""Pieces every training loop shares: device choice, LR schedule, a resumable sampler, seeds,
-the data loader, autocast, and loading the checkpoint to resume from."""
+"""Pieces every training loop shares: LR schedule, a resumable sampler, per-step generators,
+the data loader, autocast, and loading the checkpoint to resume from (device and seeds:
+``lrcseg.runtime``)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-import random
 import shutil
 import signal
 import threading
@@ -48,22 +48,6 @@ class GracefulInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; 'cuda' without a GPU is a ConfigError."""
-    if name in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:

@@ -34,17 +34,18 @@ from lrcseg.config import (
 )
 from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import (
-    Dataset,
     check_label_values,
     label_lookup,
     load_dataset,
     load_label_map,
 )
 from lrcseg.data.slices import LabelledSlices
-from lrcseg.errors import ConfigError, warn_data
+from lrcseg.data.splits import choose_labelled
+from lrcseg.errors import ConfigError, TrainingDiverged, warn_data
 from lrcseg.io_utils import atomic_torch_save, atomic_write_json
 from lrcseg.models.export import load_exported
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, flexible_unet_kwargs
+from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
 from lrcseg.train.common import (
     GracefulInterrupt,
@@ -55,41 +56,13 @@ from lrcseg.train.common import (
     make_loader,
     make_optimizer,
     prepare_run_dir,
-    resolve_device,
-    seed_everything,
     set_lr,
     step_generator,
     warmup_cosine,
     warn_long_warmup,
 )
 from lrcseg.train.prefetch import DevicePrefetcher
-from lrcseg.train.pretrain import TrainingDiverged
 from lrcseg.train.runlog import RunLogger, write_run_card
-
-
-def choose_labelled(dataset: Dataset, labeled: float, split_seed: int) -> dict[str, list[str]]:
-    """Draw the K labelled training cases reproducibly; test cases are never candidates.
-
-    Candidates are the dataset's "train" split if its ``splits.json`` has one, else every
-    labelled training case that is not held out (imagesTs, splits "test"/"val"). ``labeled``
-    >= 1 is a count, < 1 a fraction (at least one case).
-    Returns {"labeled": [...], "candidates": [...], "test": [...]}.
-    """
-    held_out = dataset.held_out_ids()
-    labelled = {c.id for c in dataset.cases if c.label is not None} - held_out
-    candidates = sorted(labelled)
-    if dataset.splits and "train" in dataset.splits:
-        candidates = sorted(set(dataset.splits["train"]) & labelled)
-    test = sorted(c.id for c in dataset.all_cases if c.id in held_out and c.label is not None)
-    if not candidates:
-        raise ConfigError(f"{dataset.root}: no labelled training cases to fine-tune on")
-    k = int(labeled) if labeled >= 1 else max(1, int(round(labeled * len(candidates))))
-    if k > len(candidates):
-        raise ConfigError(f"{dataset.root}: --labeled {k} but only {len(candidates)} labelled "
-                          f"training cases are available ({', '.join(candidates)})")
-    order = np.random.default_rng(split_seed).permutation(len(candidates))
-    return {"labeled": sorted(candidates[i] for i in order[:k]), "candidates": candidates,
-            "test": test}
 
 
 def model_labels(dataset_labels: dict[str, int], label_map: str | None
@@ -339,24 +312,3 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
         bar.close()
         logger.close()
     return run_dir
-
-
-def load_finetuned(run_or_file: str | Path, device: torch.device | str = "cpu"):
-    """A fine-tuned model ready for inference, with its metadata.
-
-    Returns (model in eval mode, meta) where meta has "preprocess" (PreprocessConfig),
-    "labels" (name -> id) and "flexible_unet" (constructor kwargs).
-    """
-    path = resolve_checkpoint(run_or_file, "fine-tuning run")
-    state = load_checkpoint(path, map_location=device)
-    if state.get("kind") != "finetune":
-        raise ConfigError(f"{path}: not a fine-tuned model (kind={state.get('kind')})")
-    from monai.networks.nets import FlexibleUNet
-
-    model = FlexibleUNet(**state["flexible_unet"])
-    model.load_state_dict(state["model"])
-    model.to(device).eval()
-    meta = {"preprocess": from_dict(PreprocessConfig, state["preprocess"]),
-            "labels": state["labels"], "flexible_unet": state["flexible_unet"],
-            "model_config": from_dict(ModelConfig, state["model_config"])}
-    return model, meta

@@ -83,15 +83,17 @@ def plan_and_preprocess(data: Path, work: Path, dataset_id: int) -> Path:
 
 def train(work: Path, dataset_id: int, data: Path, train_ids: list[str], weights: Path | None,
           iterations: int, iterations_per_epoch: int, seed: int, out: Path,
-          device: str = "cpu") -> Path:
+          device: str = "cpu", batch_size: int | None = None) -> Path:
     """Train nnU-Net (2d, fold 0 = ``train_ids``) into ``out``; returns the trainer's folder
-    (holding ``checkpoint_final.pth``). An existing final checkpoint is kept."""
+    (holding ``checkpoint_final.pth``). An existing final checkpoint is kept.
+    batch_size: None = the plans' batch size."""
     folder = out / dataset_folder_name(dataset_id, data) / TRAINER_FOLDER / "fold_0"
     if (folder / "checkpoint_final.pth").is_file():
         return folder
     spec = {"dataset": dataset_folder_name(dataset_id, data), "train": sorted(train_ids),
             "weights": str(weights) if weights else None, "iterations": iterations,
-            "iterations_per_epoch": iterations_per_epoch, "seed": seed, "device": device}
+            "iterations_per_epoch": iterations_per_epoch, "seed": seed, "device": device,
+            "batch_size": batch_size}
     out.mkdir(parents=True, exist_ok=True)
     (out / "nnunet_train.json").write_text(json.dumps(spec, indent=2))
     _child(["train", str(out / "nnunet_train.json")], nnunet_env(work, out, device), "training",
@@ -144,6 +146,8 @@ def _train(spec_path: str) -> None:
     pre = Path(nnUNet_preprocessed) / spec["dataset"]
     plans = load_json(str(pre / "nnUNetPlans.json"))
     plans["continue_training"] = False  # as nnunetv2's run_training sets it
+    if spec.get("batch_size"):
+        plans["configurations"]["2d"]["batch_size"] = int(spec["batch_size"])
     trainer = nnUNetTrainer(plans, "2d", 0, load_json(str(pre / "dataset.json")),
                             device=torch.device(spec["device"]))
     # nnU-Net's own trainer class (its folder and checkpoints stay loadable by nnU-Net), with

@@ -24,7 +24,7 @@ from monai.losses import DiceCELoss
 from monai.networks.nets.flexible_unet import SegmentationHead
 from torch import Tensor, nn
 
-from lrcseg.config import PretrainConfig
+from lrcseg.config import PRETRAIN_METHODS, PretrainConfig
 from lrcseg.errors import ConfigError
 from lrcseg.losses.byol import BYOL, DEFAULT_BASE_MOMENTUM, DEFAULT_PREDICTOR_HIDDEN
 from lrcseg.losses.moco import MoCoQueue, MoCoV2, default_queue_size
@@ -228,4 +228,4 @@ def build_global_objective(cfg: PretrainConfig, online: PretrainNetwork, num_sli
             raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
         return SupervisedObjective(online.full_resolution_channels, num_classes)
     raise ConfigError(f"pre-training method {cfg.method!r} is not implemented "
-                      "(available: moco, simclr, byol, none, supervised)")
+                      f"(available: {', '.join(PRETRAIN_METHODS)})")

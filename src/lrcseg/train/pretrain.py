@@ -30,11 +30,12 @@ from tqdm import tqdm
 from lrcseg.augment import PairedViewAugment
 from lrcseg.config import DistributedConfig, PretrainConfig, save_config, to_dict
 from lrcseg.data.cache import SliceCache
-from lrcseg.data.layouts import load_dataset
 from lrcseg.data.slices import PretrainSlices
-from lrcseg.errors import ConfigError, DataError, LrcsegError, warn_data
+from lrcseg.data.splits import pretraining_cases, supervised_cases
+from lrcseg.errors import ConfigError, DataError, TrainingDiverged, warn_data
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
+from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.superpixels.cache import RegionCache
 from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
@@ -46,8 +47,6 @@ from lrcseg.train.common import (
     make_loader,
     make_optimizer,
     prepare_run_dir,
-    resolve_device,
-    seed_everything,
     set_lr,
     step_generator,
     warmup_cosine,
@@ -71,62 +70,12 @@ from lrcseg.train.runlog import RunLogger, write_run_card
 SHARED_STREAM = 2**31 - 1
 
 
-class TrainingDiverged(LrcsegError):
-    """A non-finite loss: training stops, the last good checkpoint stays as it was."""
-
-
 @dataclass
 class PretrainData:
     dataset: PretrainSlices
     sources: list[dict[str, Any]]
     num_classes: int | None = None  # label ids of the --labels dataset (supervised)
     mixed_pool: bool = False  # supervised + LRC with unlabelled slices from --data too
-
-
-def pretraining_cases(paths: list[str]) -> tuple[list, list[dict[str, Any]]]:
-    """Cases for the pre-training pool from each data path.
-
-    A dataset with a "pretrain" list in ``splits.json`` contributes those cases; otherwise all
-    of its training cases (imagesTr / "training" / every volume of an unlabelled folder).
-    Evaluation cases (imagesTs, splits "test"/"val") never enter the pool.
-    """
-    cases, sources = [], []
-    for path in paths:
-        ds = load_dataset(path)
-        held_out = ds.held_out_ids()
-        chosen = [c for c in ds.cases if c.id not in held_out]
-        if ds.splits and "pretrain" in ds.splits:
-            wanted = set(ds.splits["pretrain"])
-            chosen = [c for c in chosen if c.id in wanted]
-        cases.extend(chosen)
-        sources.append({"path": str(Path(path).resolve()), "layout": ds.layout,
-                        "cases": [c.id for c in chosen]})
-    if not cases:
-        raise ConfigError(f"no pre-training cases found in {paths}")
-    return cases, sources
-
-
-def supervised_cases(path: str) -> tuple[list, list[dict[str, Any]], int]:
-    """Labelled source cases for supervised pre-training, and the number of label ids.
-
-    The dataset must name its labels (nnU-Net dataset.json or datalist). Its labelled training
-    cases are used ("train" split only if it has ``splits.json``; test cases never).
-    Returns (cases, sources, K) with K = largest label id + 1.
-    """
-    ds = load_dataset(path)
-    if not ds.labels:
-        raise ConfigError(f"{path}: --labels needs a dataset with label names "
-                          "(nnU-Net dataset.json or datalist)")
-    held_out = ds.held_out_ids()
-    chosen = [c for c in ds.cases if c.label is not None and c.id not in held_out]
-    if ds.splits and "train" in ds.splits:
-        wanted = set(ds.splits["train"])
-        chosen = [c for c in chosen if c.id in wanted]
-    if not chosen:
-        raise ConfigError(f"{path}: no labelled training cases for supervised pre-training")
-    sources = [{"path": str(Path(path).resolve()), "layout": ds.layout,
-                "cases": [c.id for c in chosen], "labels": ds.labels}]
-    return chosen, sources, max(ds.labels.values()) + 1
 
 
 def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainData:
