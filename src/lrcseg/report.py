@@ -527,12 +527,20 @@ the number of paired runs, not of cases. Claim a difference only where both view
     wall = _duration(float(timings.get("total_seconds", 0.0)))
     hd95_text = ("\nHD95 over every scored organ and case of the finished cells:\n\n"
                  + hd95_markdown(hd95) + "\n") if hd95 else ""
+    if getattr(cfg, "finetune_with", "lrcseg") == "nnunet":
+        network = ("nnU-Net's 2d plans network (its patch, spacing and CTNormalization; "
+                   "pre-training views of the patch's shorter side), fine-tuned by nnU-Net's "
+                   f"trainer: {cfg.finetune_steps} iterations, batch "
+                   f"{cfg.nnunet_batch_size or 'of the plans'}")
+    else:
+        network = (f"backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm "
+                   "in-plane spacing")
     text = f"""# Experiment report
 
 {finished} of {expected} cells finished ({len(inits)} initialisations × K ∈ {ks} ×
 {len(cfg.draws)} draws × {len(cfg.seeds)} seeds), evaluated on the `{cfg.eval_split}` split.
 Every fine-tune: {cfg.finetune_steps} steps; every pre-training: {cfg.pretrain_steps} steps;
-backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm in-plane spacing.
+{network}.
 
 **Configurations tried before this one: {cfg.configurations_tried}.**
 
