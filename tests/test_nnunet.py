@@ -240,8 +240,13 @@ def test_experiment_fine_tunes_with_nnunet(tmp_path):
         assert not list(cell.rglob("checkpoint_*.pth"))  # keep_checkpoints: false
         results[init] = metrics
     assert results["scratch"]["labelled_cases"] == results["moco_lrc"]["labelled_cases"]
-    assert (out / "runs" / "finetune" / "moco_lrc" / "K1_d0_s0" / "init_nnunet.pth").is_file()
-    assert not (out / "runs" / "finetune" / "scratch" / "K1_d0_s0" / "init_nnunet.pth").exists()
+    # MoCo+LRC started from its export (whose weights are released with the cell's), scratch not
+    lrc_cell, scratch_cell = (out / "runs" / "finetune" / i / "K1_d0_s0" for i in ("moco_lrc", "scratch"))
+    assert json.loads((lrc_cell / "init_nnunet.json").read_text())["format"] == "lrcseg-nnunet-v1"
+    assert "Loading pretrained weights" in (lrc_cell / "nnunet" / "nnunet_train.log").read_text()
+    assert not (lrc_cell / "init_nnunet.pth").exists()
+    assert not (scratch_cell / "init_nnunet.json").exists()
+    assert "Loading pretrained weights" not in (scratch_cell / "nnunet" / "nnunet_train.log").read_text()
     pt_cfg = load_config(PretrainConfig, out / "runs" / "pretrain" / "moco_lrc_s0" / "config.yaml")
     assert pt_cfg.model.nnunet.arch_kwargs["conv_op"].endswith("Conv2d")
     assert (out / "results.csv").read_text().count("\n") == 1 + 2 * len(test_ids)  # per case

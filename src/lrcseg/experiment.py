@@ -638,9 +638,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
                 write_metrics(_finetune_with_nnunet(cfg, cell, data, out_dir, ft_dir, device),
                               metrics_path)
                 trained["finetune"] += 1
-                if not cfg.keep_checkpoints:
-                    for weights in ft_dir.rglob("checkpoint_*.pth"):
-                        weights.unlink()
+                if not cfg.keep_checkpoints:  # nnU-Net's checkpoints and the exported init
+                    for weights in [*ft_dir.rglob("checkpoint_*.pth"), ft_dir / "init_nnunet.pth"]:
+                        weights.unlink(missing_ok=True)
                 return True
             trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", progress)
             for step in ft_cfg.snapshots:  # learning-curve points first: metrics.json = done

@@ -147,8 +147,7 @@ def export_nnunet(network: PretrainNetwork, model_cfg: ModelConfig, preprocess: 
         raise ConfigError(f"{out_path}: the weights file must not end in .json (the metadata goes there)")
     arch = model_cfg.nnunet
     target = network_from_plans(plans, arch.configuration) if plans else arch
-    weights = {k: v.detach().cpu().contiguous().clone()
-               for k, v in network.backbone_state_dict().items()}
+    weights = _backbone_weights(network)
     check_loads_into(weights, target, "the pre-training run")
     meta = {
         "format": NNUNET_EXPORT_FORMAT,

@@ -159,17 +159,6 @@ class NnUNetInput:
         return x[:, self.channel:self.channel + 1] * self.scale + self.offset
 
 
-def nnunet_preprocess_windows(arch: NnUNetNetworkConfig, soft_tissue: tuple[float, float]
-                              ) -> list[tuple[float, float]]:
-    """The cache's windows for an nnU-Net network: [soft tissue (superpixels), CT clip range]."""
-    return [tuple(soft_tissue), tuple(arch.clip_hu)]
-
-
-def nnunet_state_dict(network: nn.Module) -> dict[str, Tensor]:
-    """``network``'s weights as nnU-Net's loader reads them: plain keys, CPU tensors."""
-    return {k: v.detach().cpu().contiguous().clone() for k, v in network.state_dict().items()}
-
-
 def check_loads_into(weights: dict[str, Tensor], arch: NnUNetNetworkConfig, source: str) -> None:
     """What nnU-Net's ``load_pretrained_weights`` asserts: every key of the plans' network but
     the segmentation layers is present with the same shape. ConfigError otherwise."""
@@ -191,8 +180,8 @@ def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int 
                 ) -> PretrainConfig:
     """``cfg`` with the plans' network, in-plane spacing, patch and intensity normalization.
 
-    The cache gets two windows (``nnunet_preprocess_windows``): the soft-tissue window
-    (superpixels, augmentation statistics) and the CT clip range (the network's input); views
+    The cache gets two windows: the soft-tissue window ``preprocess.window_hu`` (superpixels,
+    augmentation statistics) and the CT clip range (the network's input, ``NnUNetInput``); views
     are square crops of the patch's shorter side rounded down to a multiple of 32 (lrcseg's
     view sizes are), or of ``image_size``.
     """
@@ -208,7 +197,7 @@ def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int 
                           "reads FlexibleUNet features); drop it")
     preprocess = dataclasses.replace(
         cfg.preprocess, spacing_mm=(sy + sx) / 2,
-        extra_windows_hu=nnunet_preprocess_windows(arch, cfg.preprocess.window_hu)[1:])
+        extra_windows_hu=[arch.clip_hu])
     return dataclasses.replace(
         cfg, preprocess=preprocess,
         augment=dataclasses.replace(cfg.augment, image_size=image_size or max(32, min(arch.patch_size) // 32 * 32)),

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg.errors import ConfigError
+from lrcseg.io_utils import atomic_write_json
 
 TRAINER_FOLDER = "nnUNetTrainer__nnUNetPlans__2d"
 
@@ -95,7 +96,7 @@ def train(work: Path, dataset_id: int, data: Path, train_ids: list[str], weights
             "iterations_per_epoch": iterations_per_epoch, "seed": seed, "device": device,
             "batch_size": batch_size}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "nnunet_train.json").write_text(json.dumps(spec, indent=2))
+    atomic_write_json(out / "nnunet_train.json", spec)
     _child(["train", str(out / "nnunet_train.json")], nnunet_env(work, out, device), "training",
            out / "nnunet_train.log")
     return folder
@@ -108,7 +109,7 @@ def predict(work: Path, model_folder: Path, images: dict[str, str], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     spec = {"model": str(model_folder.parent), "images": images, "out": str(out),
             "device": device, "mirroring": mirroring}
-    (out / "nnunet_predict.json").write_text(json.dumps(spec, indent=2))
+    atomic_write_json(out / "nnunet_predict.json", spec)
     _child(["predict", str(out / "nnunet_predict.json")], nnunet_env(work, device=device),
            "prediction", out / "nnunet_predict.log")
     return {case: out / f"{case}.nii.gz" for case in images}
