@@ -35,7 +35,6 @@ from lrcseg.config import (
     SuperpixelConfig,
 )
 from lrcseg.data.layouts import load_dataset
-from lrcseg.data.phantoms import write_phantom_dataset
 from lrcseg.io_utils import atomic_write_json
 from lrcseg.losses.lrc import (
     downsample_regions,
@@ -44,6 +43,7 @@ from lrcseg.losses.lrc import (
     region_majority,
     sample_regions,
 )
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train.pretrain import _labels_in_views, build_pretrain_data
 
 #: an organ counts as present in a view if it covers at least this many pixels of it

@@ -1,7 +1,7 @@
 """Benchmark: how much freshly generated phantoms behave like real abdominal CT (issue 3).
 
 For each requested configuration, writes a phantom dataset (``--cases`` cases, ``--seed``) and
-runs :func:`lrcseg.data.realism.realism_report` on it: best single intensity interval per
+runs :func:`lrcseg.phantoms.realism.realism_report` on it: best single intensity interval per
 organ fit on the first case (Dice fit / applied to the others) and skimage Felzenszwalb quality
 (regions per slice, ASA, boundary recall) at scale 100 and 200, printed beside the real-CT
 figures and targets. Configurations (``--presets``):
@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lrcseg.data.phantoms import PRESETS, default_shape, write_phantom_dataset
-from lrcseg.data.realism import format_realism_table, realism_report
 from lrcseg.io_utils import atomic_write_json
+from lrcseg.phantoms.generate import PRESETS, default_shape, write_phantom_dataset
+from lrcseg.phantoms.realism import format_realism_table, realism_report
 
 CONFIGS: dict[str, dict] = {
     "default": {"spacing_mm": PRESETS["default"]["spacing_mm"], "shape": PRESETS["default"]["shape"],

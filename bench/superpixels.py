@@ -1,7 +1,7 @@
 """Benchmark: our numba Felzenszwalb vs skimage's, per core, at 256^2 and 512^2.
 
 Slices: the real chest CT (``/work/shared/data/chest_ct_dicom`` or --ct) preprocessed to 256^2
-and 512^2 canvases, and slices of synthetic abdominal phantoms (lrcseg.data.phantoms).
+and 512^2 canvases, and slices of synthetic abdominal phantoms (lrcseg.phantoms.generate).
 Per size and source: median ms per slice for each implementation (one process, one thread),
 speed ratio, adjusted Rand index on body pixels (min/median) and exact-match share; then the
 region-cache build rate over all cores on the real CT at the default settings.
@@ -22,14 +22,14 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from lrcseg.config import PreprocessConfig, SuperpixelConfig
-from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import Case
-from lrcseg.data.phantoms import TISSUES, generate_phantom
 from lrcseg.data.preprocess import preprocess_volume
 from lrcseg.data.readers import read_image
+from lrcseg.data.slice_cache import SliceCache
 from lrcseg.io_utils import atomic_write_json
-from lrcseg.superpixels.cache import RegionCache
+from lrcseg.phantoms.generate import TISSUES, generate_phantom
 from lrcseg.superpixels.felzenszwalb import adjusted_rand_index, felzenszwalb_fast
+from lrcseg.superpixels.region_cache import RegionCache
 from lrcseg.superpixels.regions import min_size_pixels
 
 DEFAULT_CT = Path("/work/shared/data/chest_ct_dicom")
@@ -45,7 +45,7 @@ def real_slices(ct: Path, size: int) -> tuple[list[np.ndarray], list[np.ndarray]
 
 
 def phantom_slices(size: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray], float]:
-    """Axial slices of synthetic abdominal phantoms (:func:`lrcseg.data.phantoms.generate_phantom`)
+    """Axial slices of synthetic abdominal phantoms (:func:`lrcseg.phantoms.generate.generate_phantom`)
     on a size^2 canvas at 1.5 mm * 512 / size, 8 slices 20 mm apart per phantom (dome down),
     windowed -175..250 HU and float16-quantised like the slice cache."""
     spacing = 1.5 * 512 / size

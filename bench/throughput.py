@@ -575,7 +575,7 @@ def run_e2e(setting: Setting, e2e: E2E, device: torch.device, workdir: Path,
     The rate is B x (steps between the first and last logged row after warm-up) / (their
     logger-time difference), i.e. it includes data loading, augmentation and logging.
     """
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
     from lrcseg.train.pretrain import pretrain
     from lrcseg.train.runlog import read_metrics
 

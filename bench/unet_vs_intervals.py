@@ -6,10 +6,10 @@ spleen, both evaluated on other phantom cases.
    cases and the rest "test" (no pre-training pool).
 2. Intervals: per organ, the single HU interval ``[lo, hi]`` (5 HU grid, window -175..250)
    maximising the Dice of ``body & lo <= HU <= hi`` on the 2 train cases pooled
-   (:func:`lrcseg.data.realism.interval_dice_table`), applied to each test case; on slices
+   (:func:`lrcseg.phantoms.realism.interval_dice_table`), applied to each test case; on slices
    preprocessed like the network's input (``--spacing`` mm in-plane, body mask).
 3. U-Net: ResNet-18 FlexibleUNet from scratch, ``lrcseg.train.finetune.finetune`` with
-   labeled=2, evaluated with ``lrcseg.evaluation_run.evaluate_model`` on the test split
+   labeled=2, evaluated with ``lrcseg.evaluate.run.evaluate_model`` on the test split
    (prediction mapped back to the original grid).
 Prints a table (mean Dice over the test cases) and writes JSON.
 
@@ -27,9 +27,9 @@ import numpy as np
 
 from lrcseg.config import FinetuneConfig, ModelConfig, OptimConfig, PreprocessConfig, RunConfig
 from lrcseg.data.layouts import load_dataset
-from lrcseg.data.phantoms import LABELS, PRESETS, write_phantom_dataset
-from lrcseg.data.realism import HU_STEP, WINDOW_HU, _hu_bins, _load_case, interval_dice_table
 from lrcseg.io_utils import atomic_write_json
+from lrcseg.phantoms.generate import LABELS, PRESETS, write_phantom_dataset
+from lrcseg.phantoms.realism import HU_STEP, WINDOW_HU, _hu_bins, _load_case, interval_dice_table
 
 ORGANS = ("liver", "spleen")
 MARGIN = 0.15
@@ -99,7 +99,7 @@ def main() -> None:
     edges = np.arange(*WINDOW_HU, HU_STEP)
     interval_hu = {n: [float(edges[i]), float(edges[j] + HU_STEP)] for n, (i, j) in intervals.items()}
 
-    from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.evaluate.run import evaluate_model
     from lrcseg.runtime import resolve_device
     from lrcseg.train.finetune import finetune
 

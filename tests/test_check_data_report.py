@@ -31,7 +31,7 @@ def test_nifti_source_orientation_and_labelled_training_cases(tmp_path):
     case = check_data(tmp_path / "lpi.nii.gz")["cases"][0]
     assert (case["source_orientation"], case["orientation"]) == ("LPI", "RAS")
     assert case["split"] == "unlabelled"
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
 
     data = write_phantom_dataset(tmp_path / "ph", cases=2, seed=0, spacing_mm=(8.0, 8.0, 16.0),
                                  montage=False, pretrain_fraction=0.0, train_fraction=0.5)

@@ -47,7 +47,7 @@ def test_user_errors_are_one_line_with_exit_1(tmp_path, capsys):
 
 
 def test_finetune_unknown_init_is_refused(tmp_path, capsys):
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
 
     data = tmp_path / "d"
     write_phantom_dataset(data, cases=2, seed=0, spacing_mm=(6.0, 6.0, 12.0), montage=False,
@@ -141,7 +141,7 @@ def test_help_defaults_are_the_config_defaults(capsys):
 
 
 def test_probe_help_quotes_the_probe_defaults(capsys):
-    from lrcseg.probe import DEFAULT_LEVELS, DEFAULT_PIXELS
+    from lrcseg.evaluate.probe import DEFAULT_LEVELS, DEFAULT_PIXELS
 
     with pytest.raises(SystemExit):
         main(["probe", "--help"])
@@ -226,7 +226,7 @@ def test_training_without_out_is_refused_in_one_line(capsys):
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_once(tmp_path, capsys):
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
 
     data = tmp_path / "d"
     write_phantom_dataset(data, cases=2, seed=0, spacing_mm=(6.0, 6.0, 12.0), montage=False,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lrcseg.cli import main
-from lrcseg.data.phantoms import write_phantom_dataset
+from lrcseg.phantoms.generate import write_phantom_dataset
 
 SHAPE = (100, 75, 6)  # 400 x 300 x 75 mm: dome down through the upper abdomen
 SPACING = (4.0, 4.0, 15.0)

@@ -124,7 +124,7 @@ def test_gathered_queue_holds_every_ranks_keys(two_ranks):
 
 @pytest.mark.slow
 def test_torchrun_two_cpu_processes_complete_and_resume(tmp_path):
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
 
     data = write_phantom_dataset(tmp_path / "ph", cases=3, seed=0, spacing_mm=(4.0, 4.0, 8.0),
                                  montage=False)

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from lrcseg.evaluate import (
+from lrcseg.evaluate.metrics import (
     SegmentationMetrics,
     case_metrics,
     hd95_cap_mm,

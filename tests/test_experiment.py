@@ -11,7 +11,7 @@ import pytest
 
 from lrcseg.config import load_config
 from lrcseg.errors import ConfigError
-from lrcseg.experiment import (
+from lrcseg.experiment.runner import (
     Cell,
     ExperimentConfig,
     cells,
@@ -177,8 +177,8 @@ def test_time_budget_stops_before_new_cells(tmp_path, monkeypatch):
 
 def _fake_training(monkeypatch, calls: list[str]):
     """Replace training and evaluation by stand-ins that record the cells and write metrics."""
-    import lrcseg.evaluate as evaluate_module
-    import lrcseg.evaluation_run as evaluation_module
+    import lrcseg.evaluate.metrics as evaluate_module
+    import lrcseg.evaluate.run as evaluation_module
     import lrcseg.train.finetune as finetune_module
     import lrcseg.train.pretrain as pretrain_module
 
@@ -210,7 +210,7 @@ def _fake_training(monkeypatch, calls: list[str]):
         score = 0.2 + 0.05 * ("lrc" in str(model))
         return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
 
-    import lrcseg.probe as probe_module
+    import lrcseg.evaluate.probe as probe_module
 
     monkeypatch.setattr(probe_module, "evaluate_probe", probe)
     monkeypatch.setattr(pretrain_module, "pretrain", pretrain)
@@ -228,7 +228,7 @@ def _hold(path: Path, until, then=None):
     (at most 60 s), then run ``then`` and release. Returns the thread once the lock is held."""
     import threading
 
-    from lrcseg.experiment import _lock
+    from lrcseg.experiment.runner import _lock
 
     taken = threading.Event()
 

@@ -8,12 +8,12 @@ from scipy import ndimage
 from skimage.segmentation import felzenszwalb
 
 from lrcseg.config import PreprocessConfig
-from lrcseg.data.phantoms import TISSUES, generate_phantom
+from lrcseg.phantoms.generate import TISSUES, generate_phantom
 from lrcseg.superpixels.felzenszwalb import adjusted_rand_index, felzenszwalb_fast
 
 
 def phantom_like_slice(seed: int, size: int = 96) -> tuple[np.ndarray, np.ndarray]:
-    """An axial slice of a real phantom (:func:`lrcseg.data.phantoms.generate_phantom`) in the
+    """An axial slice of a real phantom (:func:`lrcseg.phantoms.generate.generate_phantom`) in the
     soft-tissue window -175..250 HU, float16-quantised as in the slice cache.
 
     The phantom is drawn on a (size, size, 4) grid of 400 / size mm pixels and 30 mm slices

@@ -12,14 +12,14 @@ import torch
 
 from lrcseg.cli import main
 from lrcseg.config import FinetuneConfig, ModelConfig, OptimConfig, PreprocessConfig, RunConfig
-from lrcseg.data.phantoms import write_phantom_dataset
 from lrcseg.data.readers import read_image
 from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError
-from lrcseg.evaluation_run import evaluate_model
-from lrcseg.inference import predict_labels
+from lrcseg.evaluate.predict import predict_labels
+from lrcseg.evaluate.run import evaluate_model
 from lrcseg.models.load import load_finetuned
 from lrcseg.models.unet import build_unet
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train.finetune import finetune, has_laterality
 
 SPACING = 4.0
@@ -70,7 +70,7 @@ def test_finetuning_beats_an_untrained_model(workspace, trained):
     untrained = build_unet(meta["model_config"], 1, len(meta["labels"])).eval()
     from lrcseg.data.layouts import load_dataset
     from lrcseg.data.readers import read_label
-    from lrcseg.evaluate import SegmentationMetrics
+    from lrcseg.evaluate.metrics import SegmentationMetrics
 
     ds = load_dataset(workspace["data"])
     metrics = SegmentationMetrics({n: i for n, i in meta["labels"].items() if i})

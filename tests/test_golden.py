@@ -21,7 +21,7 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
-from lrcseg.data.phantoms import write_phantom_dataset
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
 from lrcseg.train.finetune import finetune
 from lrcseg.train.pretrain import pretrain

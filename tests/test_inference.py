@@ -15,7 +15,7 @@ from torch import nn
 from lrcseg.config import PreprocessConfig
 from lrcseg.data.preprocess import preprocess_volume
 from lrcseg.data.readers import Volume, read_image, read_label
-from lrcseg.inference import pad_amounts, predict_labels, predict_volume, write_prediction
+from lrcseg.evaluate.predict import pad_amounts, predict_labels, predict_volume, write_prediction
 
 GAIN = 10.0
 

@@ -8,10 +8,10 @@ import pytest
 from scipy import ndimage
 
 from lrcseg.config import PreprocessConfig, SuperpixelConfig
-from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import load_dataset
 from lrcseg.data.readers import write_nifti
-from lrcseg.superpixels.cache import RegionCache
+from lrcseg.data.slice_cache import SliceCache
+from lrcseg.superpixels.region_cache import RegionCache
 
 SOFT, LUNG = (-175.0, 250.0), (-1350.0, 150.0)
 

@@ -22,10 +22,10 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # 
 
 from lrcseg.cli import main  # noqa: E402
 from lrcseg.config import ModelConfig  # noqa: E402
-from lrcseg.data.phantoms import write_phantom_dataset  # noqa: E402
 from lrcseg.errors import ConfigError, DataError  # noqa: E402
 from lrcseg.models.nnunet import network_from_plans  # noqa: E402
 from lrcseg.models.pretrain_net import PretrainNetwork  # noqa: E402
+from lrcseg.phantoms.generate import write_phantom_dataset  # noqa: E402
 
 DATASET_ID = 987
 
@@ -204,7 +204,7 @@ def test_experiment_fine_tunes_with_nnunet(tmp_path):
     plans' network, both fine-tuned by nnU-Net's trainer on the same labelled case, scored by
     lrcseg's evaluation on the test split."""
     from lrcseg.config import PretrainConfig, load_config
-    from lrcseg.experiment import ExperimentConfig, run_experiment
+    from lrcseg.experiment.runner import ExperimentConfig, run_experiment
 
     config = tmp_path / "exp.yaml"
     config.write_text(textwrap.dedent("""
@@ -253,7 +253,7 @@ def test_experiment_fine_tunes_with_nnunet(tmp_path):
 
 
 def test_experiment_refuses_probe_with_nnunet():
-    from lrcseg.experiment import ExperimentConfig
+    from lrcseg.experiment.runner import ExperimentConfig
 
     with pytest.raises(ConfigError, match="probe: false"):
         ExperimentConfig(phantoms={"cases": 5}, finetune_with="nnunet", probe=True)

@@ -9,16 +9,16 @@ import pytest
 from scipy import ndimage
 
 from lrcseg.cli import main
-from lrcseg.data.phantoms import (
+from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.splits import make_splits
+from lrcseg.phantoms.generate import (
     LABELS,
     TISSUES,
     generate_phantom,
     phantom_affine,
     write_phantom_dataset,
 )
-from lrcseg.data.readers import read_image, read_label
-from lrcseg.data.realism import interval_dice_table, realism_report
-from lrcseg.data.splits import make_splits
+from lrcseg.phantoms.realism import interval_dice_table, realism_report
 
 SHAPE = (100, 75, 16)
 SPACING = (4.0, 4.0, 12.5)

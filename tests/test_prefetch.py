@@ -18,7 +18,7 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
-from lrcseg.data.phantoms import write_phantom_dataset
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train import pretrain as pretrain_module
 from lrcseg.train.common import ResumableSampler
 from lrcseg.train.prefetch import DevicePrefetcher, batch_to_device

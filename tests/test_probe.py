@@ -14,11 +14,9 @@ import torch.nn.functional as F
 
 from lrcseg.cli import main
 from lrcseg.config import FinetuneConfig, ModelConfig, OptimConfig, PreprocessConfig, RunConfig
-from lrcseg.data.phantoms import write_phantom_dataset
 from lrcseg.errors import ConfigError
-from lrcseg.inference import pad_amounts
-from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
-from lrcseg.probe import (
+from lrcseg.evaluate.predict import pad_amounts
+from lrcseg.evaluate.probe import (
     DenseFeatures,
     OnlineProbe,
     ProbeModel,
@@ -28,6 +26,8 @@ from lrcseg.probe import (
     load_probe_network,
     parse_levels,
 )
+from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train.finetune import finetune
 
 SPACING = 4.0

@@ -8,10 +8,10 @@ import numpy as np
 from scipy import ndimage
 
 from lrcseg.config import PreprocessConfig, SuperpixelConfig
-from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import Case
 from lrcseg.data.readers import write_nifti
-from lrcseg.superpixels.cache import RegionCache
+from lrcseg.data.slice_cache import SliceCache
+from lrcseg.superpixels.region_cache import RegionCache
 from lrcseg.superpixels.regions import compute_regions
 
 AFFINE = np.diag([1.5, 1.5, 3.0, 1.0])

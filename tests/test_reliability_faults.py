@@ -242,7 +242,7 @@ def test_torn_last_metrics_line_is_skipped_and_dropped_on_resume(tmp_path):
 
 @pytest.mark.slow
 def test_disk_full_at_the_first_checkpoint_leaves_a_folder_a_rerun_reuses(tmp_path, capsys):
-    from lrcseg.data.phantoms import write_phantom_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
 
     data = write_phantom_dataset(tmp_path / "ph", cases=2, seed=0, spacing_mm=(6.0, 6.0, 12.0),
                                  montage=False)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from lrcseg.report import (
+from lrcseg.experiment.report import (
     bootstrap_mean_ci,
     comparisons,
     comparisons_markdown,
@@ -120,7 +120,7 @@ def test_read_results_csv_types_and_missing(tmp_path):
 
 
 def test_pooled_hd95_counts_caps_and_takes_the_median_over_cells():
-    from lrcseg.report import hd95_markdown, pooled_hd95
+    from lrcseg.experiment.report import hd95_markdown, pooled_hd95
 
     def result(liver, spleen, missed):
         return {"organs": ["liver", "spleen"],

@@ -19,7 +19,7 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
-from lrcseg.data.phantoms import write_phantom_dataset
+from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train import runlog
 from lrcseg.train.checkpoint import load_checkpoint
 from lrcseg.train.pretrain import pretrain

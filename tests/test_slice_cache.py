@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import lrcseg.data.cache as cache_mod
+import lrcseg.data.slice_cache as cache_mod
 from lrcseg.config import PreprocessConfig
-from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import Case
 from lrcseg.data.preprocess import preprocess_volume
 from lrcseg.data.readers import read_image, read_label, write_nifti
+from lrcseg.data.slice_cache import SliceCache
 
 AFFINE = np.diag([0.75, 0.75, 2.0, 1.0])
 

@@ -398,7 +398,7 @@ class RunConfig:
 
 @dataclass
 class OnlineProbeConfig:
-    """A frozen-feature linear probe run during pre-training (``lrcseg.probe.OnlineProbe``).
+    """A frozen-feature linear probe run during pre-training (``lrcseg.evaluate.probe.OnlineProbe``).
 
     dataset: a labelled dataset (None = off); every: probe every N steps (and at the end);
     labeled, split_seed: the K cases the probe is fitted on (as fine-tuning draws them);

@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.demo import run_demo
+    from lrcseg.experiment.demo import run_demo
 
     run_demo(args.out, fast=args.fast, device=args.device or "auto", progress=not args.no_progress)
     return 0

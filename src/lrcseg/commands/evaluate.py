@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.evaluate import markdown_table, write_metrics
-    from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.evaluate.metrics import markdown_table, write_metrics
+    from lrcseg.evaluate.run import evaluate_model
     from lrcseg.runtime import resolve_device
 
     out = Path(args.out)

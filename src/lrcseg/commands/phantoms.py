@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrcseg.data.phantoms import PRESETS, default_shape, write_phantom_dataset
 from lrcseg.errors import ConfigError, DataError
+from lrcseg.phantoms.generate import PRESETS, default_shape, write_phantom_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(str(exc)) from exc
         print(f"wrote {args.out} (dataset.json, splits.json, montage.png)")
     if args.report:
-        from lrcseg.data.realism import format_realism_table, realism_report
+        from lrcseg.phantoms.realism import format_realism_table, realism_report
 
         if not (args.out / "dataset.json").is_file():
             raise DataError(args.out, "no dataset.json: not a dataset folder")

@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from lrcseg.data.layouts import load_dataset
     from lrcseg.data.readers import read_image
     from lrcseg.errors import DataError
-    from lrcseg.inference import predict_labels, write_prediction
+    from lrcseg.evaluate.predict import predict_labels, write_prediction
     from lrcseg.io_utils import atomic_write_json
     from lrcseg.models.load import load_finetuned
     from lrcseg.runtime import resolve_device

@@ -47,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.evaluate import markdown_table, write_metrics
-    from lrcseg.probe import DEFAULT_LEVELS, DEFAULT_PIXELS, evaluate_probe, parse_levels
+    from lrcseg.evaluate.metrics import markdown_table, write_metrics
+    from lrcseg.evaluate.probe import DEFAULT_LEVELS, DEFAULT_PIXELS, evaluate_probe, parse_levels
     from lrcseg.runtime import resolve_device
 
     out = Path(args.out)

@@ -21,8 +21,8 @@ from lrcseg.config import PreprocessConfig, SuperpixelConfig, to_dict
 # The caches, metrics and figures import torch, numba and matplotlib: they are imported in
 # the functions that use them, so ``lrcseg --help`` stays fast.
 if TYPE_CHECKING:
-    from lrcseg.data.cache import SliceCache
-    from lrcseg.superpixels.cache import RegionCache
+    from lrcseg.data.slice_cache import SliceCache
+    from lrcseg.superpixels.region_cache import RegionCache
 
 #: slices per case (evenly spaced among slices with a body) used for quality metrics
 QUALITY_SLICES_PER_CASE = 12
@@ -55,10 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lrcseg.data.cache import SliceCache
     from lrcseg.data.layouts import load_dataset
+    from lrcseg.data.slice_cache import SliceCache
     from lrcseg.io_utils import atomic_write_json
-    from lrcseg.superpixels.cache import RegionCache
+    from lrcseg.superpixels.region_cache import RegionCache
 
     sp_cfg = SuperpixelConfig(method=args.method, scale=args.scale, sigma=args.sigma,
                               min_size_mm2=args.min_size_mm2, implementation=args.implementation,

@@ -32,13 +32,13 @@ from lrcseg.config import (
     save_config,
     to_dict,
 )
-from lrcseg.data.cache import SliceCache
 from lrcseg.data.layouts import (
     check_label_values,
     label_lookup,
     load_dataset,
     load_label_map,
 )
+from lrcseg.data.slice_cache import SliceCache
 from lrcseg.data.slices import LabelledSlices
 from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError, TrainingDiverged, warn_data

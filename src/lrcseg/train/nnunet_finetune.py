@@ -217,7 +217,7 @@ def score(dataset: Any, predictions: dict[str, Path], labels: dict[str, int]) ->
     """lrcseg's per-case, per-organ Dice / HD95 of nnU-Net's predicted label files (read into
     RAS+ like the references, on the original grid)."""
     from lrcseg.data.readers import read_image, read_label
-    from lrcseg.evaluate import SegmentationMetrics
+    from lrcseg.evaluate.metrics import SegmentationMetrics
 
     by_id = {c.id: c for c in dataset.all_cases}
     metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})

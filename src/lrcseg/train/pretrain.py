@@ -29,14 +29,14 @@ from tqdm import tqdm
 
 from lrcseg.augment import PairedViewAugment
 from lrcseg.config import DistributedConfig, PretrainConfig, save_config, to_dict
-from lrcseg.data.cache import SliceCache
+from lrcseg.data.slice_cache import SliceCache
 from lrcseg.data.slices import PretrainSlices
 from lrcseg.data.splits import pretraining_cases, supervised_cases
 from lrcseg.errors import ConfigError, DataError, TrainingDiverged, warn_data
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
-from lrcseg.superpixels.cache import RegionCache
+from lrcseg.superpixels.region_cache import RegionCache
 from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
     GracefulInterrupt,
@@ -221,7 +221,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     if ctx.is_main:  # rank 0 builds the caches, the others then read them
         data = build_pretrain_data(cfg, progress=progress)
         if cfg.probe.dataset:
-            from lrcseg.probe import OnlineProbe
+            from lrcseg.evaluate.probe import OnlineProbe
 
             probe = OnlineProbe(cfg.probe.dataset, cfg.preprocess, labeled=cfg.probe.labeled,
                                 split_seed=cfg.probe.split_seed, max_cases=cfg.probe.max_cases,

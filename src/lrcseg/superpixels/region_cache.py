@@ -21,8 +21,8 @@ import numpy as np
 from tqdm import tqdm
 
 from lrcseg.config import SuperpixelConfig
-from lrcseg.data.cache import CachedVolume, SliceCache
 from lrcseg.data.layouts import Case
+from lrcseg.data.slice_cache import CachedVolume, SliceCache
 from lrcseg.io_utils import atomic_path
 from lrcseg.superpixels.regions import compute_regions
 

@@ -16,8 +16,8 @@ from lrcseg.data.layouts import apply_label_map, load_dataset, load_label_map
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.splits import split_cases
 from lrcseg.errors import ConfigError
-from lrcseg.evaluate import SegmentationMetrics
-from lrcseg.inference import predict_labels
+from lrcseg.evaluate.metrics import SegmentationMetrics
+from lrcseg.evaluate.predict import predict_labels
 from lrcseg.models.load import load_finetuned
 
 

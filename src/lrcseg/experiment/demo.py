@@ -88,9 +88,9 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
              progress: bool = True) -> dict[str, Any]:
     """Run every stage; returns {"results": {init: metrics}, "report": path, "seconds": s}."""
     from lrcseg.data.check import check_data
-    from lrcseg.data.phantoms import write_phantom_dataset
-    from lrcseg.evaluate import write_metrics
-    from lrcseg.evaluation_run import evaluate_model
+    from lrcseg.evaluate.metrics import write_metrics
+    from lrcseg.evaluate.run import evaluate_model
+    from lrcseg.phantoms.generate import write_phantom_dataset
     from lrcseg.runtime import resolve_device
     from lrcseg.train.checkpoint import find_checkpoint
     from lrcseg.train.finetune import finetune
@@ -171,8 +171,8 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
 
 def hd95_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: HD95 per organ (rows) for each initialisation (columns) as
-    "mean / median (capped c of n)" in mm (``lrcseg.report.hd95_summary``)."""
-    from lrcseg.report import hd95_summary
+    "mean / median (capped c of n)" in mm (``lrcseg.experiment.report.hd95_summary``)."""
+    from lrcseg.experiment.report import hd95_summary
 
     inits = list(results)
     summaries = {init: hd95_summary(results[init]) for init in inits}
@@ -192,9 +192,9 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
     """Superpixel boundaries on a few pre-training slices (radiological orientation)."""
     import numpy as np
 
-    from lrcseg.data.cache import SliceCache
+    from lrcseg.data.slice_cache import SliceCache
     from lrcseg.data.splits import pretraining_cases
-    from lrcseg.superpixels.cache import RegionCache
+    from lrcseg.superpixels.region_cache import RegionCache
     from lrcseg.viz import montage
 
     cases, _ = pretraining_cases(cfg.data)
@@ -216,7 +216,7 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
 
 def _report(table: str, hd95: str, size: DemoSize, seconds: float, fast: bool,
             timings: dict[str, Any]) -> str:
-    from lrcseg.report import HD95_CONVENTION
+    from lrcseg.experiment.report import HD95_CONVENTION
 
     runs = len(timings["invocations"])
     run_time = (f"{seconds:.0f} s" if runs == 1 else

@@ -50,15 +50,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrcseg.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from lrcseg.data.cache import CachedVolume, SliceCache
 from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset
 from lrcseg.data.preprocess import stack_context
 from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.slice_cache import CachedVolume, SliceCache
 from lrcseg.data.splits import choose_labelled, split_cases
 from lrcseg.errors import ConfigError
-from lrcseg.evaluate import SegmentationMetrics
-from lrcseg.evaluation_run import check_label_names
-from lrcseg.inference import pad_amounts, predict_labels
+from lrcseg.evaluate.metrics import SegmentationMetrics
+from lrcseg.evaluate.predict import pad_amounts, predict_labels
+from lrcseg.evaluate.run import check_label_names
 from lrcseg.models.export import load_exported
 from lrcseg.models.load import load_finetuned
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
@@ -219,7 +219,7 @@ def choose_pixels(labels: Sequence[np.ndarray], num_classes: int, budget: int,
 def _padded_slices(volume: CachedVolume, zs: Sequence[int], context_slices: int,
                    batch_size: int) -> Iterator[tuple[list[int], Tensor, tuple[int, int]]]:
     """Batches ``(zs, x, (top, left))`` of whole slices, x (B, C, H_p, W_p) float32 padded with
-    zeros to multiples of 32 as ``lrcseg.inference`` pads them."""
+    zeros to multiples of 32 as ``lrcseg.evaluate.predict`` pads them."""
     _, _, h, w = volume.image.shape
     (top, bottom), (left, right) = pad_amounts(h), pad_amounts(w)
     for start in range(0, len(zs), batch_size):

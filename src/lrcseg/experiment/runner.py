@@ -2,7 +2,7 @@
 
     phantoms (optional) -> for each (initialisation, seed), one self-contained block:
         one pre-training run (shared by every K and draw)
-        -> with ``probe``: a frozen-feature linear probe per (K, draw) (``lrcseg.probe``)
+        -> with ``probe``: a frozen-feature linear probe per (K, draw) (``lrcseg.evaluate.probe``)
         -> for each cell (initialisation, K, draw, seed): fine-tune on the K cases drawn by
            ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget ->
            evaluate on the test split (and, for the ``learning_curve`` initialisations, the
@@ -168,7 +168,7 @@ class ExperimentConfig:
     bootstrap_resamples, bootstrap_seed: the paired bootstrap of the report.
     pretrain_overrides: nested keys applied to every pre-training config (e.g. superpixels,
         augmentation, LRC sampling), before each initialisation's own ``overrides``.
-    probe: also run the frozen-feature linear probe (``lrcseg.probe.evaluate_probe``) of
+    probe: also run the frozen-feature linear probe (``lrcseg.evaluate.probe.evaluate_probe``) of
         every (initialisation, seed) at each (K, draw), scored on ``eval_split``;
         probe_pixels is its pixel budget. Scratch is probed as a random network per seed.
     finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
@@ -564,9 +564,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     max_seconds: start no new cell after this much time (the running one finishes), so a
     long matrix can be run in chunks (e.g. one per working session); rerun to continue.
     """
-    from lrcseg.evaluate import write_metrics
-    from lrcseg.evaluation_run import evaluate_model
-    from lrcseg.probe import evaluate_probe
+    from lrcseg.evaluate.metrics import write_metrics
+    from lrcseg.evaluate.probe import evaluate_probe
+    from lrcseg.evaluate.run import evaluate_model
     from lrcseg.runtime import resolve_device
     from lrcseg.train.finetune import finetune, snapshot_name
     from lrcseg.train.pretrain import pretrain
@@ -577,7 +577,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     whole = _register(cfg, out_dir)
     data = dataset_path(cfg, out_dir)
     if cfg.phantoms is not None:
-        from lrcseg.data.phantoms import write_phantom_dataset
+        from lrcseg.phantoms.generate import write_phantom_dataset
 
         with _lock(out_dir / "locks" / "phantoms.lock", wait=True):
             if not (data / "dataset.json").is_file():
@@ -729,7 +729,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
 
     seconds = time.time() - t0
     timings = _record_time(out_dir, seconds, trained)
-    from lrcseg.report import write_report
+    from lrcseg.experiment.report import write_report
 
     # One writer at a time, reading the finished cells inside the lock, so a report never
     # replaces a newer one with older numbers; it covers every initialisation of the folder.
@@ -848,7 +848,7 @@ def hd95_rows(cfg: ExperimentConfig, out_dir: Path) -> list[dict[str, Any]]:
     fine-tuning cells (``report.hd95_markdown`` rows)."""
     import json
 
-    from lrcseg.report import pooled_hd95
+    from lrcseg.experiment.report import pooled_hd95
 
     rows = []
     for spec in cfg.initialisations:
@@ -907,7 +907,7 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
     from lrcseg.data.layouts import apply_label_map, load_dataset
     from lrcseg.data.readers import read_image, read_label
     from lrcseg.data.splits import split_cases
-    from lrcseg.inference import predict_labels
+    from lrcseg.evaluate.predict import predict_labels
     from lrcseg.models.load import load_finetuned
 
     k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
