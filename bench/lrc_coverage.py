@@ -44,7 +44,7 @@ from lrcseg.losses.lrc import (
     sample_regions,
 )
 from lrcseg.phantoms.generate import write_phantom_dataset
-from lrcseg.train.pretrain import _labels_in_views, build_pretrain_data
+from lrcseg.train.pretrain_data import build_pretrain_data
 
 #: an organ counts as present in a view if it covers at least this many pixels of it
 MIN_ORGAN_PIXELS = 32
@@ -97,7 +97,7 @@ def measure(setting: Setting, dataset, organ_names: dict[int, str], image_size: 
         organs = torch.stack([it["organs"] for it in items]).long()
         g = torch.Generator().manual_seed(1000 + b)
         view1, regions1, _, regions2 = augment(images, regions, g)
-        labels1, _ = _labels_in_views(augment, organs, torch.Generator().manual_seed(1000 + b))
+        labels1, _ = augment.labels_in_views(organs, torch.Generator().manual_seed(1000 + b))
         size = (image_size // setting.stride,) * 2
         r1, r2 = downsample_regions(regions1, size), downsample_regions(regions2, size)
         bins = intensity_bins(view1[:, 0], regions1, num_ids, 8)

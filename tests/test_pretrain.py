@@ -27,7 +27,8 @@ from lrcseg.losses.lrc import LRCLoss
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train import pretrain as pretrain_module
 from lrcseg.train.checkpoint import load_checkpoint
-from lrcseg.train.pretrain import build_pretrain_data, pretrain
+from lrcseg.train.pretrain import pretrain
+from lrcseg.train.pretrain_data import build_pretrain_data
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -125,33 +125,35 @@ class PairedViewAugment:
     def affine(self, boxes: Tensor, height: int, width: int, generator: torch.Generator) -> Tensor:
         """(B, 2, 3) float32 ``affine_grid`` matrices: output [-1, 1]^2 -> input normalised coords.
 
-        With half-sizes a = w*W/2, b = h*H/2 pixels, flip s = +-1 and rotation R(phi):
-        linear part diag(2/W, 2/H) @ R(phi) @ diag(s*a, b), translation (2*cx - 1, 2*cy - 1),
-        so the rotation is a true rotation in pixel space even on a non-square canvas.
+        Half-sizes a = w*W/2, b = h*H/2 pixels, flip s = +-1, rotation phi, centre (cx, cy):
+        ``affine_theta`` with (s*a, b) and translation (2*cx - 1, 2*cy - 1), so the rotation is
+        a true rotation in pixel space even on a non-square canvas.
         """
         n = boxes.shape[0]
         u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
         phi = math.radians(self.cfg.rotation_deg) * (2 * u[:, 0] - 1)
         flip = torch.where((u[:, 1] < 0.5) & self.cfg.hflip, -1.0, 1.0).to(torch.float64)
-        a = boxes[:, 2] * width / 2 * flip
-        b = boxes[:, 3] * height / 2
-        cos, sin = torch.cos(phi), torch.sin(phi)
-        theta = torch.stack([
-            torch.stack([2 / width * cos * a, -2 / width * sin * b, 2 * boxes[:, 0] - 1], dim=1),
-            torch.stack([2 / height * sin * a, 2 / height * cos * b, 2 * boxes[:, 1] - 1], dim=1),
-        ], dim=1)
+        half_w = boxes[:, 2] * width / 2 * flip
+        half_h = boxes[:, 3] * height / 2
+        theta = affine_theta(torch.cos(phi), torch.sin(phi), half_w, half_h,
+                             2 * boxes[:, 0] - 1, 2 * boxes[:, 1] - 1, width, height)
         return theta.to(torch.float32)
 
     def _warp(self, images: Tensor, regions: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-        b, c = images.shape[:2]
-        s = self.cfg.image_size
-        grid = F.affine_grid(theta, [b, c, s, s], align_corners=False)
-        view = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
-        # float32 holds region ids exactly up to 2**24
-        ids = F.grid_sample(regions[:, None].to(torch.float32), grid, mode="nearest",
-                            padding_mode="zeros", align_corners=False)
-        return view, ids[:, 0].round().long()
+        return warp(images, regions, theta, self.cfg.image_size)
+
+    def labels_in_views(self, organs: Tensor, replay: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Organ labels (B, H, W) carried through the same geometry as the views.
+
+        ``replay`` must be a fresh copy of the generator the views were drawn from: the
+        augmentation is replayed on a dummy image, so the label maps get exactly the views'
+        geometric transforms (nearest neighbour). Pixels outside the canvas, and unlabelled
+        slices (-1), come back as 0 (background; for LRC they lie in region 0, never sampled).
+        Returns labels1, labels2 (B, S, S) long.
+        """
+        dummy = torch.zeros(organs.shape[0], 1, *organs.shape[1:], device=organs.device)
+        _, labels1, _, labels2 = self(dummy, organs.clamp(min=0), replay)
+        return labels1, labels2
 
     # ------------------------------------------------------------------ intensity
     def _intensity(self, view: Tensor, generator: torch.Generator) -> Tensor:
@@ -182,6 +184,57 @@ class PairedViewAugment:
             noise = torch.randn(x.shape, generator=device_gen, device=device, dtype=torch.float32)
             x = x + noise * per_sample(cfg.noise_std * u[:, 5])
         return x.to(view.dtype)
+
+
+def affine_theta(cos: Tensor, sin: Tensor, half_w: Tensor, half_h: Tensor, shift_x: Tensor,
+                 shift_y: Tensor, width: float, height: float) -> Tensor:
+    """The one affine builder of pre-training views and fine-tuning crops: (B, 2, 3) matrices
+    for ``affine_grid`` (output [-1, 1]^2 -> input normalised coordinates).
+
+    theta = [[2/W cos hw, -2/W sin hh, tx], [2/H sin hw, 2/H cos hh, ty]], i.e. the output
+    square scaled by (hw, hh) (half-sizes in the units of W, H; a negative hw flips left-right),
+    rotated by phi (cos, sin), mapped to normalised input coordinates and translated by
+    (tx, ty). All arguments (B,) tensors of one dtype except W, H (the input's extent in the
+    same units as hw, hh: pixels, or 2 for half-sizes already in normalised units).
+    """
+    return torch.stack([
+        torch.stack([2 / width * cos * half_w, -2 / width * sin * half_h, shift_x], dim=1),
+        torch.stack([2 / height * sin * half_w, 2 / height * cos * half_h, shift_y], dim=1),
+    ], dim=1)
+
+
+def warp(images: Tensor, maps: Tensor, theta: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """Resample images (B, C, H, W) bilinearly and integer maps (B, H, W) (regions, labels) by
+    nearest neighbour on a size x size output grid of ``theta`` (B, 2, 3) float32; outside the
+    input: 0. Returns (B, C, size, size) in the images' dtype and (B, size, size) long."""
+    b, c = images.shape[:2]
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    view = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+    # float32 holds integer ids exactly up to 2**24
+    ids = F.grid_sample(maps[:, None].to(torch.float32), grid, mode="nearest",
+                        padding_mode="zeros", align_corners=False)
+    return view, ids[:, 0].round().long()
+
+
+def augment_labelled(images: Tensor, labels: Tensor, size: int, rotation_deg: float, hflip: bool,
+                     generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Fine-tuning's augmentation: random scale (0.8-1.25 zoom), rotation, translation and
+    optional left-right flip, then a size x size window (``affine_theta``, ``warp``).
+
+    images (B, C, S, S) float, labels (B, S, S) integer -> (B, C, size, size), (B, size, size)
+    long. Parameters are drawn from ``generator`` (a pure function of the step).
+    """
+    b, _, s, _ = images.shape
+    zoom = torch.exp(torch.empty(b).uniform_(math.log(0.8), math.log(1.25), generator=generator))
+    angle = torch.empty(b).uniform_(-rotation_deg, rotation_deg, generator=generator) * math.pi / 180
+    extent = size / s / zoom  # output window side as a fraction of the canvas
+    shift = torch.empty(b, 2).uniform_(-0.5, 0.5, generator=generator) * (1 - extent).clamp(min=0)[:, None] * 2
+    flip = (torch.rand(b, generator=generator) < 0.5) if hflip else torch.zeros(b, dtype=torch.bool)
+    sign = torch.where(flip, -1.0, 1.0)
+    theta = affine_theta(torch.cos(angle), torch.sin(angle), extent * sign, extent,
+                         shift[:, 0], shift[:, 1], 2.0, 2.0)
+    return warp(images, labels, theta.to(images.device), size)
 
 
 def _gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:

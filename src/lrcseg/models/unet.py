@@ -1,9 +1,10 @@
-"""The segmentation U-Net: MONAI ``FlexibleUNet`` (2D) with a ResNet encoder.
+"""The segmentation U-Net: MONAI ``FlexibleUNet`` with a ResNet encoder (2D unless
+``spatial_dims=3``).
 
 The same keyword arguments build the network for pre-training, fine-tuning and the exported
 weights' JSON, so the three cannot drift apart: always go through ``flexible_unet_kwargs``.
 
-Layout of a ``FlexibleUNet`` built here, for an input of shape (B, C, H, W):
+Layout of a ``FlexibleUNet`` built here, for an input of shape (B, C, H, W) (3D: (B, C, D, H, W)):
 
 - ``encoder(x)`` returns 5 feature maps at strides 2, 4, 8, 16, 32; their channels are
   ``encoder_channels(backbone)`` (the last one is the bottleneck: 512 for ResNet-10/18/34,
@@ -25,12 +26,16 @@ from lrcseg.config import ModelConfig
 SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 
 
-def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int) -> dict[str, Any]:
+def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int,
+                         spatial_dims: int = 2) -> dict[str, Any]:
     """Keyword arguments of ``FlexibleUNet`` for this model configuration (JSON-serialisable).
 
     out_channels: number of segmentation classes (background included). Pre-training drops
         the segmentation head, so any small positive number will do there.
+    spatial_dims: 2 (slices, what every lrcseg pipeline trains today) or 3 (volumes).
     """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"Illegal spatial_dims {spatial_dims}: must be 2 or 3")
     if in_channels < 1:
         raise ValueError(f"Illegal in_channels {in_channels}: must be >= 1")
     if out_channels < 1:
@@ -41,13 +46,14 @@ def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int) 
         "backbone": cfg.backbone,
         "pretrained": False,
         "decoder_channels": [int(c) for c in cfg.decoder_channels],
-        "spatial_dims": 2,
+        "spatial_dims": int(spatial_dims),
     }
 
 
-def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> FlexibleUNet:
-    """A freshly initialised 2D ``FlexibleUNet`` (no ImageNet/MedicalNet weights)."""
-    return FlexibleUNet(**flexible_unet_kwargs(cfg, in_channels, out_channels))
+def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int,
+               spatial_dims: int = 2) -> FlexibleUNet:
+    """A freshly initialised ``FlexibleUNet`` (no ImageNet/MedicalNet weights), 2D by default."""
+    return FlexibleUNet(**flexible_unet_kwargs(cfg, in_channels, out_channels, spatial_dims))
 
 
 def encoder_channels(backbone: str) -> tuple[int, ...]:

@@ -1,0 +1,123 @@
+"""The step loop both training kinds share: progress, interruption, the non-finite check, and
+the log / checkpoint cadence. What a step computes stays with its owner (``train/pretrain.py``,
+``train/finetune.py``); this module only decides *when* things happen:
+
+    while step < steps:
+        Ctrl-C requested?  -> check finite, checkpoint at this step boundary, KeyboardInterrupt
+        loss, samples = step_fn(step); step += 1
+        log step or checkpoint step?  -> one host sync: raise TrainingDiverged on NaN/inf
+        log step?                      -> log_fn(step, slices per second)
+        after_step(step)               (e.g. learning-curve snapshots)
+        checkpoint step / stop_at?     -> save(step)  (and leave at stop_at)
+    save(steps, final=True)
+
+Every step's randomness comes from the step number (``train.common.step_generator``), so a
+checkpoint at any step boundary resumes exactly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from lrcseg.errors import TrainingDiverged
+from lrcseg.train.common import GracefulInterrupt
+
+#: step_fn(step) -> (loss of the step as a scalar tensor, slices it consumed over all ranks)
+StepFn = Callable[[int], tuple[Tensor, int]]
+#: log_fn(step, slices_per_s) -> the loss shown beside the progress bar
+LogFn = Callable[[int, float], float]
+
+
+def _all_true(flag: bool, device: torch.device) -> bool:
+    return flag
+
+
+class TrainingLoop:
+    """Runs ``step_fn`` from ``start`` to ``steps`` with the cadence described above.
+
+    save(step, final): write the checkpoint of the state after ``step`` steps.
+    log_every, checkpoint_every: cadences in steps (the last step always logs and saves).
+    also_log(step): extra log steps (e.g. online-probe steps), after the step is counted.
+    stop_at: leave with a checkpoint once this step is reached, as an interruption would.
+    all_true(flag, device): agree on a flag across ranks (identity in a single process).
+    """
+
+    def __init__(self, run_dir: Path, steps: int, start: int, save: Callable[[int, bool], None],
+                 *, log_every: int, checkpoint_every: int, device: torch.device,
+                 stop_at: int | None = None, also_log: Callable[[int], bool] | None = None,
+                 desc: str = "train", progress: bool = True,
+                 all_true: Callable[[bool, torch.device], bool] = _all_true):
+        if steps < 1 or not 0 <= start <= steps:
+            raise ValueError(f"need 0 <= start ({start}) <= steps ({steps}), steps >= 1")
+        if log_every < 1 or checkpoint_every < 1:
+            raise ValueError(f"cadences must be >= 1 (log_every {log_every}, "
+                             f"checkpoint_every {checkpoint_every})")
+        self.run_dir, self.steps, self.step, self.save = run_dir, steps, start, save
+        self.log_every, self.checkpoint_every = log_every, checkpoint_every
+        self.stop_at, self.also_log, self.all_true = stop_at, also_log, all_true
+        self.desc, self.progress = desc, progress
+        self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self._checked = start
+
+    def check_finite(self) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync, not per step)."""
+        if not self.all_true(not bool(self._nonfinite), self._nonfinite.device):
+            raise TrainingDiverged(
+                f"non-finite loss between steps {self._checked} and {self.step}; the last good "
+                f"checkpoint in {self.run_dir} is untouched. Lower --lr or check the data.")
+        self._checked = self.step
+
+    def _logging(self, step: int) -> bool:
+        return (step % self.log_every == 0 or step == self.steps
+                or (self.also_log is not None and self.also_log(step)))
+
+    def _stopping(self, step: int) -> bool:
+        return self.stop_at is not None and self.stop_at <= step < self.steps
+
+    def run(self, step_fn: StepFn, log_fn: LogFn,
+            after_step: Callable[[int], None] | None = None) -> bool:
+        """Train until the budget (final checkpoint; True) or ``stop_at`` (False)."""
+        bar = tqdm(total=self.steps, initial=self.step, desc=self.desc,
+                   disable=not self.progress, dynamic_ncols=True)
+        interrupt = GracefulInterrupt()
+        t_last, samples = time.perf_counter(), 0
+        try:
+            with interrupt:
+                while self.step < self.steps:
+                    if interrupt.requested:
+                        self.check_finite()
+                        self.save(self.step, False)
+                        bar.write(f"interrupted: checkpoint at step {self.step} saved; "
+                                  "continue with --resume")
+                        raise KeyboardInterrupt
+                    loss, n = step_fn(self.step)
+                    self._nonfinite |= ~torch.isfinite(loss.detach())
+                    self.step += 1
+                    step, samples = self.step, samples + n
+                    bar.update(1)
+                    saving = (step % self.checkpoint_every == 0 or step == self.steps
+                              or self._stopping(step))
+                    logging = self._logging(step)
+                    if logging or saving:
+                        self.check_finite()
+                    if logging:
+                        shown = log_fn(step, samples / max(time.perf_counter() - t_last, 1e-9))
+                        bar.set_postfix(loss=f"{shown:.3f}")
+                        t_last, samples = time.perf_counter(), 0
+                    if after_step is not None:
+                        after_step(step)
+                    if step % self.checkpoint_every == 0 and step < self.steps:
+                        self.save(step, False)
+                    if self._stopping(step):
+                        self.save(step, False)
+                        return False
+            self.save(self.step, True)
+            return True
+        finally:
+            bar.close()
