@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from lrcseg.data.readers import write_nifti
 from lrcseg.data.splits import make_splits
 from lrcseg.io_utils import atomic_dir, atomic_write_json
 
@@ -669,8 +670,6 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
     Case i is drawn from child i of ``np.random.SeedSequence(seed)``: the same whatever ``cases``.
     Raises FileExistsError if ``out_dir`` exists; nothing is left behind on failure.
     """
-    from lrcseg.data.readers import write_nifti
-
     if cases < 1:
         raise ValueError(f"Illegal number of cases {cases}: need >= 1")
     shape = default_shape(spacing_mm) if shape is None else shape
@@ -714,6 +713,7 @@ def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]
                    affine: np.ndarray) -> None:
     """Four slices per case (where the most organs are), window -175..250 HU, label overlay,
     an organ colour legend, scale bars and slice positions (mm, from ``affine``)."""
+    # viz loads matplotlib: imported here so that `lrcseg phantoms --help` stays light
     from lrcseg import viz
 
     images, labels, titles, z_mm = [], [], [], []
