@@ -2,9 +2,9 @@
 
 For each requested configuration, writes a phantom dataset (``--cases`` cases, ``--seed``) and
 runs :func:`lrcseg.phantoms.realism.realism_report` on it: best single intensity interval per
-organ fit on the first case (Dice fit / applied to the others) and skimage Felzenszwalb quality
-(regions per slice, ASA, boundary recall) at scale 100 and 200, printed beside the real-CT
-figures and targets. Configurations (``--presets``):
+organ fit on the first case (Dice fit / applied to the others) and Felzenszwalb quality
+(``compute_regions``, skimage implementation: regions per slice, ASA, boundary recall) at scale
+100 and 200, printed beside the real-CT figures and targets. Configurations (``--presets``):
     default  0.8 x 0.8 x 2.5 mm phantoms, slices at 1.5 mm (the real-CT protocol)
     small    2 x 2 x 5 mm phantoms, slices at 1.5 mm
     demo     3 x 3 x 6 mm phantoms, slices at 3 mm (the demo's PreprocessConfig(spacing_mm=3.0))

@@ -11,6 +11,7 @@ from scipy import ndimage
 from lrcseg.cli import main
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.splits import make_splits
+from lrcseg.errors import DataError
 from lrcseg.phantoms.generate import (
     LABELS,
     TISSUES,
@@ -161,3 +162,16 @@ def test_cli_writes_small_dataset(tmp_path, capsys):
     assert rc == 0 and (out / "labelsTr" / "phantom_000.nii.gz").is_file()
     assert main(["phantoms", "--out", str(out), "--cases", "1"]) == 1  # exists: refused
     assert "already exists" in capsys.readouterr().err
+
+
+def test_realism_report_needs_two_labelled_cases(dataset, tmp_path):
+    # cases come from load_dataset: without labelsTr the images are unlabelled, none can be fit
+    unlabelled = tmp_path / "Dataset901_NoLabels"
+    (unlabelled / "imagesTr").mkdir(parents=True)
+    for f in sorted((dataset / "imagesTr").iterdir())[:2]:
+        (unlabelled / "imagesTr" / f.name).symlink_to(f)
+    (unlabelled / "dataset.json").write_text((dataset / "dataset.json").read_text())
+    with pytest.raises(DataError, match="need at least 2 labelled training cases"):
+        realism_report(unlabelled, max_cases=2)
+    with pytest.raises(ValueError, match="max_cases"):
+        realism_report(dataset, max_cases=1)

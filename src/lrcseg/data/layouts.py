@@ -137,40 +137,50 @@ def _nnunet_split(root: Path, images: str, labels: str, ending: str,
                   channels: set[str]) -> list[Case]:
     """Cases of one nnU-Net split; channels: the declared channel numbers ("0", "1", ...)."""
     image_dir, label_dir = root / images, root / labels
-    suffix = "_0000" + ending
-    cases = []
-    if image_dir.is_dir():
-        for f in sorted(image_dir.iterdir()):
-            if f.name.startswith(".") or not is_nifti(f.name):
-                continue
-            match = _CHANNEL_FILE.match(f.name)
-            if match is None:
-                warn_data(f, f"ignored: not named <case>_0000{ending} (nnU-Net image naming)")
-                continue
-            cid, channel = match["case"], match["channel"]
-            if match["ending"] != ending:
-                _warn_other_ending(f, image_dir / f"{cid}_{channel}{ending}", ending, cid)
-            elif channel != "0000":
-                if (channel.lstrip("0") or "0") not in channels:
-                    warn_data(f, f"ignored: channel {int(channel)} is not declared in dataset.json "
-                                 "channel_names (only channel 0, the CT, is used)", case=cid)
-            else:
-                label = label_dir / (cid + ending) if label_dir.is_dir() else None
-                if label is not None and not label.is_file():
-                    raise DataError(label, f"missing label file for image {f}")
-                cases.append(Case(cid, f, label))
+    cases = _nnunet_images(image_dir, label_dir, ending, channels) if image_dir.is_dir() else []
     if label_dir.is_dir():
-        known = {c.id for c in cases}
-        for f in sorted(label_dir.iterdir()):
-            if f.name.startswith(".") or not is_nifti(f.name):
-                continue
-            if not f.name.endswith(ending):
-                cid = _strip_nifti(f.name)
-                _warn_other_ending(f, label_dir / (cid + ending), ending, cid)
-            elif f.name[: -len(ending)] not in known:
-                raise DataError(image_dir / (f.name[: -len(ending)] + suffix),
-                                f"missing image file for label {f}")
+        _check_nnunet_labels(image_dir, label_dir, ending, {c.id for c in cases})
     return cases
+
+
+def _nnunet_images(image_dir: Path, label_dir: Path, ending: str, channels: set[str]) -> list[Case]:
+    """A case per ``<case>_0000<ending>`` of ``image_dir`` (with its label if ``label_dir``
+    exists); other NIfTI files are warned about and ignored."""
+    cases = []
+    for f in sorted(image_dir.iterdir()):
+        if f.name.startswith(".") or not is_nifti(f.name):
+            continue
+        match = _CHANNEL_FILE.match(f.name)
+        if match is None:
+            warn_data(f, f"ignored: not named <case>_0000{ending} (nnU-Net image naming)")
+            continue
+        cid, channel = match["case"], match["channel"]
+        if match["ending"] != ending:
+            _warn_other_ending(f, image_dir / f"{cid}_{channel}{ending}", ending, cid)
+        elif channel != "0000":
+            if (channel.lstrip("0") or "0") not in channels:
+                warn_data(f, f"ignored: channel {int(channel)} is not declared in dataset.json "
+                             "channel_names (only channel 0, the CT, is used)", case=cid)
+        else:
+            label = label_dir / (cid + ending) if label_dir.is_dir() else None
+            if label is not None and not label.is_file():
+                raise DataError(label, f"missing label file for image {f}")
+            cases.append(Case(cid, f, label))
+    return cases
+
+
+def _check_nnunet_labels(image_dir: Path, label_dir: Path, ending: str, known: set[str]) -> None:
+    """Every label file of ``label_dir`` needs an image among ``known`` case ids (DataError);
+    label files with another ending are warned about and ignored."""
+    for f in sorted(label_dir.iterdir()):
+        if f.name.startswith(".") or not is_nifti(f.name):
+            continue
+        if not f.name.endswith(ending):
+            cid = _strip_nifti(f.name)
+            _warn_other_ending(f, label_dir / (cid + ending), ending, cid)
+        elif f.name[: -len(ending)] not in known:
+            raise DataError(image_dir / (f.name[: -len(ending)] + "_0000" + ending),
+                            f"missing image file for label {f}")
 
 
 def _warn_other_ending(ignored: Path, used: Path, ending: str, case: str) -> None:

@@ -322,6 +322,32 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     are skipped with a warning naming them; a folder without a CT series is refused.
     """
     folder = Path(folder)
+    headers = _ct_series(folder, _read_headers(folder))
+    _check_single_frame_slices(headers)
+    headers, positions, normal = _sort_along_normal(folder, headers)
+    no_rescale = [f for f, ds in headers
+                  if "RescaleSlope" not in ds or "RescaleIntercept" not in ds]
+    array = _stack_slices(folder, headers)
+    affine = _LPS_TO_RAS @ _affine_lps(headers, positions, normal)
+    img = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
+    array = np.asarray(img.dataobj, dtype=np.float32)
+    vol = Volume(array, img.affine.astype(np.float64), folder)
+    tilt = headers[0][1].get("GantryDetectorTilt", None)
+    shear_cause = "gantry tilt (slices do not step along the slice normal" + (
+        f"; GantryDetectorTilt {float(tilt):g} deg)" if tilt not in (None, "") else ")")
+    which = _files_named(no_rescale)
+    hint = (f"; {which} lack RescaleSlope/RescaleIntercept: these are raw stored values; "
+            "restore the rescale tags") if no_rescale else ""
+    _check_image(vol, shear_cause=shear_cause, hint=hint)
+    if no_rescale:
+        warn_data(folder, f"CT series without RescaleSlope/RescaleIntercept ({which}): stored "
+                          f"values taken as HU (their range {float(array.min()):g}.."
+                          f"{float(array.max()):g} looks like HU)")
+    return vol
+
+
+def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+    """``(file, header without pixels)`` of every DICOM file of ``folder``, in file-name order."""
     files = list_dicom_files(folder)
     if not files:
         raise DataError(folder, "no DICOM files in folder")
@@ -332,69 +358,75 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
         except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
             raise DataError(f, f"cannot read DICOM file ({exc})") from exc
         headers.append((f, ds))
-    headers = _ct_series(folder, headers)
+    return headers
 
+
+def _check_single_frame_slices(headers: list) -> None:
+    """Every file must be a single-frame slice with a position, an orientation and a pixel
+    spacing, all slices sharing the first one's orientation."""
     for f, ds in headers:
         for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if tag not in ds:
                 raise DataError(f, f"DICOM file lacks {tag}: cannot place it in a volume")
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
             raise DataError(f, "multi-frame DICOM is not supported; export single-frame slices")
-
-    orient = np.array([float(v) for v in headers[0][1].ImageOrientationPatient])
-    row_cos, col_cos = orient[:3], orient[3:]
+    orient = _orientation(headers[0][1])
     for f, ds in headers[1:]:
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient], orient, atol=1e-4):
+        if not np.allclose(_orientation(ds), orient, atol=1e-4):
             raise DataError(f, f"ImageOrientationPatient differs from {headers[0][0].name}: "
                                "slices of one series must share one orientation")
-    normal = np.cross(row_cos, col_cos)
+
+
+def _orientation(ds: pydicom.Dataset) -> np.ndarray:
+    """ImageOrientationPatient as (6,) float: row direction cosines, then column ones (LPS)."""
+    return np.array([float(v) for v in ds.ImageOrientationPatient])
+
+
+def _sort_along_normal(folder: Path, headers: list) -> tuple[list, np.ndarray, np.ndarray]:
+    """Headers ordered by position along the slice normal ``n = row_cos x col_cos`` (stable),
+    their ImagePositionPatient ``(Z, 3)`` in that order, and ``n`` (3,); checks the spacing."""
+    orient = _orientation(headers[0][1])
+    normal = np.cross(orient[:3], orient[3:])
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
     along = positions @ normal
     order = np.argsort(along, kind="stable")
     headers = [headers[i] for i in order]
-    positions, along = positions[order], along[order]
-    _check_slice_spacing(folder, headers, along)
-    no_rescale = [f for f, ds in headers
-                  if "RescaleSlope" not in ds or "RescaleIntercept" not in ds]
+    _check_slice_spacing(folder, headers, along[order])
+    return headers, positions[order], normal
 
-    slices = []
-    for f, _ in headers:
-        ds = pydicom.dcmread(f)
-        slices.append(_slice_hu(f, ds))
+
+def _stack_slices(folder: Path, headers: list) -> np.ndarray:
+    """The sorted slices' HU as one float32 ``(X, Y, Z)`` array, indexed (column i, row j,
+    slice k): each slice's pixel_array is (Rows, Columns), hence the transpose."""
+    slices = [_slice_hu(f, pydicom.dcmread(f)) for f, _ in headers]
     shapes = {s.shape for s in slices}
     if len(shapes) > 1:
         raise DataError(folder, f"slices of different sizes {sorted(shapes)} in one series")
-    # pixel_array is (Rows, Columns); index it as (column i, row j, slice k).
-    array = np.stack([s.T for s in slices], axis=-1)
+    return np.stack([s.T for s in slices], axis=-1)
 
-    row_spacing, col_spacing = (float(v) for v in headers[0][1].PixelSpacing)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cos * col_spacing
-    affine_lps[:3, 1] = col_cos * row_spacing
+
+def _affine_lps(headers: list, positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """The (4, 4) voxel (column, row, slice) -> LPS mm affine of the sorted series (module doc);
+    one slice steps its SliceThickness (1 mm if absent) along the normal."""
+    first = headers[0][1]
+    orient = _orientation(first)
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    affine = np.eye(4)
+    affine[:3, 0] = orient[:3] * col_spacing
+    affine[:3, 1] = orient[3:] * row_spacing
     if len(headers) > 1:
-        affine_lps[:3, 2] = (positions[-1] - positions[0]) / (len(headers) - 1)
+        affine[:3, 2] = (positions[-1] - positions[0]) / (len(headers) - 1)
     else:
-        thickness = float(headers[0][1].get("SliceThickness", 1.0) or 1.0)
-        affine_lps[:3, 2] = normal * thickness
-    affine_lps[:3, 3] = positions[0]
-    img = nib.as_closest_canonical(nib.Nifti1Image(array, _LPS_TO_RAS @ affine_lps))
-    array = np.asarray(img.dataobj, dtype=np.float32)
-    vol = Volume(array, img.affine.astype(np.float64), folder)
-    tilt = headers[0][1].get("GantryDetectorTilt", None)
-    shear_cause = "gantry tilt (slices do not step along the slice normal" + (
-        f"; GantryDetectorTilt {float(tilt):g} deg)" if tilt not in (None, "") else ")")
-    hint = ""
-    if no_rescale:
-        which = no_rescale[0].name + (f" and {len(no_rescale) - 1} more file(s)"
-                                      if len(no_rescale) > 1 else "")
-        hint = (f"; {which} lack RescaleSlope/RescaleIntercept: these are raw stored values; "
-                "restore the rescale tags")
-    _check_image(vol, shear_cause=shear_cause, hint=hint)
-    if no_rescale:
-        warn_data(folder, f"CT series without RescaleSlope/RescaleIntercept ({which}): stored "
-                          f"values taken as HU (their range {float(array.min()):g}.."
-                          f"{float(array.max()):g} looks like HU)")
-    return vol
+        affine[:3, 2] = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+    affine[:3, 3] = positions[0]
+    return affine
+
+
+def _files_named(files: list[Path]) -> str:
+    """"a.dcm" or "a.dcm and N more file(s)" ("" for none)."""
+    if not files:
+        return ""
+    return files[0].name + (f" and {len(files) - 1} more file(s)" if len(files) > 1 else "")
 
 
 def _ct_series(folder: Path, headers: list) -> list:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from lrcseg.data.readers import write_nifti
 from lrcseg.data.splits import make_splits
 from lrcseg.io_utils import atomic_dir, atomic_write_json
 
@@ -410,120 +411,170 @@ def _paint_bowel(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy
 
 
 def _paint_organs(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
-    """Labelled organs, in paint order (later cuts into earlier)."""
-    cavity, zdiaph, y_v, rv = anatomy["cavity"], anatomy["zdiaph"], anatomy["y_v"], anatomy["rv"]
+    """Labelled organs, in paint order (later cuts into earlier); each draws from ``rng`` in turn."""
+    z_liver = _paint_liver(rng, grid, canvas, anatomy)
+    _paint_stomach(rng, grid, canvas, anatomy)
+    _paint_spleen(rng, grid, canvas, anatomy)
+    _paint_pancreas(rng, grid, canvas, anatomy)
+    _paint_kidneys(rng, grid, canvas, anatomy)
+    _paint_gallbladder(rng, grid, canvas, anatomy, z_liver)
+    _paint_great_vessels(rng, grid, canvas, anatomy)
 
-    def allowed(sl):
-        return cavity[sl] & (grid.z[:, :, sl[2]] < zdiaph[sl[0], sl[1]])
 
-    # Liver: right lobe + left lobe, vessels inside.
-    zl = rng.uniform(-72.0, -50.0)
-    right = _Blob.sample(rng, (rng.uniform(50, 70), rng.uniform(-5, 15), zl),
+def _organ_space(grid: _Grid, anatomy: dict, sl: tuple[slice, slice, slice]) -> np.ndarray:
+    """Where an organ may lie on the index box ``sl``: the abdominal cavity below the
+    diaphragm, bool of the box's shape."""
+    return anatomy["cavity"][sl] & (grid.z[:, :, sl[2]] < anatomy["zdiaph"][sl[0], sl[1]])
+
+
+def _paint_liver(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> float:
+    """Liver: right lobe + left lobe, vessels inside. Returns the right lobe's centre z (mm),
+    which the gallbladder hangs below."""
+    z_liver = rng.uniform(-72.0, -50.0)
+    right = _Blob.sample(rng, (rng.uniform(50, 70), rng.uniform(-5, 15), z_liver),
                          (rng.uniform(62, 78), rng.uniform(75, 92), rng.uniform(68, 88)),
                          rng.uniform(-15, 15), taper=rng.uniform(0.05, 0.3), amp=0.14)
-    left = _Blob.sample(rng, (rng.uniform(-35, -10), rng.uniform(35, 55), zl + rng.uniform(10, 30)),
+    left = _Blob.sample(rng, (rng.uniform(-35, -10), rng.uniform(35, 55), z_liver + rng.uniform(10, 30)),
                         (rng.uniform(45, 65), rng.uniform(24, 34), rng.uniform(35, 50)),
                         rng.uniform(-20, 20), amp=0.14)
     lo = np.minimum(right.bbox()[0], left.bbox()[0])
     hi = np.maximum(right.bbox()[1], left.bbox()[1])
     sl = grid.box(lo, hi)
-    if sl is not None:
-        liver = np.zeros(tuple(s.stop - s.start for s in sl), dtype=bool)
-        for lobe in (right, left):
-            lsl, r, _ = lobe.evaluate(grid)
-            if lsl is not None:
-                sub = tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(lsl, sl, strict=True))
-                liver[sub] |= r < 1.0
-        liver &= allowed(sl)
-        canvas.paint(sl, liver, "liver", "liver")
-        shape = liver.shape
-        v_corr = rng.uniform(22.0, 32.0)
-        f1 = _smooth_field(rng, shape, grid.spacing, v_corr)
-        f2 = _smooth_field(rng, shape, grid.spacing, v_corr)
-        width = rng.uniform(0.2, 0.3)
-        canvas.paint(sl, liver & (np.abs(f1) < width) & (np.abs(f2) < width * 2.0), "liver_vessel", "liver")
+    if sl is None:
+        return z_liver
+    liver = np.zeros(tuple(s.stop - s.start for s in sl), dtype=bool)
+    for lobe in (right, left):
+        lobe_sl, r, _ = lobe.evaluate(grid)
+        if lobe_sl is not None:
+            sub = tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(lobe_sl, sl, strict=True))
+            liver[sub] |= r < 1.0
+    liver &= _organ_space(grid, anatomy, sl)
+    canvas.paint(sl, liver, "liver", "liver")
+    _paint_liver_vessels(rng, grid, canvas, sl, liver)
+    return z_liver
 
-    # Stomach: left upper quadrant; wall, fluid or food, anterior air-fluid level.
+
+def _paint_liver_vessels(rng: np.random.Generator, grid: _Grid, canvas: _Canvas,
+                         sl: tuple[slice, slice, slice], liver: np.ndarray) -> None:
+    """Vessels as tubes: where two smooth random fields are both near zero, inside ``liver``
+    (bool mask on the index box ``sl``)."""
+    v_corr = rng.uniform(22.0, 32.0)
+    f1 = _smooth_field(rng, liver.shape, grid.spacing, v_corr)
+    f2 = _smooth_field(rng, liver.shape, grid.spacing, v_corr)
+    width = rng.uniform(0.2, 0.3)
+    canvas.paint(sl, liver & (np.abs(f1) < width) & (np.abs(f2) < width * 2.0), "liver_vessel", "liver")
+
+
+def _paint_stomach(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
+    """Stomach: left upper quadrant; wall, fluid or food, anterior air-fluid level."""
     stomach = _Blob.sample(rng, (rng.uniform(-68, -40), rng.uniform(12, 38), rng.uniform(-70, -40)),
                            (rng.uniform(35, 52), rng.uniform(28, 42), rng.uniform(45, 65)),
                            rng.uniform(-30, 30), amp=0.12)
     sl, r, _ = stomach.evaluate(grid)
-    if sl is not None:
-        inside = (r < 1.0) & allowed(sl)
-        wall_frac = rng.uniform(4.0, 7.0) / float(stomach.semi.mean())
-        canvas.paint(sl, inside, "stomach_wall", "stomach")
-        lumen = inside & (r < 1.0 - wall_frac)
-        food = rng.random() < 0.4
-        canvas.paint(sl, lumen, "stomach_food" if food else "stomach_fluid", "stomach")
-        if rng.random() < 0.8:
-            level = stomach.centre[1] + stomach.semi[1] * rng.uniform(0.0, 0.8)
-            canvas.paint(sl, lumen & (grid.coords(sl)[1] > level), "air", "stomach")
+    if sl is None:
+        return
+    inside = (r < 1.0) & _organ_space(grid, anatomy, sl)
+    wall_frac = rng.uniform(4.0, 7.0) / float(stomach.semi.mean())
+    canvas.paint(sl, inside, "stomach_wall", "stomach")
+    lumen = inside & (r < 1.0 - wall_frac)
+    food = rng.random() < 0.4
+    canvas.paint(sl, lumen, "stomach_food" if food else "stomach_fluid", "stomach")
+    if rng.random() < 0.8:
+        level = stomach.centre[1] + stomach.semi[1] * rng.uniform(0.0, 0.8)
+        canvas.paint(sl, lumen & (grid.coords(sl)[1] > level), "air", "stomach")
 
-    # Spleen: posterior-lateral left, crescent from a hilar notch.
+
+def _paint_spleen(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
+    """Spleen: posterior-lateral left, crescent from a hilar notch."""
     spleen = _Blob.sample(rng, (rng.uniform(-112, -88), rng.uniform(-50, -25), rng.uniform(-78, -45)),
                           (rng.uniform(18, 28), rng.uniform(42, 58), rng.uniform(42, 58)),
                           rng.uniform(-55, -30), amp=0.12)
     sl, r, q = spleen.evaluate(grid)
-    if sl is not None:
-        notch = (q[0] - 1.1) ** 2 / 0.5 + q[1] ** 2 / 0.25 + q[2] ** 2 / 0.5 < 1.0
-        canvas.paint(sl, (r < 1.0) & ~notch & allowed(sl), "spleen", "spleen")
+    if sl is None:
+        return
+    notch = (q[0] - 1.1) ** 2 / 0.5 + q[1] ** 2 / 0.25 + q[2] ** 2 / 0.5 < 1.0
+    canvas.paint(sl, (r < 1.0) & ~notch & _organ_space(grid, anatomy, sl), "spleen", "spleen")
 
-    # Pancreas: a lobulated tube from the head (right of midline) to the tail at the spleen.
+
+def _paint_pancreas(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
+    """Pancreas: a lobulated tube from the head (right of midline) to the tail at the spleen,
+    arching over the aorta."""
+    y_v, rv = anatomy["y_v"], anatomy["rv"]
     x_head, x_tail = rng.uniform(15, 35), rng.uniform(-100, -80)
     z_p = rng.uniform(-118.0, -95.0)
     y_front = y_v + rv + rng.uniform(32.0, 42.0)
     sl = grid.box((x_tail - 15, y_v - 40, z_p - 40), (x_head + 15, y_front + 50, z_p + 40))
-    if sl is not None:
-        x, y, z = grid.coords(sl)
-        t = (x_head - x) / (x_head - x_tail)  # 0 head .. 1 tail, (X,1,1)
-        yc_p = y_front + rng.uniform(5, 15) * np.sin(np.pi * np.clip(t, 0, 1)) - rng.uniform(25, 45) * t**2
-        zc_p = z_p + rng.uniform(5, 20) * t
-        half_y = 14.0 - 6.0 * t
-        half_z = 12.0 - 3.0 * t + 12.0 * np.clip(1.0 - t / 0.2, 0.0, 1.0)
-        lobes = 0.18 * np.sin(2 * np.pi * x / rng.uniform(12, 18) + rng.uniform(0, 6.3)) \
-            * np.cos(2 * np.pi * z / rng.uniform(10, 16))
-        pancreas = (((y - yc_p) / half_y) ** 2 + ((z - zc_p) / half_z) ** 2 < 1.0 + lobes) \
-            & (t >= -0.1) & (t <= 1.0)
-        canvas.paint(sl, pancreas & allowed(sl), "pancreas", "pancreas")
+    if sl is None:
+        return
+    x, y, z = grid.coords(sl)
+    t = (x_head - x) / (x_head - x_tail)  # 0 head .. 1 tail, (X,1,1)
+    yc_p = y_front + rng.uniform(5, 15) * np.sin(np.pi * np.clip(t, 0, 1)) - rng.uniform(25, 45) * t**2
+    zc_p = z_p + rng.uniform(5, 20) * t
+    half_y = 14.0 - 6.0 * t
+    half_z = 12.0 - 3.0 * t + 12.0 * np.clip(1.0 - t / 0.2, 0.0, 1.0)
+    lobes = 0.18 * np.sin(2 * np.pi * x / rng.uniform(12, 18) + rng.uniform(0, 6.3)) \
+        * np.cos(2 * np.pi * z / rng.uniform(10, 16))
+    pancreas = (((y - yc_p) / half_y) ** 2 + ((z - zc_p) / half_z) ** 2 < 1.0 + lobes) \
+        & (t >= -0.1) & (t <= 1.0)
+    canvas.paint(sl, pancreas & _organ_space(grid, anatomy, sl), "pancreas", "pancreas")
 
-    # Kidneys: either side of the spine, left higher; cortex, medulla, medial hilum.
+
+def _paint_kidneys(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
+    """Kidneys either side of the spine, the left one higher (both heights drawn first)."""
     z_right = rng.uniform(-130.0, -105.0)
-    for side, name, zk in ((1.0, "kidney_right", z_right), (-1.0, "kidney_left", z_right + rng.uniform(5, 20))):
-        kidney = _Blob.sample(rng, (side * rng.uniform(rv + 48, rv + 62), y_v + rng.uniform(-5, 8), zk),
-                              (rng.uniform(24, 30), rng.uniform(21, 27), rng.uniform(48, 60)),
-                              -side * rng.uniform(15, 35), tilt_deg=10.0, amp=0.06)
-        sl, r, q = kidney.evaluate(grid)
-        if sl is None:
-            continue
-        inside = (r < 1.0) & allowed(sl)
-        # the hilum faces antero-medially: local -side*u after the yaw of -side*(15..35) deg
-        medial = -side * q[0]
-        sinus = (medial > 0.3) & (np.abs(q[2]) < 0.45) & (np.abs(q[1]) < 0.45)
-        canvas.paint(sl, inside, "kidney_cortex", name)
-        canvas.paint(sl, inside & (r < rng.uniform(0.62, 0.72)), "kidney_medulla", name)
-        canvas.paint(sl, inside & sinus, "fat")
+    z_left = z_right + rng.uniform(5, 20)
+    _paint_kidney(rng, grid, canvas, anatomy, 1.0, "kidney_right", z_right)
+    _paint_kidney(rng, grid, canvas, anatomy, -1.0, "kidney_left", z_left)
 
-    # Gallbladder under the liver (absent in some cases).
-    if rng.random() < 0.88:
-        gb = _Blob.sample(rng, (rng.uniform(30, 55), rng.uniform(25, 50), zl - rng.uniform(35, 60)),
-                          (rng.uniform(12, 20), rng.uniform(14, 22), rng.uniform(24, 38)),
-                          rng.uniform(-30, 30), amp=0.06)
-        sl, r, _ = gb.evaluate(grid)
-        if sl is not None:
-            canvas.paint(sl, (r < 1.0) & allowed(sl), "gallbladder", "gallbladder")
 
-    # Aorta (left-anterior of the spine) and IVC (right-anterior, entering the liver above).
+def _paint_kidney(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict,
+                  side: float, name: str, z_mm: float) -> None:
+    """One kidney centred at height ``z_mm``, on the patient's right (side +1) or left (-1):
+    cortex, medulla, and a medial hilum of sinus fat."""
+    y_v, rv = anatomy["y_v"], anatomy["rv"]
+    kidney = _Blob.sample(rng, (side * rng.uniform(rv + 48, rv + 62), y_v + rng.uniform(-5, 8), z_mm),
+                          (rng.uniform(24, 30), rng.uniform(21, 27), rng.uniform(48, 60)),
+                          -side * rng.uniform(15, 35), tilt_deg=10.0, amp=0.06)
+    sl, r, q = kidney.evaluate(grid)
+    if sl is None:
+        return
+    inside = (r < 1.0) & _organ_space(grid, anatomy, sl)
+    # the hilum faces antero-medially: local -side*u after the yaw of -side*(15..35) deg
+    medial = -side * q[0]
+    sinus = (medial > 0.3) & (np.abs(q[2]) < 0.45) & (np.abs(q[1]) < 0.45)
+    canvas.paint(sl, inside, "kidney_cortex", name)
+    canvas.paint(sl, inside & (r < rng.uniform(0.62, 0.72)), "kidney_medulla", name)
+    canvas.paint(sl, inside & sinus, "fat")
+
+
+def _paint_gallbladder(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict,
+                       z_liver: float) -> None:
+    """Gallbladder under the liver (``z_liver``: the right lobe's centre z); absent in some cases."""
+    if rng.random() >= 0.88:
+        return
+    gb = _Blob.sample(rng, (rng.uniform(30, 55), rng.uniform(25, 50), z_liver - rng.uniform(35, 60)),
+                      (rng.uniform(12, 20), rng.uniform(14, 22), rng.uniform(24, 38)),
+                      rng.uniform(-30, 30), amp=0.06)
+    sl, r, _ = gb.evaluate(grid)
+    if sl is not None:
+        canvas.paint(sl, (r < 1.0) & _organ_space(grid, anatomy, sl), "gallbladder", "gallbladder")
+
+
+def _paint_great_vessels(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
+    """Aorta (left-anterior of the spine) and IVC (right-anterior, entering the liver above)."""
+    cavity, y_v, rv = anatomy["cavity"], anatomy["y_v"], anatomy["rv"]
+    everything = (slice(None),) * 3
     zz = grid.z[0, 0]
     r_a = rng.uniform(10.0, 13.0)
     xa = -rng.uniform(0.3, 0.8) * rv + rng.uniform(-0.05, 0.05) * (zz + 100.0)
     ya = y_v + rv + r_a + 2.0 + 0.03 * (zz + 100.0)
     d_a = np.sqrt((grid.x - xa) ** 2 + (grid.y - ya) ** 2) < r_a
-    canvas.paint((slice(None),) * 3, d_a & cavity, "aorta", "aorta")
+    canvas.paint(everything, d_a & cavity, "aorta", "aorta")
     xi = rng.uniform(0.6, 1.0) * rv + 8.0
     yi = y_v + rv + 12.0 + 25.0 * np.clip((zz + 70.0) / 60.0, 0.0, 1.0)
     ri = rng.uniform(11.0, 15.0), rng.uniform(7.0, 10.0)
     d_i = ((grid.x - xi) / ri[0]) ** 2 + ((grid.y - yi) / ri[1]) ** 2 < 1.0
-    canvas.paint((slice(None),) * 3, d_i & cavity & (grid.z < zdiaph), "ivc", "ivc")
+    canvas.paint(everything, d_i & cavity & (grid.z < anatomy["zdiaph"]), "ivc", "ivc")
 
 
 def _paint_fat_planes(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> None:
@@ -619,8 +670,6 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
     Case i is drawn from child i of ``np.random.SeedSequence(seed)``: the same whatever ``cases``.
     Raises FileExistsError if ``out_dir`` exists; nothing is left behind on failure.
     """
-    from lrcseg.data.readers import write_nifti
-
     if cases < 1:
         raise ValueError(f"Illegal number of cases {cases}: need >= 1")
     shape = default_shape(spacing_mm) if shape is None else shape
@@ -664,6 +713,7 @@ def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]
                    affine: np.ndarray) -> None:
     """Four slices per case (where the most organs are), window -175..250 HU, label overlay,
     an organ colour legend, scale bars and slice positions (mm, from ``affine``)."""
+    # viz loads matplotlib: imported here so that `lrcseg phantoms --help` stays light
     from lrcseg import viz
 
     images, labels, titles, z_mm = [], [], [], []
