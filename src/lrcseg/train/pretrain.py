@@ -34,6 +34,7 @@ from lrcseg.data.slices import PretrainSlices
 from lrcseg.data.splits import pretraining_cases, supervised_cases
 from lrcseg.errors import ConfigError, DataError, TrainingDiverged, warn_data
 from lrcseg.losses.lrc import LRCLoss
+from lrcseg.methods.base import Views, build_method
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.superpixels.region_cache import RegionCache
@@ -62,7 +63,6 @@ from lrcseg.train.distributed import (
     init_distributed,
     teardown,
 )
-from lrcseg.train.objectives import Views, build_global_objective
 from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.runlog import RunLogger, write_run_card
 
@@ -235,7 +235,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, progress: bool, stop_at: int | 
     net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels).to(device)
     if cfg.run.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    global_objective = build_global_objective(
+    global_objective = build_method(
         cfg, net, num_slices=len(data.dataset), world_size=ctx.world_size,
         gather_negatives=dcfg.gather_negatives, num_classes=data.num_classes).to(device)
     if dcfg.sync_bn and ctx.enabled:  # after the momentum/target copies: those keep plain BN
