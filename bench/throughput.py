@@ -116,9 +116,9 @@ from lrcseg.config import (  # noqa: E402
 )
 from lrcseg.io_utils import atomic_write_json  # noqa: E402
 from lrcseg.losses.lrc import LRCLoss  # noqa: E402
+from lrcseg.methods.base import Views, build_method  # noqa: E402
 from lrcseg.models.pretrain_net import PretrainNetwork  # noqa: E402
 from lrcseg.models.unet import build_unet  # noqa: E402
-from lrcseg.train import objectives  # noqa: E402
 from lrcseg.train.common import step_generator  # noqa: E402
 
 #: LRC at 1/4 resolution, as in every figure of bench/NOTES.md so far (the pre-training
@@ -291,12 +291,9 @@ def pretrain_config(setting: Setting, variant: str | None, device: torch.device)
 def call_objective(objective: torch.nn.Module, out1: dict[str, torch.Tensor],
                    out2: dict[str, torch.Tensor], view1: torch.Tensor, view2: torch.Tensor,
                    generator: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Call a global objective as the loop does, with its ``Views`` if the module has one."""
-    views = getattr(objectives, "Views", None)
-    if views is not None:
-        return objective(out1, out2, views(view1=view1, view2=view2, generator=generator,
-                                           shared_generator=generator))
-    return objective(out1, out2, view1, view2, generator)
+    """Call a global method as the loop does, with its ``Views``."""
+    return objective(out1, out2, Views(view1=view1, view2=view2, generator=generator,
+                                       shared_generator=generator))
 
 
 def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device,
@@ -345,7 +342,7 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
         variant = {"moco": None, "moco_lrc_pixel": "pixel", "moco_lrc_region": "region"}[name]
         cfg = pretrain_config(setting, variant, device)
         net = PretrainNetwork(cfg.model, 1).to(device).to(memory_format=fmt)
-        objective = objectives.build_global_objective(cfg, net, num_slices=1_000_000).to(device)
+        objective = build_method(cfg, net, num_slices=1_000_000).to(device)
         lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
                       pixels_per_region=cfg.lrc.pixels_per_region, min_pixels=cfg.lrc.min_pixels,
                       variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)

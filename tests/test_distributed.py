@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.losses.simclr import nt_xent
+from lrcseg.methods.moco import _GatheredQueue
 from lrcseg.train.distributed import (
     concat_all_gather,
     gather_with_grad,
     shuffled_forward_across_ranks,
 )
-from lrcseg.train.objectives import _GatheredQueue
 
 B, D, H = 3, 8, 16  # per-rank batch, embedding width, region map side
 
@@ -147,7 +147,7 @@ def test_torchrun_two_cpu_processes_complete_and_resume(tmp_path):
     state = torch.load(out / "final.pt", weights_only=False)
     assert state["step"] == 2 and state["world_size"] == 2
     # gathered keys: 2 views x 2 per rank x 2 ranks = 8 keys per step, two steps
-    assert int(state["global_objective"]["moco.queue.ptr"]) == 16
+    assert int(state["global_objective"]["queue.ptr"]) == 16
     # resume: raise the step budget in the saved config and continue to step 3
     saved = (out / "config.yaml").read_text().replace("steps: 2", "steps: 3")
     (out / "config.yaml").write_text(saved)

@@ -1,4 +1,4 @@
-"""MoCo v2 pieces: queue, momentum update, queue size rule, InfoNCE, shuffled BN, MoCoV2."""
+"""MoCo v2 pieces: queue, momentum update, queue size rule, InfoNCE, shuffled BN, the method."""
 
 from __future__ import annotations
 
@@ -9,14 +9,10 @@ import torch
 from torch import nn
 
 from lrcseg.config import ModelConfig
-from lrcseg.losses.moco import (
-    MoCoQueue,
-    MoCoV2,
-    default_queue_size,
-    moco_infonce,
-    momentum_update,
-    shuffled_forward,
-)
+from lrcseg.losses.infonce import InfoNCELoss, infonce
+from lrcseg.methods.base import Views
+from lrcseg.methods.moco import MoCo, MoCoQueue, default_queue_size, shuffled_forward
+from lrcseg.methods.momentum import momentum_update
 from lrcseg.models.pretrain_net import PretrainNetwork
 
 
@@ -78,7 +74,10 @@ def test_infonce_equals_hand_computation():
         pos = float(q[i] @ k[i]) / t
         neg = [float(q[i] @ queue[j]) / t for j in range(3)]
         expected += -(pos - math.log(math.exp(pos) + sum(math.exp(n) for n in neg)))
-    assert moco_infonce(q, k, queue, t).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert infonce(q, k, queue, t).item() == pytest.approx(expected / 2, rel=1e-6)
+    assert InfoNCELoss(t)(q, k, queue).item() == pytest.approx(expected / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="temperature"):
+        InfoNCELoss(0.0)
 
 
 def test_shuffled_forward_keeps_order_and_uses_sub_batch_statistics():
@@ -99,12 +98,11 @@ def test_shuffled_forward_keeps_order_and_uses_sub_batch_statistics():
     torch.testing.assert_close(shuffled_forward(bn, x, 2, gen), bn(x))
 
 
-def _moco_step(moco: MoCoV2, online: PretrainNetwork, seed: int) -> torch.Tensor:
+def _moco_step(moco: MoCo, online: PretrainNetwork, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     x1 = torch.rand(4, 1, 64, 64, generator=gen)
     x2 = torch.rand(4, 1, 64, 64, generator=gen)
-    q1, q2 = online(x1)["global"], online(x2)["global"]
-    loss, stats = moco(q1, q2, x1, x2, online, generator=gen)
+    loss, stats = moco(online(x1), online(x2), Views(x1, x2, gen, gen))
     assert 0 <= stats["moco_acc"].item() <= 1
     return loss
 
@@ -113,7 +111,7 @@ def test_mocov2_step_and_exact_resume():
     torch.manual_seed(0)
     cfg = ModelConfig(backbone="resnet10", proj_dim=16)
     online = PretrainNetwork(cfg, in_channels=1)
-    moco = MoCoV2(online, queue_size=8, momentum=0.5, generator=torch.Generator().manual_seed(0))
+    moco = MoCo(online, queue_size=8, momentum=0.5, seed=0)
     assert not any(p.requires_grad for p in moco.key_encoder.parameters())
     with torch.no_grad():
         for p in online.parameters():
@@ -128,8 +126,8 @@ def test_mocov2_step_and_exact_resume():
     assert int(moco.queue.ptr) == 0  # 2 x 4 keys filled the queue of 8 and wrapped
     assert {"queue.keys", "queue.ptr"} <= set(moco.state_dict())
 
-    # a fresh MoCoV2 restored from the state dict continues identically
-    resumed = MoCoV2(online, queue_size=8, momentum=0.5)
+    # a fresh MoCo restored from the state dict continues identically
+    resumed = MoCo(online, queue_size=8, momentum=0.5, seed=1)
     resumed.load_state_dict(moco.state_dict())
     a = _moco_step(moco, online, seed=2)
     b = _moco_step(resumed, online, seed=2)
@@ -148,11 +146,11 @@ def test_mocov2_step_and_exact_resume():
 def test_mocov2_validates():
     online = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=8), in_channels=1)
     with pytest.raises(ValueError, match="momentum"):
-        MoCoV2(online, queue_size=8, momentum=1.0)
+        MoCo(online, queue_size=8, momentum=1.0)
     with pytest.raises(ValueError, match="temperature"):
-        MoCoV2(online, queue_size=8, temperature=0.0)
+        MoCo(online, queue_size=8, temperature=0.0)
     with pytest.raises(ValueError, match="queue size"):
-        MoCoV2(online, queue_size=0)
+        MoCo(online, queue_size=0)
 
 
 def test_position_positives_match_the_plain_loss_without_matches_and_a_hand_value_with_them():
@@ -160,11 +158,11 @@ def test_position_positives_match_the_plain_loss_without_matches_and_a_hand_valu
     q = torch.nn.functional.normalize(torch.randn(2, 4, generator=gen), dim=1)
     k = torch.nn.functional.normalize(torch.randn(2, 4, generator=gen), dim=1)
     queue = torch.nn.functional.normalize(torch.randn(3, 4, generator=gen), dim=1)
-    plain = moco_infonce(q, k, queue, 0.2)
-    unmatched = moco_infonce(q, k, queue, 0.2, torch.tensor([0, 1]), torch.tensor([-1, 5, 7]))
+    plain = infonce(q, k, queue, 0.2)
+    unmatched = infonce(q, k, queue, 0.2, torch.tensor([0, 1]), torch.tensor([-1, 5, 7]))
     torch.testing.assert_close(unmatched, plain)
     # query 0 (group 2) has queue key 1 as a second positive; query 1 (group 4) none
-    value = moco_infonce(q, k, queue, 0.2, torch.tensor([2, 4]), torch.tensor([-1, 2, 7]))
+    value = infonce(q, k, queue, 0.2, torch.tensor([2, 4]), torch.tensor([-1, 2, 7]))
     logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.t()], dim=1) / 0.2
     log_prob = logits.log_softmax(dim=1)
     expected = (-(log_prob[0, 0] + log_prob[0, 2]) / 2 - log_prob[1, 0]) / 2
@@ -180,11 +178,12 @@ def test_grouped_queue_stores_groups_and_moco_needs_them():
         queue.enqueue(torch.ones(2, 3))
     torch.manual_seed(0)
     net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=8, local_levels=(1,)), 1)
-    moco = MoCoV2(net, queue_size=8, grouped=True)
+    moco = MoCo(net, queue_size=8, grouped=True)
     x = torch.rand(2, 1, 64, 64)
-    q = net(x)["global"]
+    out = net(x)
+    g = torch.Generator()
     with pytest.raises(ValueError, match="groups"):
-        moco(q, q, x, x, net)
-    loss, _ = moco(q, q, x, x, net, groups=torch.tensor([0, 2]))
+        moco(out, out, Views(x, x, g, g))
+    loss, _ = moco(out, out, Views(x, x, g, g, groups=torch.tensor([0, 2])))
     assert torch.isfinite(loss)
     assert moco.queue.groups.tolist()[:4] == [0, 2, 0, 2]  # both views' keys, with their groups

@@ -183,7 +183,7 @@ def test_moco_position_positives_train_and_fill_the_queue_groups(phantoms, tmp_p
     cfg.moco.position_partitions = 4
     run_dir = pretrain(cfg, progress=False)
     state = load_checkpoint(run_dir / "final.pt")
-    groups = state["global_objective"]["moco.queue.groups"]
+    groups = state["global_objective"]["queue.groups"]
     assert groups.shape == (16,) and groups.min() >= 0 and groups.max() <= 3  # 2 steps x 8 keys
     assert all(math.isfinite(row["loss/global"]) for row in metrics(run_dir))
 

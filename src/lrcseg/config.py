@@ -20,11 +20,7 @@ import yaml
 
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_text
-
-#: the global pre-training methods, in the order help texts list them; "none" = LRC alone.
-#: ``train/objectives.build_global_objective`` builds each; the CLI and the experiment runner
-#: take their choices from here (this module does not import torch, so ``--help`` stays fast).
-PRETRAIN_METHODS = ("moco", "simclr", "byol", "none", "supervised")
+from lrcseg.methods.registry import method_names
 
 
 def _check(condition: bool, message: str) -> None:
@@ -442,8 +438,8 @@ class PretrainConfig:
     probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
 
     def __post_init__(self) -> None:
-        _check(self.method in PRETRAIN_METHODS,
-               f"Illegal method {self.method!r}: one of {', '.join(PRETRAIN_METHODS)}")
+        _check(self.method in method_names(),
+               f"Illegal method {self.method!r}: one of {', '.join(method_names())}")
         _check(self.method != "none" or self.lrc.enabled,
                "method 'none' without LRC has no loss: enable LRC or pick a global method")
         _check(self.run.steps is not None, "pre-training needs run.steps (no automatic budget)")

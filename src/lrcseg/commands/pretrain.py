@@ -21,7 +21,8 @@ from lrcseg.commands._run_options import (
     run_overrides,
     set_nested,
 )
-from lrcseg.config import PRETRAIN_METHODS, PretrainConfig, load_config
+from lrcseg.config import PretrainConfig, load_config
+from lrcseg.methods.registry import method_names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", action="append", default=None,
                         help="dataset, folder of volumes, NIfTI file or DICOM series (repeatable) "
                              "(default: none)")
-    parser.add_argument("--method", default=None, choices=PRETRAIN_METHODS,
+    parser.add_argument("--method", default=None, choices=method_names(),
                         help="global method" + note("method"))
     parser.add_argument("--labels", default=None,
                         help="labelled source dataset for --method supervised (Dice + CE on its "

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg.config import (
-    PRETRAIN_METHODS,
     AugmentConfig,
     FinetuneConfig,
     LRCConfig,
@@ -72,6 +71,7 @@ from lrcseg.config import (
 )
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import append_invocation, atomic_write_text
+from lrcseg.methods.registry import method_names
 
 #: left in a pre-training folder whose weights were deleted (keep_checkpoints: false)
 RELEASED = "weights_released.txt"
@@ -134,9 +134,9 @@ class InitSpec:
     def __post_init__(self) -> None:
         _check(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(".", "").isalnum(),
                f"Illegal initialisation name {self.name!r}: letters, digits, '_', '-', '.'")
-        _check(self.method in ("scratch", *PRETRAIN_METHODS),
+        _check(self.method in ("scratch", *method_names()),
                f"initialisation {self.name}: illegal method {self.method!r}; one of scratch, "
-               + ", ".join(PRETRAIN_METHODS))
+               + ", ".join(method_names()))
         _check(self.regions in ("felzenszwalb", "grid"),
                f"initialisation {self.name}: illegal regions {self.regions!r}: felzenszwalb or grid")
         _check(self.method != "scratch" or not self.lrc,

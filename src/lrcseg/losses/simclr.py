@@ -10,8 +10,9 @@ and whose contrast set is every other row (2B - 1 candidates, 2B - 2 negatives):
     l_i  = -log( exp(s_i,pos(i)) / sum_{j != i} exp(s_ij) )
     L    = 1 / (2B) sum_i l_i
 
-With gathering across ranks (``gather_with_grad``) z holds the whole global batch, so every
-rank computes the same loss as one process would on the concatenated batch.
+When the method gathers the embeddings of every rank (``lrcseg.methods.simclr``, ``gather``)
+z holds the whole global batch, so every rank computes the same loss as one process would on
+the concatenated batch.
 """
 
 from __future__ import annotations

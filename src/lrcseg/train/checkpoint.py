@@ -7,6 +7,7 @@ renamed). ``final.pt`` is written once at the end of a run.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,44 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 
 
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
-    """Today's keys for a checkpoint written before multi-level LRC: the model config's
-    ``local_level`` becomes ``local_levels`` and the pre-training network's ``local_head.*``
-    weights become ``local_heads.0.*``."""
+    """Today's keys for a checkpoint of an older lrcseg.
+
+    Before multi-level LRC: the model config's ``local_level`` becomes ``local_levels`` and
+    the pre-training network's ``local_head.*`` weights become ``local_heads.0.*``. Before
+    ``lrcseg.methods``: MoCo's and BYOL's state was nested in a loss module, so their
+    "global_objective" keys ``moco.*`` / ``byol.*`` (``moco.queue.keys``,
+    ``byol.target_encoder...``) lose that prefix (``queue.keys``, ``target_encoder...``).
+    """
     from lrcseg.config import upgrade_model_dict
 
-    if isinstance(state.get("config"), dict) and isinstance(state["config"].get("model"), dict):
-        state["config"]["model"] = upgrade_model_dict(state["config"]["model"])
+    config = state.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        config["model"] = upgrade_model_dict(config["model"])
     if isinstance(state.get("model_config"), dict):
         state["model_config"] = upgrade_model_dict(state["model_config"])
     network = state.get("network")
     if isinstance(network, dict) and any(k.startswith("local_head.") for k in network):
         state["network"] = {("local_heads.0." + k[len("local_head."):]
                              if k.startswith("local_head.") else k): v for k, v in network.items()}
+    method = config.get("method") if isinstance(config, dict) else None
+    objective = state.get("global_objective")
+    if (method in ("moco", "byol") and isinstance(objective, dict) and objective
+            and all(k.startswith(f"{method}.") for k in objective)):
+        state["global_objective"] = _strip_prefix(objective, method)
     return state
+
+
+def _strip_prefix(module_state: dict[str, Any], name: str) -> OrderedDict[str, Any]:
+    """The state dict of submodule ``name`` from its parent's ``module_state`` (all keys under
+    ``name.``), with the per-module metadata ``load_state_dict`` reads (versions) kept."""
+    prefix = f"{name}."
+    inner = OrderedDict((k[len(prefix):], v) for k, v in module_state.items())
+    metadata = getattr(module_state, "_metadata", None)
+    if metadata is not None:
+        inner._metadata = OrderedDict(
+            ("" if k == name else k[len(prefix):], v) for k, v in metadata.items()
+            if k == name or k.startswith(prefix))
+    return inner
 
 
 def find_checkpoint(run_dir: Path, prefer_final: bool = True) -> Path | None:

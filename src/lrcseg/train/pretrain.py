@@ -26,6 +26,7 @@ from lrcseg.augment import PairedViewAugment
 from lrcseg.config import PretrainConfig, save_config, to_dict
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.losses.lrc import LRCLoss
+from lrcseg.methods.base import Views, build_method
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.train.checkpoint import save_checkpoint
@@ -53,7 +54,6 @@ from lrcseg.train.distributed import (
     teardown,
 )
 from lrcseg.train.loop import TrainingLoop
-from lrcseg.train.objectives import Views, build_global_objective
 from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.pretrain_data import PretrainData, build_pretrain_data
 from lrcseg.train.runlog import RunLogger, write_run_card
@@ -178,7 +178,7 @@ class Pretraining:
         self.net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels).to(ctx.device)
         if cfg.run.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.global_objective = build_global_objective(
+        self.global_objective = build_method(
             cfg, self.net, num_slices=len(self.data.dataset), world_size=ctx.world_size,
             gather_negatives=dcfg.gather_negatives, num_classes=self.data.num_classes
         ).to(ctx.device)

@@ -1,8 +1,14 @@
-"""Global objectives: each loss equals a plain reference; BYOL's EMA; supervised Dice + CE."""
+"""Global methods: each loss equals a plain reference; BYOL's EMA; supervised Dice + CE; the
+registry (names without torch, a toy method added by one registered class and run through
+``lrcseg pretrain``); old checkpoints' method state loads."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from collections import OrderedDict
 from types import SimpleNamespace
 
 import pytest
@@ -10,19 +16,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lrcseg.config import PRETRAIN_METHODS, ModelConfig, PretrainConfig, RunConfig
+from lrcseg.cli import main
+from lrcseg.config import ModelConfig, PretrainConfig, RunConfig
 from lrcseg.errors import ConfigError
-from lrcseg.losses.byol import BYOL, byol_regression, cosine_momentum
+from lrcseg.experiment.runner import InitSpec
+from lrcseg.losses.byol import BYOLLoss, byol_regression
 from lrcseg.losses.simclr import SimCLRLoss, nt_xent
+from lrcseg.methods.base import GlobalMethod, Views, build_method
+from lrcseg.methods.byol import BYOL, cosine_momentum
+from lrcseg.methods.none import NoGlobal
+from lrcseg.methods.registry import method_class, method_names, register_method
+from lrcseg.methods.simclr import SimCLR
+from lrcseg.methods.supervised import Supervised
 from lrcseg.models.pretrain_net import PretrainNetwork
-from lrcseg.train.objectives import (
-    BYOLObjective,
-    NoGlobalObjective,
-    SimCLRObjective,
-    SupervisedObjective,
-    Views,
-    build_global_objective,
-)
+from lrcseg.phantoms.generate import write_phantom_dataset
+from lrcseg.train.checkpoint import load_checkpoint, upgrade_checkpoint
 
 
 def unit(*shape, seed=0):
@@ -65,7 +73,7 @@ def test_nt_xent_known_answers():
 
 def test_simclr_objective_uses_global_embeddings():
     z1, z2 = unit(3, 8, seed=4), unit(3, 8, seed=5)
-    loss, stats = SimCLRObjective(0.2)({"global": z1}, {"global": z2}, None)
+    loss, stats = SimCLR(0.2)({"global": z1}, {"global": z2}, None)
     assert loss.item() == pytest.approx(nt_xent_reference(z1, z2, 0.2), rel=1e-5)
     assert "simclr_acc" in stats
 
@@ -88,7 +96,8 @@ def test_byol_loss_matches_reference_and_is_symmetric():
     byol = BYOL(online, base_momentum=0.99, hidden_dim=8).eval()  # BN uses running stats
     x1, x2 = torch.randn(5, 6), torch.randn(5, 6)
     z1, z2 = online.encode_global(x1), online.encode_global(x2)
-    loss, stats = byol(z1, z2, x1, x2)
+    g = torch.Generator()
+    loss, stats = byol({"global": z1}, {"global": z2}, Views(x1, x2, g, g))
     t1, t2 = online.encode_global(x1), online.encode_global(x2)  # target == online at start
     q1, q2 = byol.predictor(z1), byol.predictor(z2)
     ref = 0.0
@@ -96,7 +105,8 @@ def test_byol_loss_matches_reference_and_is_symmetric():
         for i in range(5):
             ref += (F.normalize(q[i], dim=0) - F.normalize(t[i], dim=0)).pow(2).sum().item() / 10
     assert loss.item() == pytest.approx(ref, rel=1e-5)
-    assert byol(z2, z1, x2, x1)[0].item() == pytest.approx(loss.item(), rel=1e-6)
+    assert byol({"global": z2}, {"global": z1}, Views(x2, x1, g, g))[0].item() == pytest.approx(
+        loss.item(), rel=1e-6)
     assert stats["byol_cos"].item() == pytest.approx(1 - ref / 2, rel=1e-5)
     # gradients reach the predictor and the online embeddings, never the target
     loss.backward()
@@ -105,6 +115,8 @@ def test_byol_loss_matches_reference_and_is_symmetric():
     assert all(p.grad is None for p in byol.target_encoder.parameters())
     assert byol_regression(torch.ones(1, 3), torch.ones(1, 3)).item() == pytest.approx(0.0, abs=1e-6)
     assert byol_regression(torch.ones(1, 3), -torch.ones(1, 3)).item() == pytest.approx(4.0)
+    with pytest.raises(ValueError, match=r"\(B, P\)"):
+        BYOLLoss()(q1, q2, t1, t2[:, :2])
 
 
 def test_byol_momentum_anneals_from_base_to_one_and_updates_target():
@@ -112,8 +124,8 @@ def test_byol_momentum_anneals_from_base_to_one_and_updates_target():
     assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
     assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
     online = TinyOnline()
-    objective = BYOLObjective(online, base_momentum=0.9, hidden_dim=8)
-    target = objective.byol.target_encoder
+    objective = BYOL(online, base_momentum=0.9, hidden_dim=8)
+    target = objective.target_encoder
     before = target.proj.weight.clone()
     with torch.no_grad():
         online.proj.weight.add_(1.0)
@@ -140,7 +152,7 @@ def dice_ce_reference(logits, labels, num_classes, smooth=1e-5):
 
 def test_supervised_objective_is_dice_plus_ce_on_both_views():
     torch.manual_seed(0)
-    objective = SupervisedObjective(decoder_channels=4, num_classes=3)
+    objective = Supervised(decoder_channels=4, num_classes=3)
     d1, d2 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     y1, y2 = torch.randint(0, 3, (2, 8, 8)), torch.randint(0, 3, (2, 8, 8))
     g = torch.Generator()
@@ -153,7 +165,7 @@ def test_supervised_objective_is_dice_plus_ce_on_both_views():
 
 def test_supervised_objective_uses_only_the_labelled_slices():
     torch.manual_seed(1)
-    objective = SupervisedObjective(decoder_channels=4, num_classes=3)
+    objective = Supervised(decoder_channels=4, num_classes=3)
     d1, d2 = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
     y1, y2 = torch.randint(0, 3, (3, 8, 8)), torch.randint(0, 3, (3, 8, 8))
     g = torch.Generator()
@@ -169,7 +181,7 @@ def test_supervised_objective_uses_only_the_labelled_slices():
 
 
 def test_none_objective_is_zero_and_logs_nothing():
-    objective = NoGlobalObjective()
+    objective = NoGlobal()
     loss, stats = objective({"global": unit(2, 4)}, {"global": unit(2, 4)}, None)
     assert loss.item() == 0.0 and stats == {} and not objective.logs_global
 
@@ -194,23 +206,120 @@ def test_full_decoder_forward_agrees_with_the_network():
     assert torch.allclose(full["decoder"], reference, atol=1e-6)
 
 
-def test_build_global_objective_checks():
+def test_build_method_checks():
     net = PretrainNetwork(small_cfg("moco").model, 1)
-    for method, kind in [("simclr", SimCLRObjective), ("byol", BYOLObjective),
-                         ("none", NoGlobalObjective)]:
-        assert isinstance(build_global_objective(small_cfg(method), net, num_slices=40), kind)
+    for method, kind in [("simclr", SimCLR), ("byol", BYOL), ("none", NoGlobal)]:
+        assert isinstance(build_method(small_cfg(method), net, num_slices=40), kind)
     with pytest.raises(ConfigError, match="--labels"):
-        build_global_objective(small_cfg("supervised"), net, num_slices=40)
-    assert build_global_objective(small_cfg("supervised"), net, 40, num_classes=4).num_classes == 4
+        build_method(small_cfg("supervised"), net, num_slices=40)
+    assert build_method(small_cfg("supervised"), net, 40, num_classes=4).num_classes == 4
     cfg = small_cfg("moco")
     cfg.moco.queue_size = 24  # multiple of 2 x 4, not of 2 x 4 x 2 ranks
-    build_global_objective(cfg, net, 40)
+    build_method(cfg, net, 40)
     with pytest.raises(ConfigError, match="2 x global batch = 16"):
-        build_global_objective(cfg, net, 40, world_size=2, gather_negatives=True)
+        build_method(cfg, net, 40, world_size=2, gather_negatives=True)
 
 
 def test_every_registered_method_is_built():
     net = PretrainNetwork(small_cfg("moco").model, 1)
-    for method in PRETRAIN_METHODS:
-        assert isinstance(build_global_objective(small_cfg(method), net, 40, num_classes=4),
-                          nn.Module)
+    for method in method_names():
+        assert isinstance(build_method(small_cfg(method), net, 40, num_classes=4), nn.Module)
+
+
+@register_method("toy")
+class ToyMethod(GlobalMethod):
+    """A toy global method, added by this one registered class: L = mean_b |z1_b - z2_b|^2 of
+    the global embeddings (B, P), scaled by a learned positive factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    @classmethod
+    def from_config(cls, cfg, online, context):
+        return cls()
+
+    def forward(self, out1, out2, views):
+        gap = (out1["global"] - out2["global"]).pow(2).sum(dim=1).mean()
+        return self.log_scale.exp() * gap, {"toy_gap": gap.detach()}
+
+
+def test_the_registry_names_the_built_in_methods_first_without_importing_torch():
+    assert method_names()[:5] == ("moco", "simclr", "byol", "none", "supervised")
+    assert "toy" in method_names()
+    code = ("import sys, lrcseg.config, lrcseg.methods; "
+            "print(lrcseg.methods.method_names()[:5], 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["('moco',", "'simclr',", "'byol',", "'none',", "'supervised')",
+                                   "False"]
+
+
+def test_register_method_refuses_clashes_and_bad_classes():
+    class Other(ToyMethod):
+        pass
+
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("toy")(Other)
+    with pytest.raises(ValueError, match="built in"):
+        register_method("moco")(Other)
+    with pytest.raises(ValueError, match="reserved"):
+        register_method("scratch")
+    with pytest.raises(ValueError, match="lower-case identifier"):
+        register_method("My-Method")
+    with pytest.raises(TypeError, match="from_config"):
+        register_method("plain")(object)
+    assert register_method("toy")(ToyMethod) is ToyMethod  # the same class again is fine
+    assert method_class("toy") is ToyMethod and method_class("moco").__name__ == "MoCo"
+    with pytest.raises(ConfigError, match="one of moco, simclr"):
+        method_class("mocov9")
+
+
+def test_a_registered_method_is_accepted_by_the_config_and_the_experiment():
+    assert PretrainConfig(method="toy").method == "toy"
+    assert InitSpec(name="t", method="toy").pretrained
+
+
+def test_a_registered_method_runs_through_lrcseg_pretrain(tmp_path):
+    data = write_phantom_dataset(tmp_path / "ph", cases=3, seed=0, spacing_mm=(4.0, 4.0, 8.0),
+                                 montage=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {backbone: resnet10, decoder_channels: [32, 16, 16, 8, 8], proj_dim: 16}\n"
+                      "run: {log_every: 1, checkpoint_every: 100}\noptim: {warmup_steps: 0}\n")
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["pretrain", "--data", str(data), "--method", "toy", "--no-lrc",
+                     "--config", str(config), "--steps", "2", "--batch-size", "4",
+                     "--image-size", "64", "--spacing", "4", "--device", "cpu", "--no-progress",
+                     "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["loss/global"] == pytest.approx(row["loss/total"])
+        assert row["loss/global"] > 0 and row["global/toy_gap"] > 0
+    state = load_checkpoint(out / "final.pt")
+    assert state["config"]["method"] == "toy" and set(state["global_objective"]) == {"log_scale"}
+    assert float(state["global_objective"]["log_scale"]) != 0.0  # the optimiser trained it
+
+
+@pytest.mark.parametrize("method", ["moco", "byol"])
+def test_method_state_of_an_older_checkpoint_loads(method):
+    """Before lrcseg.methods, MoCo's and BYOL's state sat under "moco." / "byol."."""
+    cfg = small_cfg(method)
+    cfg.moco.queue_size = 8
+    net = PretrainNetwork(cfg.model, 1)
+    saved = build_method(cfg, net, 40)
+    today = saved.state_dict()
+    old = OrderedDict((f"{method}.{k}", v) for k, v in today.items())
+    old._metadata = OrderedDict([("", {"version": 1})] + [
+        (method if k == "" else f"{method}.{k}", v) for k, v in today._metadata.items()])
+    state = upgrade_checkpoint({"config": {"method": method}, "global_objective": old})
+    assert list(state["global_objective"]) == list(today)
+    assert state["global_objective"]._metadata == today._metadata
+    build_method(cfg, net, 40).load_state_dict(state["global_objective"])  # strict
+    unchanged = upgrade_checkpoint({"config": {"method": method}, "global_objective": today})
+    assert unchanged["global_objective"] is today

@@ -1,0 +1,95 @@
+"""The one list of global pre-training methods: names to classes, without importing torch.
+
+Config validation (``PretrainConfig.method``, the experiment's initialisations), the CLI's
+``--method`` choices and the experiment runner read ``method_names()``; the pre-training loop
+builds the configured method with ``lrcseg.methods.base.build_method``, which looks its class
+up here. Built-in methods are named below and imported on first use, so ``config.py`` and
+``lrcseg --help`` never load torch.
+
+A method added outside lrcseg is one class in one module; importing the module registers it,
+and from then on config validation, the CLI and the experiment runner accept its name::
+
+    from lrcseg.methods import register_method
+    from lrcseg.methods.base import GlobalMethod
+
+    @register_method("toy")
+    class Toy(GlobalMethod):
+        @classmethod
+        def from_config(cls, cfg, online, context):
+            return cls()
+
+        def forward(self, out1, out2, views):
+            loss = (out1["global"] - out2["global"]).pow(2).sum(dim=1).mean()
+            return loss, {}
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import TypeVar
+
+from lrcseg.errors import ConfigError
+
+#: the built-in methods, in the order help texts list them ("none" = LRC alone), and the
+#: module that defines (and registers) each
+_BUILTIN_MODULES: dict[str, str] = {
+    "moco": "lrcseg.methods.moco",
+    "simclr": "lrcseg.methods.simclr",
+    "byol": "lrcseg.methods.byol",
+    "none": "lrcseg.methods.none",
+    "supervised": "lrcseg.methods.supervised",
+}
+#: initialisation names that are not methods ("scratch" = no pre-training, experiment runner)
+RESERVED_NAMES = ("scratch",)
+
+_classes: dict[str, type] = {}
+
+MethodClass = TypeVar("MethodClass", bound=type)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
+    """Class decorator: make ``cls`` the global method called ``name``.
+
+    The class must have ``from_config(cfg, online, context)`` (subclass
+    ``lrcseg.methods.base.GlobalMethod``). A name is a lower-case identifier, not a reserved
+    one (``RESERVED_NAMES``) nor a built-in method's, and taken by one class only
+    (registering the same class again, as a module reload does, is allowed).
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"Illegal method name {name!r}: need a lower-case identifier")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"Illegal method name {name!r}: reserved ({', '.join(RESERVED_NAMES)})")
+
+    def register(cls: MethodClass) -> MethodClass:
+        if not callable(getattr(cls, "from_config", None)):
+            raise TypeError(f"method {name!r}: {_qualified(cls)} has no from_config "
+                            "(subclass lrcseg.methods.base.GlobalMethod)")
+        builtin = _BUILTIN_MODULES.get(name)
+        if builtin is not None and cls.__module__ != builtin:
+            raise ValueError(f"method name {name!r} is built in ({builtin})")
+        known = _classes.get(name)
+        if known is not None and _qualified(known) != _qualified(cls):
+            raise ValueError(f"method name {name!r} is already registered ({_qualified(known)})")
+        _classes[name] = cls
+        return cls
+
+    return register
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method name: the built-in ones in help order, then the registered additions."""
+    return (*_BUILTIN_MODULES, *(name for name in _classes if name not in _BUILTIN_MODULES))
+
+
+def method_class(name: str) -> type:
+    """The class registered as ``name`` (a built-in one is imported now); ConfigError if none."""
+    if name not in _classes and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _classes:
+        raise ConfigError(f"Illegal method {name!r}: one of {', '.join(method_names())}")
+    return _classes[name]
