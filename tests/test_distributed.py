@@ -17,14 +17,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from lrcseg.losses.lrc import LRCLoss
-from lrcseg.losses.simclr import nt_xent
-from lrcseg.methods.moco import _GatheredQueue
-from lrcseg.train.distributed import (
+from lrcseg.distributed import (
     concat_all_gather,
     gather_with_grad,
     shuffled_forward_across_ranks,
 )
+from lrcseg.losses.lrc import LRCLoss
+from lrcseg.losses.simclr import nt_xent
+from lrcseg.methods.moco import _GatheredQueue
 
 B, D, H = 3, 8, 16  # per-rank batch, embedding width, region map side
 

@@ -27,16 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lrcseg.distributed import (
+    concat_all_gather,
+    get_world_size,
+    shuffled_forward_across_ranks,
+)
 from lrcseg.errors import ConfigError
 from lrcseg.losses.infonce import DEFAULT_TEMPERATURE, InfoNCELoss
 from lrcseg.methods.base import GlobalMethod, MethodContext, Views
 from lrcseg.methods.momentum import frozen_copy, momentum_update
 from lrcseg.methods.registry import register_method
-from lrcseg.train.distributed import (
-    concat_all_gather,
-    get_world_size,
-    shuffled_forward_across_ranks,
-)
 
 if TYPE_CHECKING:
     from lrcseg.config import PretrainConfig

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor
 
+from lrcseg.distributed import gather_with_grad
 from lrcseg.losses.simclr import DEFAULT_TEMPERATURE, SimCLRLoss
 from lrcseg.methods.base import GlobalMethod, MethodContext, Views
 from lrcseg.methods.registry import register_method
-from lrcseg.train.distributed import gather_with_grad
 
 if TYPE_CHECKING:
     from lrcseg.config import PretrainConfig

@@ -24,6 +24,16 @@ from torch import Tensor, nn
 
 from lrcseg.augment import PairedViewAugment
 from lrcseg.config import PretrainConfig, save_config, to_dict
+from lrcseg.distributed import (
+    DistContext,
+    all_ranks_true,
+    all_reduce_mean,
+    barrier,
+    concat_all_gather,
+    gather_with_grad,
+    init_distributed,
+    teardown,
+)
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.losses.lrc import LRCLoss
 from lrcseg.methods.base import Views, build_method
@@ -42,16 +52,6 @@ from lrcseg.train.common import (
     step_generator,
     warmup_cosine,
     warn_long_warmup,
-)
-from lrcseg.train.distributed import (
-    DistContext,
-    all_ranks_true,
-    all_reduce_mean,
-    barrier,
-    concat_all_gather,
-    gather_with_grad,
-    init_distributed,
-    teardown,
 )
 from lrcseg.train.loop import TrainingLoop
 from lrcseg.train.prefetch import DevicePrefetcher
