@@ -9,16 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from lrcseg.config import load_config
+import lrcseg.experiment.runner as runner_module
+from lrcseg.config import ExperimentConfig, load_config
 from lrcseg.errors import ConfigError
-from lrcseg.experiment.runner import (
-    Cell,
-    ExperimentConfig,
-    cells,
-    finetune_config,
-    pretrain_config,
-    run_experiment,
-)
+from lrcseg.experiment.cells import Cell, cells, finetune_config, pretrain_config
+from lrcseg.experiment.runner import run_experiment
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -112,9 +107,6 @@ def test_bad_configs_are_refused(overrides, message):
 
 @pytest.mark.slow
 def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch):
-    import lrcseg.train.finetune as finetune_module
-    import lrcseg.train.pretrain as pretrain_module
-
     calls: list[tuple[str, str, bool]] = []
 
     def counting(kind, real):
@@ -123,8 +115,8 @@ def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch)
             return real(cfg, resume=resume, progress=progress, stop_at=stop_at)
         return wrapped
 
-    monkeypatch.setattr(pretrain_module, "pretrain", counting("pretrain", pretrain_module.pretrain))
-    monkeypatch.setattr(finetune_module, "finetune", counting("finetune", finetune_module.finetune))
+    monkeypatch.setattr(runner_module, "pretrain", counting("pretrain", runner_module.pretrain))
+    monkeypatch.setattr(runner_module, "finetune", counting("finetune", runner_module.finetune))
     cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml")
     out = tmp_path / "exp"
     results = run_experiment(cfg, out, progress=False)
@@ -160,14 +152,11 @@ def test_tiny_matrix_runs_and_resumes_without_recomputing(tmp_path, monkeypatch)
 
 
 def test_time_budget_stops_before_new_cells(tmp_path, monkeypatch):
-    import lrcseg.train.finetune as finetune_module
-    import lrcseg.train.pretrain as pretrain_module
-
     def forbidden(*args, **kwargs):
         raise AssertionError("no training may start once the time budget is spent")
 
-    monkeypatch.setattr(pretrain_module, "pretrain", forbidden)
-    monkeypatch.setattr(finetune_module, "finetune", forbidden)
+    monkeypatch.setattr(runner_module, "pretrain", forbidden)
+    monkeypatch.setattr(runner_module, "finetune", forbidden)
     cfg = load_config(ExperimentConfig, CONFIGS / "experiment_tiny.yaml")
     results = run_experiment(cfg, tmp_path / "exp", progress=False, max_seconds=0)
     assert results.read_text().startswith("init,K,draw,seed,case,")
@@ -177,11 +166,6 @@ def test_time_budget_stops_before_new_cells(tmp_path, monkeypatch):
 
 def _fake_training(monkeypatch, calls: list[str]):
     """Replace training and evaluation by stand-ins that record the cells and write metrics."""
-    import lrcseg.evaluate.metrics as evaluate_module
-    import lrcseg.evaluate.run as evaluation_module
-    import lrcseg.train.finetune as finetune_module
-    import lrcseg.train.pretrain as pretrain_module
-
     def pretrain(cfg, resume=False, progress=True):
         calls.append("pretrain " + Path(cfg.run.out).name)
         Path(cfg.run.out).mkdir(parents=True)
@@ -210,17 +194,16 @@ def _fake_training(monkeypatch, calls: list[str]):
         score = 0.2 + 0.05 * ("lrc" in str(model))
         return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}
 
-    import lrcseg.evaluate.probe as probe_module
-
-    monkeypatch.setattr(probe_module, "evaluate_probe", probe)
-    monkeypatch.setattr(pretrain_module, "pretrain", pretrain)
-    monkeypatch.setattr(finetune_module, "finetune", finetune)
-    monkeypatch.setattr(evaluation_module, "evaluate_model", evaluate)
     def write_metrics(result, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(result))
 
-    monkeypatch.setattr(evaluate_module, "write_metrics", write_metrics)
+    # The runner's own references: it imports what it calls at its module top.
+    monkeypatch.setattr(runner_module, "evaluate_probe", probe)
+    monkeypatch.setattr(runner_module, "pretrain", pretrain)
+    monkeypatch.setattr(runner_module, "finetune", finetune)
+    monkeypatch.setattr(runner_module, "evaluate_model", evaluate)
+    monkeypatch.setattr(runner_module, "write_metrics", write_metrics)
 
 
 def _hold(path: Path, until, then=None):
@@ -228,12 +211,12 @@ def _hold(path: Path, until, then=None):
     (at most 60 s), then run ``then`` and release. Returns the thread once the lock is held."""
     import threading
 
-    from lrcseg.experiment.runner import _lock
+    from lrcseg.experiment.locks import exclusive_lock
 
     taken = threading.Event()
 
     def body():
-        with _lock(path, wait=True):
+        with exclusive_lock(path, wait=True):
             taken.set()
             deadline = time.time() + 60
             while not until() and time.time() < deadline:

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lrcseg.cli import main
-from lrcseg.config import ModelConfig, PretrainConfig, RunConfig
+from lrcseg.config import InitSpec, ModelConfig, PretrainConfig, RunConfig
 from lrcseg.errors import ConfigError
-from lrcseg.experiment.runner import InitSpec
 from lrcseg.losses.byol import BYOLLoss, byol_regression
 from lrcseg.losses.simclr import SimCLRLoss, nt_xent
 from lrcseg.methods.base import GlobalMethod, Views, build_method

@@ -203,8 +203,8 @@ def test_experiment_fine_tunes_with_nnunet(tmp_path):
     """finetune_with: nnunet: nnU-Net plans made once, scratch and MoCo+LRC pre-trained as the
     plans' network, both fine-tuned by nnU-Net's trainer on the same labelled case, scored by
     lrcseg's evaluation on the test split."""
-    from lrcseg.config import PretrainConfig, load_config
-    from lrcseg.experiment.runner import ExperimentConfig, run_experiment
+    from lrcseg.config import ExperimentConfig, PretrainConfig, load_config
+    from lrcseg.experiment.runner import run_experiment
 
     config = tmp_path / "exp.yaml"
     config.write_text(textwrap.dedent("""
@@ -253,7 +253,7 @@ def test_experiment_fine_tunes_with_nnunet(tmp_path):
 
 
 def test_experiment_refuses_probe_with_nnunet():
-    from lrcseg.experiment.runner import ExperimentConfig
+    from lrcseg.config import ExperimentConfig
 
     with pytest.raises(ConfigError, match="probe: false"):
         ExperimentConfig(phantoms={"cases": 5}, finetune_with="nnunet", probe=True)

@@ -483,6 +483,216 @@ class FinetuneConfig:
                f"Illegal snapshots {self.snapshots}: each must be < the budget {self.run.steps}")
 
 
+# --------------------------------------------------------------------------- experiments
+
+
+@dataclass
+class PhantomSpec:
+    """Generate the dataset: ``write_phantom_dataset(out, cases, seed, spacing_mm)``.
+
+    out: folder for the dataset (relative paths are inside the experiment folder).
+    """
+
+    out: str = "phantoms"
+    cases: int = 20
+    seed: int = 0
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 5.0)
+
+    def __post_init__(self) -> None:
+        self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
+        _check(self.cases >= 3, f"Illegal phantoms.cases {self.cases}: need >= 3 (pretrain/train/test)")
+        _check(len(self.spacing_mm) == 3 and all(s > 0 for s in self.spacing_mm),
+               f"Illegal phantoms.spacing_mm {self.spacing_mm}: three values > 0")
+
+
+@dataclass
+class InitSpec:
+    """One initialisation of the matrix.
+
+    name: its label in results and the report (unique; a folder name).
+    method: "scratch" (no pre-training) or a pre-training method (moco, simclr, byol, none,
+        supervised); "none" = LRC alone.
+    lrc: add the LRC loss. regions: "felzenszwalb" or "grid" local regions.
+    lrc_weight, lrc_temperature: overrides of lambda and tau_local (None = the default).
+    overrides: nested keys of the pre-training config for this initialisation only (applied
+        after the experiment's ``pretrain_overrides``), e.g. ``{model: {local_levels: [2, 3,
+        4]}, moco: {momentum: 0.99}}``.
+    """
+
+    name: str = ""
+    method: str = "scratch"
+    lrc: bool = False
+    regions: str = "felzenszwalb"
+    lrc_weight: float | None = None
+    lrc_temperature: float | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and self.name.replace("_", "").replace("-", "").replace(".", "").isalnum(),
+               f"Illegal initialisation name {self.name!r}: letters, digits, '_', '-', '.'")
+        _check(self.method in ("scratch", *method_names()),
+               f"initialisation {self.name}: illegal method {self.method!r}; one of scratch, "
+               + ", ".join(method_names()))
+        _check(self.regions in ("felzenszwalb", "grid"),
+               f"initialisation {self.name}: illegal regions {self.regions!r}: felzenszwalb or grid")
+        _check(self.method != "scratch" or not self.lrc,
+               f"initialisation {self.name}: scratch has no pre-training to add LRC to")
+        _check(self.method != "none" or self.lrc,
+               f"initialisation {self.name}: method 'none' needs lrc: true (LRC alone)")
+        _check(isinstance(self.overrides, dict),
+               f"initialisation {self.name}: overrides must be a mapping of config keys")
+        _check(self.method != "scratch" or not self.overrides,
+               f"initialisation {self.name}: scratch has no pre-training to override")
+
+    @property
+    def pretrained(self) -> bool:
+        return self.method != "scratch"
+
+
+@dataclass
+class ExperimentConfig:
+    """A matrix of initialisations x labelled-case counts x draws x seeds on fixed splits.
+
+    dataset: an existing labelled dataset with splits.json (pretrain/train/test), or None with
+        ``phantoms`` set to generate one. labels_dataset: labelled source for "supervised".
+    labeled: K values; draws: split seeds choosing the K labelled cases; seeds: training seeds.
+    pretrain_steps, finetune_steps: the budgets (identical for every cell).
+    eval_split: the split of splits.json the fine-tuned models are scored on: "test" for the
+        evidence, "pretrain" (the pre-training pool) to choose hyper-parameters without test cases.
+    baselines: initialisation names every other one is compared with (paired tests).
+    configurations_tried: how many configurations were run before this one (reported).
+    bootstrap_resamples, bootstrap_seed: the paired bootstrap of the report.
+    pretrain_overrides: nested keys applied to every pre-training config (e.g. superpixels,
+        augmentation, LRC sampling), before each initialisation's own ``overrides``.
+    probe: also run the frozen-feature linear probe (``lrcseg.evaluate.probe.evaluate_probe``) of
+        every (initialisation, seed) at each (K, draw), scored on ``eval_split``;
+        probe_pixels is its pixel budget. Scratch is probed as a random network per seed.
+    finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
+    learning_curve: initialisations whose cells are also evaluated after 1/4 and 1/2 of the
+        fine-tuning budget (the report states the change over the last doubling).
+    keep_checkpoints: False deletes each block's weights once its metrics are written
+        (pre-training weights once every probe and cell of the block has finished).
+    finetune_with: "lrcseg" (lrcseg's fine-tuning) or "nnunet": every initialisation is then
+        nnU-Net's 2d network (its plans, made once by nnU-Net's planner for the dataset in
+        ``<out>/nnunet``), pre-trained through ``--nnunet-plans`` and fine-tuned by nnU-Net's
+        own trainer on the K labelled cases for ``finetune_steps`` iterations
+        (``nnunet_iterations_per_epoch`` per epoch), scored by lrcseg's evaluation. Needs the
+        lrcseg[nnunet] extra and an nnU-Net raw dataset (phantoms are one); no probes or
+        learning curves; the pre-training views are the plans' patch, not image_size.
+    nnunet_dataset_id: the id under which nnU-Net sees the dataset (its folder naming).
+    nnunet_mirroring: nnU-Net's test-time mirroring when predicting (its default; on).
+    nnunet_batch_size: nnU-Net's fine-tuning batch size (None = the plans'; a CPU-sized run
+        may lower it).
+    """
+
+    dataset: str | None = None
+    phantoms: PhantomSpec | None = None
+    labels_dataset: str | None = None
+    initialisations: list[InitSpec] = field(default_factory=lambda: [
+        InitSpec("scratch"), InitSpec("moco", "moco"), InitSpec("moco_lrc", "moco", lrc=True)])
+    labeled: list[int] = field(default_factory=lambda: [1, 2])
+    draws: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pretrain_steps: int = 2000
+    finetune_steps: int = 500
+    backbone: str = "resnet18"
+    image_size: int = 128
+    spacing_mm: float = 2.0
+    batch_size: int = 32
+    finetune_batch_size: int = 8
+    pretrain_lr: float = 1e-3
+    finetune_lr: float = 1e-3
+    warmup_steps: int = 50
+    device: str = "auto"
+    eval_split: str = "test"
+    baselines: list[str] = field(default_factory=lambda: ["scratch", "moco"])
+    configurations_tried: int = 0
+    bootstrap_resamples: int = 10000
+    bootstrap_seed: int = 0
+    qualitative_figure: bool = True
+    cache_dir: str | None = None
+    pretrain_overrides: dict[str, Any] = field(default_factory=dict)
+    probe: bool = False
+    probe_pixels: int = 20000
+    finetune: bool = True
+    learning_curve: list[str] = field(default_factory=list)
+    keep_checkpoints: bool = True
+    finetune_with: str = "lrcseg"
+    nnunet_iterations_per_epoch: int = 250
+    nnunet_dataset_id: int = 990
+    nnunet_mirroring: bool = True
+    nnunet_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
+                                for s in self.initialisations]
+        names = [s.name for s in self.initialisations]
+        _check(len(names) > 0, "initialisations: need at least one")
+        _check(len(set(names)) == len(names), f"initialisations: duplicate names in {names}")
+        _check((self.dataset is None) != (self.phantoms is None),
+               "give exactly one of dataset (a path) or phantoms (a block to generate them)")
+        self.labeled = [int(k) for k in self.labeled]
+        self.draws = [int(d) for d in self.draws]
+        self.seeds = [int(s) for s in self.seeds]
+        for key in ("labeled", "draws", "seeds"):
+            values = getattr(self, key)
+            _check(len(values) > 0 and len(set(values)) == len(values),
+                   f"Illegal {key} {values}: a non-empty list without repeats")
+        _check(all(k >= 1 for k in self.labeled), f"Illegal labeled {self.labeled}: counts >= 1")
+        _check(self.pretrain_steps >= 1 and self.finetune_steps >= 1,
+               f"Illegal budgets pretrain_steps={self.pretrain_steps}, "
+               f"finetune_steps={self.finetune_steps}: need >= 1")
+        _check(self.image_size >= 32 and self.image_size % 32 == 0,
+               f"Illegal image_size {self.image_size}: a multiple of 32, >= 32")
+        _check(self.batch_size >= 2, f"Illegal batch_size {self.batch_size}: need >= 2 (contrastive)")
+        _check(self.finetune_batch_size >= 1, f"Illegal finetune_batch_size {self.finetune_batch_size}")
+        _check(self.configurations_tried >= 0,
+               f"Illegal configurations_tried {self.configurations_tried}: need >= 0")
+        _check(self.bootstrap_resamples >= 100,
+               f"Illegal bootstrap_resamples {self.bootstrap_resamples}: need >= 100")
+        _check(self.eval_split != "train",
+               "Illegal eval_split 'train': the labelled cases are drawn from it; use test "
+               "(or pretrain for a hyper-parameter sweep)")
+        unknown = sorted(set(self.baselines) - set(names))
+        _check(not unknown, f"baselines {unknown} are not initialisations ({names})")
+        unknown = sorted(set(self.learning_curve) - set(names))
+        _check(not unknown, f"learning_curve {unknown} are not initialisations ({names})")
+        _check(self.finetune or self.probe, "finetune: false needs probe: true (nothing to run)")
+        _check(self.probe_pixels >= 100, f"Illegal probe_pixels {self.probe_pixels}: need >= 100")
+        _check(isinstance(self.pretrain_overrides, dict),
+               "pretrain_overrides must be a mapping of pre-training config keys")
+        _check(self.finetune_with in ("lrcseg", "nnunet"),
+               f"Illegal finetune_with {self.finetune_with!r}: lrcseg or nnunet")
+        if self.finetune_with == "nnunet":
+            _check(not self.probe and not self.learning_curve,
+                   "finetune_with nnunet: the probe and learning curves read lrcseg's networks; "
+                   "set probe: false and learning_curve: []")
+            _check(self.finetune, "finetune_with nnunet needs finetune: true")
+            _check(not any(s.method == "supervised" for s in self.initialisations),
+                   "finetune_with nnunet: supervised pre-training is not available for nnU-Net "
+                   "networks yet")
+            _check(self.nnunet_batch_size is None or self.nnunet_batch_size >= 1,
+                   f"Illegal nnunet_batch_size {self.nnunet_batch_size}: >= 1 or null")
+            _check(1 <= self.nnunet_dataset_id <= 999,
+                   f"Illegal nnunet_dataset_id {self.nnunet_dataset_id}: 1..999")
+            per_epoch = self.nnunet_iterations_per_epoch
+            _check(per_epoch >= 1 and (self.finetune_steps <= per_epoch
+                                       or self.finetune_steps % per_epoch == 0),
+                   f"finetune_steps {self.finetune_steps} must be a multiple of "
+                   f"nnunet_iterations_per_epoch {per_epoch} (or smaller than it)")
+        if any(s.method == "supervised" for s in self.initialisations):
+            _check(self.labels_dataset is not None,
+                   "a 'supervised' initialisation needs labels_dataset (the labelled source)")
+        # Validate the derived run configs now, so a bad field fails before any training.
+        ModelConfig(backbone=self.backbone)
+        PreprocessConfig(spacing_mm=self.spacing_mm)
+        OptimConfig(lr=self.pretrain_lr, warmup_steps=self.warmup_steps)
+        OptimConfig(lr=self.finetune_lr, warmup_steps=self.warmup_steps)
+
+    def init(self, name: str) -> InitSpec:
+        return next(s for s in self.initialisations if s.name == name)
+
+
 # --------------------------------------------------------------------------- (de)serialisation
 
 

@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from lrcseg.commands._run_options import config_yaml, require_out
-    from lrcseg.config import load_config
-    from lrcseg.experiment.runner import ExperimentConfig, run_experiment
+    from lrcseg.config import ExperimentConfig, load_config
+    from lrcseg.experiment.runner import run_experiment
 
     if not args.print_config:
         require_out(args)

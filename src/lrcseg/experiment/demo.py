@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import torch
 
 from lrcseg.config import (
     AugmentConfig,
@@ -27,7 +31,21 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
+from lrcseg.data.check import check_data
+from lrcseg.data.slice_cache import SliceCache
+from lrcseg.data.splits import pretraining_cases
+from lrcseg.evaluate.metrics import write_metrics
+from lrcseg.evaluate.run import evaluate_model
+from lrcseg.experiment.console import say
+from lrcseg.experiment.report import HD95_CONVENTION, hd95_summary
 from lrcseg.io_utils import append_invocation, atomic_write_json, atomic_write_text
+from lrcseg.phantoms.generate import write_phantom_dataset
+from lrcseg.runtime import resolve_device
+from lrcseg.superpixels.region_cache import RegionCache
+from lrcseg.train.checkpoint import find_checkpoint
+from lrcseg.train.finetune import finetune
+from lrcseg.train.pretrain import pretrain
+from lrcseg.viz import montage
 
 
 @dataclass(frozen=True)
@@ -49,8 +67,7 @@ FAST = DemoSize(cases=6, phantom_spacing=(3.0, 3.0, 6.0), spacing_mm=3.0, image_
 INITIALISATIONS = ("scratch", "moco", "moco_lrc")
 
 
-def _say(message: str) -> None:
-    print(f"[demo] {message}", flush=True)
+_say = partial(say, "demo")
 
 
 def demo_configs(out: Path, size: DemoSize, device: str, seed: int = 0
@@ -87,58 +104,20 @@ def demo_configs(out: Path, size: DemoSize, device: str, seed: int = 0
 def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = "auto",
              progress: bool = True) -> dict[str, Any]:
     """Run every stage; returns {"results": {init: metrics}, "report": path, "seconds": s}."""
-    from lrcseg.data.check import check_data
-    from lrcseg.evaluate.metrics import write_metrics
-    from lrcseg.evaluate.run import evaluate_model
-    from lrcseg.phantoms.generate import write_phantom_dataset
-    from lrcseg.runtime import resolve_device
-    from lrcseg.train.checkpoint import find_checkpoint
-    from lrcseg.train.finetune import finetune
-    from lrcseg.train.pretrain import pretrain
-
     t0 = time.time()
     out = Path(out)
     size = FAST if fast else FULL
     _say(f"{'fast ' if fast else ''}smoke run of the whole pipeline in {out}/ "
          "(not evidence: see docs/results/ for measured comparisons)")
     data = out / "phantoms"
-    if not (data / "dataset.json").is_file():
-        _say(f"1/6 writing {size.cases} synthetic abdominal CT phantoms to {data}")
-        write_phantom_dataset(data, cases=size.cases, seed=0, spacing_mm=size.phantom_spacing)
-    else:
-        _say(f"1/6 phantoms already in {data}")
-
-    report = check_data(data)
-    if report["errors"]:
-        raise RuntimeError(f"the demo dataset failed its own check: {report['errors']}")
-    _say(f"2/6 check-data: {len(report['cases'])} cases read back, no errors")
-
+    _write_phantoms(data, size)
+    _check_phantoms(data)
     pretrain_cfgs, finetune_cfgs = demo_configs(out, size, device)
     _say("3/6 superpixel regions (cached) and an overlay figure")
     _region_figure(pretrain_cfgs["moco_lrc"], out / "figures" / "superpixels.png")
-
-    for name, cfg in pretrain_cfgs.items():
-        if find_checkpoint(Path(cfg.run.out)) and (Path(cfg.run.out) / "final.pt").is_file():
-            _say(f"4/6 pre-training {name}: done already")
-            continue
-        resume = (Path(cfg.run.out) / "checkpoint.pt").is_file()
-        _say(f"4/6 pre-training {name} ({cfg.run.steps} steps, {cfg.model.backbone}, "
-             f"{cfg.augment.image_size} px views)")
-        pretrain(cfg, resume=resume, progress=progress)
-
-    results: dict[str, Any] = {}
-    dev = resolve_device(device)
-    for name, cfg in finetune_cfgs.items():
-        if not (Path(cfg.run.out) / "final.pt").is_file():
-            resume = (Path(cfg.run.out) / "checkpoint.pt").is_file()
-            _say(f"5/6 fine-tuning {name} on {int(cfg.labeled)} labelled case ({cfg.run.steps} steps)")
-            finetune(cfg, resume=resume, progress=progress)
-        metrics_path = Path(cfg.run.out) / "metrics.json"
-        _say(f"6/6 evaluating {name} on the test split")
-        result = evaluate_model(cfg.run.out, cfg.dataset, "test", dev,
-                                figures_dir=out / "figures" / name, progress=progress)
-        write_metrics(result, metrics_path)
-        results[name.removeprefix("ft_")] = result
+    _pretrain_all(pretrain_cfgs, progress)
+    results = _finetune_and_evaluate(finetune_cfgs, resolve_device(device), out / "figures",
+                                     progress)
 
     table = comparison_table(results)
     print(table)
@@ -150,6 +129,54 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
     atomic_write_json(out / "results.json", {"results": results, "seconds": seconds})
     _say(f"done in {seconds:.0f} s: {report_path}, figures in {out / 'figures'}")
     return {"results": results, "report": str(report_path), "seconds": seconds}
+
+
+def _write_phantoms(data: Path, size: DemoSize) -> None:
+    """Stage 1: the phantom dataset, unless it is there already."""
+    if not (data / "dataset.json").is_file():
+        _say(f"1/6 writing {size.cases} synthetic abdominal CT phantoms to {data}")
+        write_phantom_dataset(data, cases=size.cases, seed=0, spacing_mm=size.phantom_spacing)
+    else:
+        _say(f"1/6 phantoms already in {data}")
+
+
+def _check_phantoms(data: Path) -> None:
+    """Stage 2: every case read back through the readers users' data goes through."""
+    report = check_data(data)
+    if report["errors"]:
+        raise RuntimeError(f"the demo dataset failed its own check: {report['errors']}")
+    _say(f"2/6 check-data: {len(report['cases'])} cases read back, no errors")
+
+
+def _pretrain_all(configs: dict[str, PretrainConfig], progress: bool) -> None:
+    """Stage 4: each pre-training run, skipped if finished, resumed from its checkpoint."""
+    for name, cfg in configs.items():
+        if find_checkpoint(Path(cfg.run.out)) and (Path(cfg.run.out) / "final.pt").is_file():
+            _say(f"4/6 pre-training {name}: done already")
+            continue
+        resume = (Path(cfg.run.out) / "checkpoint.pt").is_file()
+        _say(f"4/6 pre-training {name} ({cfg.run.steps} steps, {cfg.model.backbone}, "
+             f"{cfg.augment.image_size} px views)")
+        pretrain(cfg, resume=resume, progress=progress)
+
+
+def _finetune_and_evaluate(configs: dict[str, FinetuneConfig], device: torch.device,
+                           figures: Path, progress: bool) -> dict[str, Any]:
+    """Stages 5 and 6: fine-tune each initialisation (unless finished) and evaluate it on the
+    test split; returns {init: metrics} (``SegmentationMetrics.result()`` dicts)."""
+    results: dict[str, Any] = {}
+    for name, cfg in configs.items():
+        if not (Path(cfg.run.out) / "final.pt").is_file():
+            resume = (Path(cfg.run.out) / "checkpoint.pt").is_file()
+            _say(f"5/6 fine-tuning {name} on {int(cfg.labeled)} labelled case ({cfg.run.steps} steps)")
+            finetune(cfg, resume=resume, progress=progress)
+        metrics_path = Path(cfg.run.out) / "metrics.json"
+        _say(f"6/6 evaluating {name} on the test split")
+        result = evaluate_model(cfg.run.out, cfg.dataset, "test", device,
+                                figures_dir=figures / name, progress=progress)
+        write_metrics(result, metrics_path)
+        results[name.removeprefix("ft_")] = result
+    return results
 
 
 def comparison_table(results: dict[str, dict[str, Any]]) -> str:
@@ -172,8 +199,6 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
 def hd95_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: HD95 per organ (rows) for each initialisation (columns) as
     "mean / median (capped c of n)" in mm (``lrcseg.experiment.report.hd95_summary``)."""
-    from lrcseg.experiment.report import hd95_summary
-
     inits = list(results)
     summaries = {init: hd95_summary(results[init]) for init in inits}
     organs = next(iter(results.values()))["organs"] if results else []
@@ -190,13 +215,6 @@ def hd95_table(results: dict[str, dict[str, Any]]) -> str:
 
 def _region_figure(cfg: PretrainConfig, path: Path) -> None:
     """Superpixel boundaries on a few pre-training slices (radiological orientation)."""
-    import numpy as np
-
-    from lrcseg.data.slice_cache import SliceCache
-    from lrcseg.data.splits import pretraining_cases
-    from lrcseg.superpixels.region_cache import RegionCache
-    from lrcseg.viz import montage
-
     cases, _ = pretraining_cases(cfg.data)
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
     region_cache = RegionCache(slice_cache, cfg.superpixels)
@@ -216,8 +234,7 @@ def _region_figure(cfg: PretrainConfig, path: Path) -> None:
 
 def _report(table: str, hd95: str, size: DemoSize, seconds: float, fast: bool,
             timings: dict[str, Any]) -> str:
-    from lrcseg.experiment.report import HD95_CONVENTION
-
+    """report.md: the tables, what the run was, and its run time (all invocations)."""
     runs = len(timings["invocations"])
     run_time = (f"{seconds:.0f} s" if runs == 1 else
                 f"{seconds:.0f} s in this invocation, {timings['total_seconds']:.0f} s over the "

@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+from scipy.stats import wilcoxon
 
+from lrcseg.config import ExperimentConfig, to_dict
 from lrcseg.io_utils import atomic_write_text
+from lrcseg.viz import new_figure, overlay_labels, save_figure, show_image
 
 KEY_COLUMNS = ("init", "K", "draw", "seed", "case")
 
@@ -44,8 +48,6 @@ def wilcoxon_p(differences: Sequence[float]) -> float:
 
     All-zero differences give p = 1 (no evidence of a difference); n = 0 gives NaN.
     """
-    from scipy.stats import wilcoxon
-
     d = np.asarray(differences, dtype=np.float64)
     if d.size == 0:
         return math.nan
@@ -326,8 +328,6 @@ def dice_vs_k_figure(table: dict[tuple[str, int], dict[str, tuple[float, float, 
                      inits: Sequence[str], ks: Sequence[int], path: Path) -> None:
     """Mean Dice (per-case mean over organs) against K, one line per initialisation, error
     bars = ± 1 std over (draw, seed, case)."""
-    from lrcseg.viz import new_figure, save_figure
-
     fig = new_figure(5.5, 4.0)
     ax = fig.subplots()
     for j, init in enumerate(inits):
@@ -351,8 +351,6 @@ def organ_bars_figure(table: dict[tuple[str, int], dict[str, tuple[float, float,
                       inits: Sequence[str], ks: Sequence[int], organs: Sequence[str],
                       path: Path) -> None:
     """Grouped bars of mean Dice per organ (± 1 std), one panel per K, one bar per init."""
-    from lrcseg.viz import new_figure, save_figure
-
     fig = new_figure(max(6.0, 0.9 * len(organs) * max(1, len(inits)) / 2), 3.2 * len(ks))
     axes = fig.subplots(len(ks), 1, squeeze=False)[:, 0]
     width = 0.8 / max(1, len(inits))
@@ -381,8 +379,6 @@ def qualitative_figure(qualitative: Mapping[str, Any], path: Path) -> None:
     qualitative: {"image": (X, Y) in [0, 1], "reference": (X, Y) ids, "predictions":
     {init: (X, Y) ids}, "labels": {name: id}, "spacing_xy", "case", "z", "K"}.
     """
-    from lrcseg.viz import new_figure, overlay_labels, save_figure, show_image
-
     panels = [("image", None), ("reference", qualitative["reference"]),
               *qualitative["predictions"].items()]
     n_colors = max(qualitative["labels"].values()) + 1
@@ -403,7 +399,7 @@ def qualitative_figure(qualitative: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- report.md
 
 
-def probe_markdown(cfg: Any, probe_path: Path) -> str:
+def probe_markdown(cfg: ExperimentConfig, probe_path: Path) -> str:
     """The probe section: Dice per initialisation and K, per-run paired differences (pairs =
     (draw, pre-training seed)) and the sign of each difference per pre-training seed."""
     rows, organs = read_results_csv(probe_path)
@@ -458,7 +454,7 @@ def curves_markdown(curves: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(cfg: Any, out_dir: Path, results_path: Path, machine: Mapping[str, str],
+def write_report(cfg: ExperimentConfig, out_dir: Path, results_path: Path, machine: Mapping[str, str],
                  timings: Mapping[str, Any], qualitative: Mapping[str, Any] | None = None,
                  probe_path: Path | None = None,
                  curves: Sequence[Mapping[str, Any]] | None = None,
@@ -467,13 +463,9 @@ def write_report(cfg: Any, out_dir: Path, results_path: Path, machine: Mapping[s
 
     cfg: the ExperimentConfig (its settings, baselines and bootstrap parameters are used).
     probe_path: probe_results.csv (same layout) for the probe section; curves: the
-    ``experiment.learning_curves`` rows for the convergence section; hd95: the
+    ``results.learning_curves`` rows for the convergence section; hd95: the
     ``hd95_markdown`` rows (per initialisation and K, pooled over cells, cases and organs).
     """
-    import yaml
-
-    from lrcseg.config import to_dict
-
     out_dir = Path(out_dir)
     rows, organs = read_results_csv(results_path)
     inits = [s.name for s in cfg.initialisations]
