@@ -10,7 +10,8 @@ A method is an ``nn.Module`` (``GlobalMethod``) with
         views: ``Views`` (the augmented images, their labels if any, the step's generators);
         loss: a scalar; stats: detached scalars, logged as "global/<key>";
     after_step(step, total_steps): bookkeeping after the optimiser step (e.g. an EMA);
-    logs_global: False if the method contributes nothing to log (method "none").
+    logs_global: False if the method contributes nothing to log (method "none");
+    needs_labels, position_partitions: what the loop must put into ``Views`` for it.
 Its state_dict holds everything a resume needs (momentum encoders, queue, predictor); the
 pre-training checkpoint stores it as "global_objective". The online network is not part of
 it: a method keeps a plain reference (``self._online = [online]``) when it needs one.
@@ -88,6 +89,11 @@ class GlobalMethod(nn.Module):
     full_decoder = False
     #: False if the method logs no global loss (its loss is always 0)
     logs_global = True
+    #: True if forward needs ``views.labels1/2`` at every step (and ``views.labelled`` when
+    #: the pool mixes labelled and unlabelled slices), e.g. supervised pre-training
+    needs_labels = False
+    #: P > 0: forward needs ``views.groups``, each slice's relative z position binned in P
+    position_partitions = 0
 
     @classmethod
     def from_config(cls, cfg: PretrainConfig, online: PretrainNetwork,

@@ -193,9 +193,11 @@ class MoCo(GlobalMethod):
             what = "2 x global batch" if context.gather else "2 x batch_size"
             raise ConfigError(f"moco.queue_size {queue} must be a multiple of {what} = {per_step} "
                               "(both views' keys are enqueued each step)")
-        return cls(online, queue, cfg.moco.temperature, cfg.moco.momentum, cfg.moco.shuffle_bn,
-                   cfg.run.seed, gather_keys=context.gather,
-                   grouped=cfg.moco.position_partitions > 0)
+        method = cls(online, queue, cfg.moco.temperature, cfg.moco.momentum,
+                     cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=context.gather,
+                     grouped=cfg.moco.position_partitions > 0)
+        method.position_partitions = cfg.moco.position_partitions
+        return method
 
     def _key_forward(self, views: Views) -> KeyForward:
         if self.cross_rank_shuffle:

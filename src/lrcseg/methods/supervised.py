@@ -38,6 +38,7 @@ class Supervised(GlobalMethod):
     """
 
     full_decoder = True
+    needs_labels = True
 
     def __init__(self, decoder_channels: int, num_classes: int, spatial_dims: int = 2):
         super().__init__()

@@ -194,7 +194,7 @@ class Pretraining:
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg.optim, ctx.device)
         self.with_labels = self.data.dataset.with_organs and (
-            cfg.lrc.enabled or cfg.method == "supervised")
+            cfg.lrc.enabled or self.global_objective.needs_labels)
         self.logger: RunLogger | None = None
         self._last: tuple | None = None
 
@@ -298,7 +298,7 @@ class Pretraining:
     def _views(self, batch: dict[str, Tensor], step: int) -> tuple[Views, Tensor, Tensor]:
         """The two augmented views of the batch (geometry shared with regions and labels) and
         their region maps (B, S, S) long."""
-        cfg, rank = self.cfg, self.ctx.rank
+        cfg, rank, method = self.cfg, self.ctx.rank, self.global_objective
         g = step_generator(cfg.run.seed, step, rank)
         view1, regions1, view2, regions2 = self.augment(batch["image"], batch["regions"].long(), g)
         if self.logger is not None and cfg.run.image_every and step % cfg.run.image_every == 0:
@@ -306,17 +306,17 @@ class Pretraining:
                                        channel=self.step_module.intensity_channel)
         labels1 = labels2 = None
         logging_step = (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps
-        if self.with_labels and (cfg.method == "supervised" or logging_step):
+        if self.with_labels and (method.needs_labels or logging_step):
             labels1, labels2 = self.augment.labels_in_views(batch["organs"].long(),
                                                             step_generator(cfg.run.seed, step, rank))
         if cfg.run.channels_last:
             view1 = view1.contiguous(memory_format=torch.channels_last)
             view2 = view2.contiguous(memory_format=torch.channels_last)
         groups = labelled = None
-        if cfg.method == "moco" and cfg.moco.position_partitions > 0:
-            partitions = cfg.moco.position_partitions
+        if method.position_partitions > 0:
+            partitions = method.position_partitions
             groups = (batch["position"] * partitions).long().clamp_(max=partitions - 1)
-        if cfg.method == "supervised" and self.data.mixed_pool:
+        if method.needs_labels and self.data.mixed_pool:
             labelled = (batch["organs"] >= 0).flatten(1).any(1)
         views = Views(view1, view2, g, step_generator(cfg.run.seed, step, SHARED_STREAM),
                       labels1, labels2, groups, labelled)
