@@ -90,9 +90,9 @@ def run_demo(out: str | Path = "lrcseg_demo", fast: bool = False, device: str = 
     from lrcseg.data.check import check_data
     from lrcseg.evaluate.metrics import write_metrics
     from lrcseg.evaluate.run import evaluate_model
+    from lrcseg.models.load import find_checkpoint
     from lrcseg.phantoms.generate import write_phantom_dataset
     from lrcseg.runtime import resolve_device
-    from lrcseg.train.checkpoint import find_checkpoint
     from lrcseg.train.finetune import finetune
     from lrcseg.train.pretrain import pretrain
 

@@ -760,8 +760,8 @@ def _finetune_with_nnunet(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir
     from lrcseg.data.layouts import load_dataset
     from lrcseg.data.splits import choose_labelled, split_cases
     from lrcseg.models.export import export_nnunet
+    from lrcseg.models.load import load_pretrain_network
     from lrcseg.train import nnunet_finetune
-    from lrcseg.train.checkpoint import load_pretrain_network
 
     dataset = load_dataset(data)
     labelled = choose_labelled(dataset, cell.labeled, cell.draw)["labeled"]
@@ -902,13 +902,12 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
     Uses the first draw and seed and the smallest K; the slice is the test case's axial slice
     with the most reference foreground. Returns None if any of those cells is missing.
     """
-    import numpy as np
-
     from lrcseg.data.layouts import apply_label_map, load_dataset
     from lrcseg.data.readers import read_image, read_label
     from lrcseg.data.splits import split_cases
     from lrcseg.evaluate.predict import predict_labels
     from lrcseg.models.load import load_finetuned
+    from lrcseg.viz import representative_slice
 
     k, draw, seed = min(cfg.labeled), cfg.draws[0], cfg.seeds[0]
     runs = {s.name: cell_dir(out_dir, Cell(s.name, k, draw, seed))
@@ -926,10 +925,9 @@ def _qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
         predictions[name] = predict_labels(model, image, meta["preprocess"], device=device,
                                            num_classes=max(labels.values()) + 1)
     ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels, None)
-    z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
-    lo, hi = meta["preprocess"].window_hu
+    z, grey = representative_slice(image.array, ref, meta["preprocess"].window_hu)
     return {"case": case.id, "z": z, "K": k, "draw": draw, "seed": seed,
-            "image": np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1),
+            "image": grey,
             "reference": ref[:, :, z], "labels": labels,
             "predictions": {n: p[:, :, z] for n, p in predictions.items()},
             "spacing_xy": image.spacing[:2]}
