@@ -21,8 +21,8 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
+from lrcseg.models.load import load_checkpoint, resolve_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
-from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
 from lrcseg.train.finetune import finetune
 from lrcseg.train.pretrain import pretrain
 

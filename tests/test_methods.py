@@ -27,9 +27,9 @@ from lrcseg.methods.none import NoGlobal
 from lrcseg.methods.registry import method_class, method_names, register_method
 from lrcseg.methods.simclr import SimCLR
 from lrcseg.methods.supervised import Supervised
+from lrcseg.models.load import load_checkpoint, upgrade_checkpoint
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.phantoms.generate import write_phantom_dataset
-from lrcseg.train.checkpoint import load_checkpoint, upgrade_checkpoint
 
 
 def unit(*shape, seed=0):

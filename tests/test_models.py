@@ -88,3 +88,43 @@ def test_channels_last_and_bf16_autocast():
     (out["global"].sum() + out["local"][0].sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
     assert net.unet.encoder.conv1.weight.grad.abs().sum() > 0
+
+
+def test_resolve_checkpoint_prefers_final_then_latest(tmp_path):
+    from lrcseg.errors import ConfigError
+    from lrcseg.models.load import FINAL, LATEST, find_checkpoint, resolve_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert find_checkpoint(run) is None
+    with pytest.raises(ConfigError, match="not a fine-tuning run folder"):
+        resolve_checkpoint(run, "fine-tuning run")
+    with pytest.raises(ConfigError, match="no such pre-training run"):
+        resolve_checkpoint(tmp_path / "missing", "pre-training run")
+    (run / LATEST).write_bytes(b"")
+    assert resolve_checkpoint(run, "run") == run / LATEST
+    (run / FINAL).write_bytes(b"")
+    assert resolve_checkpoint(run, "run") == run / FINAL
+    assert find_checkpoint(run, prefer_final=False) == run / LATEST
+    assert resolve_checkpoint(run / LATEST, "run") == run / LATEST  # a file is itself
+
+
+def test_pretrained_weights_fill_a_plain_unet_but_its_head(tmp_path):
+    from lrcseg.errors import ConfigError
+    from lrcseg.models.load import load_backbone, load_finetuned, pretrained_unet_weights
+
+    cfg = ModelConfig(backbone="resnet10", proj_dim=8)
+    net = PretrainNetwork(cfg, 1)
+    state = {"kind": "pretrain", "network": net.state_dict(), "config": {"model": {}}}
+    weights = pretrained_unet_weights(state)
+    assert weights and not any(k.startswith(("unet.", "segmentation_head.")) for k in weights)
+    unet = build_unet(cfg, 1, 3)
+    load_backbone(unet, weights, "run")
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(ConfigError, match="run: weights do not fit"):
+        load_backbone(build_unet(ModelConfig(backbone="resnet18"), 1, 3), weights, "run")
+    with pytest.raises(ConfigError, match="nnU-Net"):
+        pretrained_unet_weights({**state, "config": {"model": {"nnunet": {"plans": "p.json"}}}})
+    torch.save(state, tmp_path / "final.pt")
+    with pytest.raises(ConfigError, match="not a fine-tuned model"):
+        load_finetuned(tmp_path)

@@ -24,9 +24,9 @@ from lrcseg.config import (
 )
 from lrcseg.errors import ConfigError, TrainingDiverged
 from lrcseg.losses.lrc import LRCLoss
+from lrcseg.models.load import load_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train import pretrain as pretrain_module
-from lrcseg.train.checkpoint import load_checkpoint
 from lrcseg.train.pretrain import pretrain
 from lrcseg.train.pretrain_data import build_pretrain_data
 

@@ -19,9 +19,9 @@ from lrcseg.config import (
     PretrainConfig,
     RunConfig,
 )
+from lrcseg.models.load import load_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.train import runlog
-from lrcseg.train.checkpoint import load_checkpoint
 from lrcseg.train.pretrain import pretrain
 from lrcseg.train.runlog import RunLogger, read_metrics
 

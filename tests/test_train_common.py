@@ -193,7 +193,8 @@ def test_resume_of_a_finetune_run():
 
 
 def test_final_state_is_stored_once_and_later_checkpoints_leave_it_alone(tmp_path):
-    from lrcseg.train.checkpoint import load_checkpoint, save_checkpoint
+    from lrcseg.models.load import load_checkpoint
+    from lrcseg.train.checkpoint import save_checkpoint
 
     w = torch.arange(1000, dtype=torch.float32)
     save_checkpoint(tmp_path, {"step": 5, "w": w}, final=True)
@@ -209,8 +210,8 @@ def test_final_state_is_stored_once_and_later_checkpoints_leave_it_alone(tmp_pat
 def test_checkpoints_of_the_single_level_era_still_load(tmp_path):
     # Before multi-level LRC: model.local_level (an int) and network keys local_head.*.
     from lrcseg.config import ModelConfig, PretrainConfig, from_dict, to_dict
+    from lrcseg.models.load import load_checkpoint
     from lrcseg.models.pretrain_net import PretrainNetwork
-    from lrcseg.train.checkpoint import load_checkpoint
 
     net = PretrainNetwork(ModelConfig(backbone="resnet10", local_levels=(2,), proj_dim=8), 1)
     old_network = {("local_head." + k[len("local_heads.0."):] if k.startswith("local_heads.0.") else k): v

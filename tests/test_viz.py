@@ -30,6 +30,30 @@ def test_radiological_puts_patient_right_left_and_anterior_up():
         viz.radiological(np.zeros((2, 2, 2)))
 
 
+def test_hu_to_grey_maps_the_window_to_unit_grey_levels():
+    hu = np.array([-1000.0, -175.0, 37.5, 250.0, 900.0], dtype=np.float32)
+    grey = viz.hu_to_grey(hu, (-175.0, 250.0))
+    assert grey.dtype == np.float32
+    np.testing.assert_array_equal(grey, np.clip((hu + 175.0) / 425.0, 0.0, 1.0))
+    assert grey[0] == 0.0 and grey[2] == np.float32(0.5) and grey[-1] == 1.0
+    with pytest.raises(ValueError, match="lo < hi"):
+        viz.hu_to_grey(hu, (250.0, -175.0))
+
+
+def test_representative_slice_is_the_one_with_most_foreground():
+    hu = np.linspace(-200.0, 300.0, 6 * 5 * 4, dtype=np.float32).reshape(6, 5, 4)
+    labels = np.zeros((6, 5, 4), dtype=np.int16)
+    labels[:2, :2, 1] = 3       # 4 voxels
+    labels[:3, :3, 2] = 1       # 9 voxels: the most
+    labels[3:, 2:, 3] = 2       # 9 voxels too: the first one wins
+    z, grey = viz.representative_slice(hu, labels, (-175.0, 250.0))
+    assert z == 2 and grey.shape == (6, 5)
+    np.testing.assert_array_equal(grey, viz.hu_to_grey(hu[:, :, 2], (-175.0, 250.0)))
+    assert viz.representative_slice(hu, np.zeros_like(labels), (-175.0, 250.0))[0] == 0
+    with pytest.raises(ValueError, match="one shape"):
+        viz.representative_slice(hu, labels[:, :, :2], (-175.0, 250.0))
+
+
 def test_label_colors_fixed_and_background_transparent():
     a = viz.label_colors(20)
     b = viz.label_colors(5)

@@ -56,6 +56,35 @@ def radiological(slice_hw: np.ndarray) -> np.ndarray:
     return slice_hw.T[::-1, ::-1]
 
 
+def hu_to_grey(hu: np.ndarray, window_hu: tuple[float, float]) -> np.ndarray:
+    """Grey levels in [0, 1] of CT values for display: ``clip((hu - lo) / (hi - lo), 0, 1)``.
+
+    hu: an array of any shape in HU (float32 stays float32); window_hu: ``(lo, hi)`` with
+    ``lo < hi``, e.g. the preprocessing window ``PreprocessConfig.window_hu``.
+    """
+    lo, hi = window_hu
+    if not lo < hi:
+        raise ValueError(f"Illegal window_hu {window_hu}: need lo < hi")
+    return np.clip((hu - lo) / (hi - lo), 0, 1)
+
+
+def representative_slice(hu_xyz: np.ndarray, labels_xyz: np.ndarray,
+                         window_hu: tuple[float, float]) -> tuple[int, np.ndarray]:
+    """The axial slice that shows a labelled volume best, windowed for display.
+
+    hu_xyz: the CT ``(X, Y, Z)`` in HU; labels_xyz: integer ids ``(X, Y, Z)`` on the same grid
+    (0 = background). Returns ``(z, grey)``: z is the slice with the most foreground voxels
+    (the first one on ties, 0 when there is no foreground) and grey the ``(X, Y)`` slice
+    ``hu_to_grey(hu_xyz[:, :, z], window_hu)``.
+    """
+    labels_xyz = np.asarray(labels_xyz)
+    if labels_xyz.ndim != 3 or np.shape(hu_xyz) != labels_xyz.shape:
+        raise ValueError(f"representative_slice needs (X, Y, Z) image and labels of one shape, "
+                         f"got {np.shape(hu_xyz)} and {labels_xyz.shape}")
+    z = int(np.argmax((labels_xyz > 0).reshape(-1, labels_xyz.shape[2]).sum(axis=0)))
+    return z, hu_to_grey(hu_xyz[:, :, z], window_hu)
+
+
 def label_colors(n: int) -> np.ndarray:
     """Fixed RGBA colour table ``(n, 4)`` float in [0, 1] for label ids ``0..n-1``.
 

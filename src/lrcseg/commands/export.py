@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from lrcseg.config import to_dict
     from lrcseg.errors import ConfigError
     from lrcseg.models.export import export_nnunet, export_weights
-    from lrcseg.train.checkpoint import load_pretrain_network
+    from lrcseg.models.load import load_pretrain_network
 
     if Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: --out is a folder; name the .pt file to write")

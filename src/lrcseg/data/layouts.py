@@ -416,3 +416,23 @@ def apply_label_map(label_array: np.ndarray, dataset_labels: dict[str, int],
     for did, mid in lut.items():
         table[did] = mid
     return table[np.asarray(label_array, dtype=np.int64)]
+
+
+def model_labels(dataset_labels: dict[str, int], label_map: str | None
+                 ) -> tuple[dict[str, int], np.ndarray | None]:
+    """The model's label names -> ids, and the dataset -> model id table (None = identity).
+
+    Without a label map the model predicts the dataset's labels. With one (a JSON file
+    ``{dataset name or id: model name}``) the model's classes are background plus the mapped
+    names in sorted order; dataset labels that are not mapped become background.
+    """
+    if not label_map:
+        return dict(sorted(dataset_labels.items(), key=lambda kv: kv[1])), None
+    mapping = load_label_map(label_map)
+    names = sorted(set(mapping.values()) - {"background"})
+    labels = {"background": 0, **{name: i + 1 for i, name in enumerate(names)}}
+    lut = label_lookup(dataset_labels, labels, mapping)
+    table = np.zeros(max(lut) + 1, dtype=np.int64)
+    for dataset_id, model_id in lut.items():
+        table[dataset_id] = model_id
+    return labels, table

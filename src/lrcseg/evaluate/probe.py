@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrcseg.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset
+from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset, model_labels
 from lrcseg.data.preprocess import stack_context
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.slice_cache import CachedVolume, SliceCache
@@ -60,10 +60,14 @@ from lrcseg.evaluate.metrics import SegmentationMetrics
 from lrcseg.evaluate.predict import pad_amounts, predict_labels
 from lrcseg.evaluate.run import check_label_names
 from lrcseg.models.export import load_exported
-from lrcseg.models.load import load_finetuned
-from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet
-from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint
-from lrcseg.train.finetune import model_labels, pretrained_unet_weights
+from lrcseg.models.load import (
+    load_backbone,
+    load_checkpoint,
+    load_finetuned,
+    pretrained_unet_weights,
+    resolve_checkpoint,
+)
+from lrcseg.models.unet import build_unet
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
@@ -341,15 +345,6 @@ def fit_probe(features: DenseFeatures, volumes: Sequence[CachedVolume], picks: S
     return model, info
 
 
-def _load_backbone(unet: FlexibleUNet, weights: dict[str, Tensor], path: Path) -> None:
-    """Load encoder + decoder weights; every key but the segmentation head's must fit."""
-    result = unet.load_state_dict(weights, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(SEGMENTATION_HEAD_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise ConfigError(f"{path}: weights do not fit the FlexibleUNet (missing {missing[:5]}, "
-                          f"unexpected {list(result.unexpected_keys)[:5]})")
-
-
 def load_probe_network(model: str, backbone: str | None = None, spacing_mm: float | None = None,
                        seed: int = 0) -> tuple[FlexibleUNet, PreprocessConfig, dict[str, Any]]:
     """The U-Net to probe, its preprocessing and its provenance.
@@ -373,7 +368,7 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
     if path.with_suffix(".json").is_file():
         weights, meta = load_exported(path)
         unet = FlexibleUNet(**meta["flexible_unet"], out_channels=1)
-        _load_backbone(unet, weights, path)
+        load_backbone(unet, weights, path)
         preprocess = from_dict(PreprocessConfig, meta["preprocess"])
         info = {"model": str(path), "kind": "exported",
                 "backbone": meta["flexible_unet"]["backbone"]}
@@ -386,7 +381,7 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
                                     decoder_channels=their["decoder_channels"])
             preprocess = from_dict(PreprocessConfig, state["config"]["preprocess"])
             unet = build_unet(model_cfg, preprocess.in_channels, 1)
-            _load_backbone(unet, pretrained_unet_weights(state), path)
+            load_backbone(unet, pretrained_unet_weights(state), path)
             info = {"model": str(path), "kind": kind, "backbone": model_cfg.backbone}
         elif kind == "finetune":
             unet, meta = load_finetuned(path)

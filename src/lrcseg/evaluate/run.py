@@ -1,6 +1,7 @@
 """Evaluate a fine-tuned model on a dataset split: predictions, metrics, figures.
 
-Kept apart from ``evaluate.py`` (pure metrics) because it reads data and runs the network.
+Kept apart from ``metrics.py`` (pure metrics) and ``predict.py`` (one volume through the
+network) because it reads the dataset and orchestrates both.
 """
 
 from __future__ import annotations
@@ -71,11 +72,9 @@ def write_case_figure(path: Path, image, ref: np.ndarray, pred: np.ndarray,
                       dice: float | None = None) -> None:
     """Overlay figure of the axial slice with the most reference foreground, shown in the
     model's HU window; the title gives the case's mean Dice and the slice position."""
-    from lrcseg.viz import prediction_figure
+    from lrcseg.viz import prediction_figure, representative_slice
 
-    z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
-    lo, hi = window_hu
-    slice_hu = np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1)
+    z, slice_hu = representative_slice(image.array, ref, window_hu)
     z_mm = float((image.affine @ [0.0, 0.0, float(z), 1.0])[2])
     score = "" if dice is None else f", case mean Dice {dice:.3f}"
     prediction_figure(slice_hu, ref[:, :, z], pred[:, :, z], path,

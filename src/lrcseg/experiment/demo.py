@@ -39,10 +39,10 @@ from lrcseg.evaluate.run import evaluate_model
 from lrcseg.experiment.console import say
 from lrcseg.experiment.report import HD95_CONVENTION, hd95_summary
 from lrcseg.io_utils import append_invocation, atomic_write_json, atomic_write_text
+from lrcseg.models.load import find_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.runtime import resolve_device
 from lrcseg.superpixels.region_cache import RegionCache
-from lrcseg.train.checkpoint import find_checkpoint
 from lrcseg.train.finetune import finetune
 from lrcseg.train.pretrain import pretrain
 from lrcseg.viz import montage

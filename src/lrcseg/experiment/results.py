@@ -14,8 +14,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lrcseg.config import ExperimentConfig
 from lrcseg.data.layouts import apply_label_map, load_dataset
 from lrcseg.data.readers import read_image, read_label
@@ -25,6 +23,7 @@ from lrcseg.experiment.cells import Cell, cell_dir, cells, curve_steps, metrics_
 from lrcseg.experiment.report import pooled_hd95
 from lrcseg.io_utils import atomic_write_text
 from lrcseg.models.load import load_finetuned
+from lrcseg.viz import representative_slice
 
 
 def load_results(cfg: ExperimentConfig, out_dir: Path, kind: str = "finetune",
@@ -147,10 +146,9 @@ def qualitative_rows(cfg: ExperimentConfig, data: Path, out_dir: Path, device
         predictions[name] = predict_labels(model, image, meta["preprocess"], device=device,
                                            num_classes=max(labels.values()) + 1)
     ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels, None)
-    z = int(np.argmax((ref > 0).reshape(-1, ref.shape[2]).sum(axis=0)))
-    lo, hi = meta["preprocess"].window_hu
+    z, grey = representative_slice(image.array, ref, meta["preprocess"].window_hu)
     return {"case": case.id, "z": z, "K": k, "draw": draw, "seed": seed,
-            "image": np.clip((image.array[:, :, z] - lo) / (hi - lo), 0, 1),
+            "image": grey,
             "reference": ref[:, :, z], "labels": labels,
             "predictions": {n: p[:, :, z] for n, p in predictions.items()},
             "spacing_xy": image.spacing[:2]}

@@ -69,10 +69,10 @@ from lrcseg.experiment.results import (
 )
 from lrcseg.io_utils import append_invocation, atomic_write_text
 from lrcseg.models.export import export_nnunet
+from lrcseg.models.load import load_pretrain_network
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.runtime import resolve_device
 from lrcseg.train import nnunet_finetune
-from lrcseg.train.checkpoint import load_pretrain_network
 from lrcseg.train.finetune import finetune, snapshot_name
 from lrcseg.train.pretrain import pretrain
 

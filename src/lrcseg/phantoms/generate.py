@@ -722,7 +722,7 @@ def _write_montage(path: Path, previews: list[tuple[str, np.ndarray, np.ndarray]
         if organ_slices.size == 0:
             organ_slices = np.arange(hu.shape[2])
         for z in np.linspace(organ_slices[0], organ_slices[-1], 4).round().astype(int):
-            images.append(np.clip((hu[:, :, z] + 175.0) / 425.0, 0.0, 1.0))
+            images.append(viz.hu_to_grey(hu[:, :, z], (-175.0, 250.0)))
             labels.append(lab[:, :, z])
             titles.append(f"{case_id} z={z}")
             z_mm.append(float((affine @ [0.0, 0.0, float(z), 1.0])[2]))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lrcseg.config import flatten_dict
 from lrcseg.errors import ConfigError, warn_data
-from lrcseg.train.checkpoint import FINAL, LATEST, find_checkpoint, load_checkpoint
+from lrcseg.models.load import FINAL, LATEST, find_checkpoint, load_checkpoint
 
 
 class GracefulInterrupt:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +24,23 @@ from torch import Tensor
 from lrcseg.augment import augment_labelled
 from lrcseg.config import (
     FinetuneConfig,
-    ModelConfig,
-    PreprocessConfig,
-    from_dict,
     save_config,
     to_dict,
 )
 from lrcseg.data.layouts import (
     check_label_values,
-    label_lookup,
     load_dataset,
-    load_label_map,
+    model_labels,
 )
 from lrcseg.data.slice_cache import SliceCache
 from lrcseg.data.slices import LabelledSlices
 from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.io_utils import atomic_torch_save, atomic_write_json
-from lrcseg.models.export import load_exported
-from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, flexible_unet_kwargs
+from lrcseg.models.load import load_initialisation
+from lrcseg.models.unet import build_unet, flexible_unet_kwargs
 from lrcseg.runtime import resolve_device, seed_everything
-from lrcseg.train.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint
+from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
     ResumableSampler,
     autocast_context,
@@ -62,26 +57,6 @@ from lrcseg.train.common import (
 from lrcseg.train.loop import TrainingLoop
 from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.runlog import RunLogger, write_run_card
-
-
-def model_labels(dataset_labels: dict[str, int], label_map: str | None
-                 ) -> tuple[dict[str, int], np.ndarray | None]:
-    """The model's label names -> ids, and the dataset -> model id table (None = identity).
-
-    Without a label map the model predicts the dataset's labels. With one (a JSON file
-    ``{dataset name or id: model name}``) the model's classes are background plus the mapped
-    names in sorted order; dataset labels that are not mapped become background.
-    """
-    if not label_map:
-        return dict(sorted(dataset_labels.items(), key=lambda kv: kv[1])), None
-    mapping = load_label_map(label_map)
-    names = sorted(set(mapping.values()) - {"background"})
-    labels = {"background": 0, **{name: i + 1 for i, name in enumerate(names)}}
-    lut = label_lookup(dataset_labels, labels, mapping)
-    table = np.zeros(max(lut) + 1, dtype=np.int64)
-    for dataset_id, model_id in lut.items():
-        table[dataset_id] = model_id
-    return labels, table
 
 
 def default_steps(num_slices: int, batch_size: int) -> int:
@@ -103,55 +78,6 @@ def has_laterality(label_names: list[str]) -> bool:
     then left-right flips would swap classes."""
     sides = {"left", "right", "l", "r", "lt", "rt"}
     return any(sides & set(re.split(r"[^a-z]+", name.lower())) for name in label_names)
-
-
-def pretrained_unet_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The U-Net weights of a pre-training checkpoint (``PretrainNetwork.unet``), keyed as in
-    a plain ``FlexibleUNet``, without the segmentation head (pre-training never trains it)."""
-    if (state.get("config", {}).get("model") or {}).get("nnunet"):
-        raise ConfigError("this run pre-trained an nnU-Net plans network: fine-tune it with "
-                          "nnU-Net (lrcseg export RUN --format nnunet --out FILE.pth, then "
-                          "nnUNetv2_train ... -pretrained_weights FILE.pth)")
-    return {k[len("unet."):]: v for k, v in state["network"].items()
-            if k.startswith("unet.") and not k.startswith("unet." + SEGMENTATION_HEAD_PREFIX)}
-
-
-def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: PreprocessConfig,
-                        allow_mismatch: bool) -> tuple[dict[str, torch.Tensor] | None, dict]:
-    """U-Net weights (without segmentation head) and their provenance from ``init``.
-
-    init: "scratch"; a pre-training run folder (final.pt or checkpoint.pt); a pre-training
-    checkpoint file; or an exported ``.pt`` with its ``.json`` beside it. Window, spacing and
-    input channels must match the fine-tuning preprocessing (ConfigError, or a warning with
-    ``allow_mismatch``); the backbone must match (always an error).
-    """
-    if init == "scratch":
-        return None, {"init": "scratch"}
-    path = resolve_checkpoint(init, "pre-training run")
-    if path.with_suffix(".json").is_file():
-        weights, meta = load_exported(path)
-        their_pre = from_dict(PreprocessConfig, meta["preprocess"])
-        their_backbone = meta["flexible_unet"]["backbone"]
-    else:
-        state = load_checkpoint(path)
-        if state.get("kind") != "pretrain":
-            raise ConfigError(f"{path}: not a pre-training checkpoint (kind={state.get('kind')})")
-        their_pre = from_dict(PreprocessConfig, state["config"]["preprocess"])
-        their_backbone = state["config"]["model"]["backbone"]
-        weights = pretrained_unet_weights(state)
-    if their_backbone != model_cfg.backbone:
-        raise ConfigError(f"{path}: was trained with backbone {their_backbone}, fine-tuning asks "
-                          f"for {model_cfg.backbone}; pass --backbone {their_backbone}")
-    mismatches = [f"{name}: pre-training {a}, fine-tuning {b}" for name, a, b in [
-        ("window_hu", their_pre.windows, preprocess.windows),
-        ("spacing_mm", their_pre.spacing_mm, preprocess.spacing_mm),
-        ("in_channels", their_pre.in_channels, preprocess.in_channels)] if a != b]
-    if mismatches:
-        message = f"{path}: preprocessing differs from the initialising run: " + "; ".join(mismatches)
-        if not allow_mismatch:
-            raise ConfigError(message + " (use the same settings, or --allow-mismatch)")
-        warnings.warn(message, stacklevel=2)
-    return weights, {"init": str(path), "pretrain_preprocess": to_dict(their_pre)}
 
 
 class Finetuning:
