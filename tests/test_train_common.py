@@ -8,14 +8,12 @@ import pytest
 import torch
 
 from lrcseg.errors import ConfigError
-from lrcseg.train.common import (
-    ResumableSampler,
+from lrcseg.train.common import ResumableSampler, step_generator, warmup_cosine
+from lrcseg.train.resume import (
     check_resumable,
     check_resume_compatible,
     load_resume_checkpoint,
     prepare_run_dir,
-    step_generator,
-    warmup_cosine,
 )
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with handle_data_warnings(print_warning):
             if getattr(args, "resume", False) and getattr(args, "out", None):
-                from lrcseg.train.common import check_resumable
+                from lrcseg.train.resume import check_resumable
 
                 check_resumable(args.out)  # before the run's config.yaml is read
             return int(args._run(args) or 0)

@@ -17,6 +17,8 @@ checkpoint at any step boundary resumes exactly.
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +28,39 @@ from torch import Tensor
 from tqdm import tqdm
 
 from lrcseg.errors import TrainingDiverged
-from lrcseg.train.common import GracefulInterrupt
 
 #: step_fn(step) -> (loss of the step as a scalar tensor, slices it consumed over all ranks)
 StepFn = Callable[[int], tuple[Tensor, int]]
 #: log_fn(step, slices_per_s) -> the loss shown beside the progress bar
 LogFn = Callable[[int, float], float]
+
+
+class GracefulInterrupt:
+    """Turn the first Ctrl-C (SIGINT) into a flag that the loop checks between steps.
+
+    The loop then saves a checkpoint at a step boundary (never mid-step, when the weights,
+    optimiser or MoCo queue may already hold part of the next step) and raises
+    KeyboardInterrupt; ``--resume`` continues exactly. A second Ctrl-C stops at once, and the
+    last periodic checkpoint stands. Outside the main thread it does nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> GracefulInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
 
 
 def _all_true(flag: bool, device: torch.device) -> bool:

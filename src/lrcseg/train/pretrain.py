@@ -43,11 +43,8 @@ from lrcseg.train.checkpoint import save_checkpoint
 from lrcseg.train.common import (
     ResumableSampler,
     autocast_context,
-    check_resume_compatible,
-    load_resume_checkpoint,
     make_loader,
     make_optimizer,
-    prepare_run_dir,
     set_lr,
     step_generator,
     warmup_cosine,
@@ -56,6 +53,7 @@ from lrcseg.train.common import (
 from lrcseg.train.loop import TrainingLoop
 from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.pretrain_data import PretrainData, build_pretrain_data
+from lrcseg.train.resume import check_resume_compatible, load_resume_checkpoint, prepare_run_dir
 from lrcseg.train.runlog import RunLogger, write_run_card
 
 #: generator stream shared by all ranks (ranks use streams 0..W-1 for per-sample randomness)
