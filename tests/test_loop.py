@@ -54,7 +54,21 @@ def test_a_nan_loss_stops_at_the_next_check_before_any_save(tmp_path):
     assert saves == []
 
 
-@pytest.mark.parametrize("steps,start,log_every", [(0, 0, 1), (5, 6, 1), (5, 0, 0)])
+def test_check_each_step_stops_at_the_first_nan(tmp_path):
+    loop, saves, _ = make(tmp_path, log_every=5, ckpt=5, check_each_step=True)
+    losses = [1.0, float("nan"), 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(TrainingDiverged, match="between steps 1 and 2"):
+        loop.run(lambda s: (torch.tensor(losses[s]), 1), lambda s, r: 1.0)
+    assert saves == []
+
+
+def test_a_budget_below_the_resumed_step_only_writes_the_final_checkpoint(tmp_path):
+    loop, saves, _ = make(tmp_path, steps=5, start=8)
+    assert loop.run(lambda s: pytest.fail("no step to train"), lambda s, r: 1.0) is True
+    assert saves == [(8, True)]
+
+
+@pytest.mark.parametrize("steps,start,log_every", [(0, 0, 1), (5, -1, 1), (5, 0, 0)])
 def test_invalid_budgets_are_refused(tmp_path, steps, start, log_every):
     with pytest.raises(ValueError):
         make(tmp_path, steps=steps, start=start, log_every=log_every)

@@ -178,7 +178,7 @@ def test_grouped_queue_stores_groups_and_moco_needs_them():
         queue.enqueue(torch.ones(2, 3))
     torch.manual_seed(0)
     net = PretrainNetwork(ModelConfig(backbone="resnet10", proj_dim=8, local_levels=(1,)), 1)
-    moco = MoCo(net, queue_size=8, grouped=True)
+    moco = MoCo(net, queue_size=8, position_partitions=4)
     x = torch.rand(2, 1, 64, 64)
     out = net(x)
     g = torch.Generator()

@@ -152,8 +152,9 @@ class MoCo(GlobalMethod):
             step's shared generator (``shuffled_forward_across_ranks``).
         seed: seeds the queue's initial random keys.
         gather_keys: enqueue every rank's keys (``--gather-negatives`` under DDP).
-        grouped: position positives: forward then needs ``views.groups`` (B,), which are
-            enqueued with the keys.
+        position_partitions: P > 0 turns on position positives: the loop bins each slice's
+            relative z position into P groups, and forward then needs ``views.groups`` (B,),
+            which are enqueued with the keys.
 
     forward(out1, out2, views) -> (loss, stats): queries out*["global"] (B, P) (unit norm,
     gradients flow); views.view1/view2 (B, C, H, W) are encoded by the key encoder (encoder +
@@ -164,14 +165,17 @@ class MoCo(GlobalMethod):
 
     def __init__(self, online: nn.Module, queue_size: int, temperature: float = DEFAULT_TEMPERATURE,
                  momentum: float = 0.99, shuffle_bn: bool = True, seed: int = 0,
-                 gather_keys: bool = False, grouped: bool = False):
+                 gather_keys: bool = False, position_partitions: int = 0):
         super().__init__()
         self.loss = InfoNCELoss(temperature)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"Illegal momentum {momentum}: need 0 <= m < 1")
         self.momentum = momentum
         self.shuffle_splits = 2 if shuffle_bn else 1
-        self.grouped = grouped
+        if position_partitions < 0:
+            raise ValueError(f"Illegal position_partitions {position_partitions}: must be >= 0")
+        self.position_partitions = position_partitions
+        self.grouped = grouped = position_partitions > 0
         self.key_encoder = frozen_copy(online)
         self.queue = MoCoQueue(online.cfg.proj_dim, queue_size,
                                generator=torch.Generator().manual_seed(seed), grouped=grouped)
@@ -193,11 +197,9 @@ class MoCo(GlobalMethod):
             what = "2 x global batch" if context.gather else "2 x batch_size"
             raise ConfigError(f"moco.queue_size {queue} must be a multiple of {what} = {per_step} "
                               "(both views' keys are enqueued each step)")
-        method = cls(online, queue, cfg.moco.temperature, cfg.moco.momentum,
-                     cfg.moco.shuffle_bn, cfg.run.seed, gather_keys=context.gather,
-                     grouped=cfg.moco.position_partitions > 0)
-        method.position_partitions = cfg.moco.position_partitions
-        return method
+        return cls(online, queue, cfg.moco.temperature, cfg.moco.momentum, cfg.moco.shuffle_bn,
+                   cfg.run.seed, gather_keys=context.gather,
+                   position_partitions=cfg.moco.position_partitions)
 
     def _key_forward(self, views: Views) -> KeyForward:
         if self.cross_rank_shuffle:

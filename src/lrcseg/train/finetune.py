@@ -237,7 +237,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
     run.start(start, clock)
     loop = TrainingLoop(run.run_dir, run.steps, start, run.save, log_every=cfg.run.log_every,
                         checkpoint_every=cfg.run.checkpoint_every, device=run.device,
-                        stop_at=stop_at, desc="finetune", progress=progress)
+                        stop_at=stop_at, desc="finetune", progress=progress,
+                        check_each_step=True)  # a diverged fine-tune stops at its first NaN
 
     def after_step(step: int) -> None:
         if step in cfg.snapshots:

@@ -74,23 +74,27 @@ class TrainingLoop:
     log_every, checkpoint_every: cadences in steps (the last step always logs and saves).
     also_log(step): extra log steps (e.g. online-probe steps), after the step is counted.
     stop_at: leave with a checkpoint once this step is reached, as an interruption would.
+    check_each_step: the non-finite check after every step (one host sync per step) instead
+        of at log and checkpoint steps only.
+    start >= steps (a resume with a smaller budget) trains nothing and writes the final
+    checkpoint at ``start``.
     all_true(flag, device): agree on a flag across ranks (identity in a single process).
     """
 
     def __init__(self, run_dir: Path, steps: int, start: int, save: Callable[[int, bool], None],
                  *, log_every: int, checkpoint_every: int, device: torch.device,
                  stop_at: int | None = None, also_log: Callable[[int], bool] | None = None,
-                 desc: str = "train", progress: bool = True,
+                 desc: str = "train", progress: bool = True, check_each_step: bool = False,
                  all_true: Callable[[bool, torch.device], bool] = _all_true):
-        if steps < 1 or not 0 <= start <= steps:
-            raise ValueError(f"need 0 <= start ({start}) <= steps ({steps}), steps >= 1")
+        if steps < 1 or start < 0:
+            raise ValueError(f"need start ({start}) >= 0 and steps ({steps}) >= 1")
         if log_every < 1 or checkpoint_every < 1:
             raise ValueError(f"cadences must be >= 1 (log_every {log_every}, "
                              f"checkpoint_every {checkpoint_every})")
         self.run_dir, self.steps, self.step, self.save = run_dir, steps, start, save
         self.log_every, self.checkpoint_every = log_every, checkpoint_every
         self.stop_at, self.also_log, self.all_true = stop_at, also_log, all_true
-        self.desc, self.progress = desc, progress
+        self.desc, self.progress, self.check_each_step = desc, progress, check_each_step
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self._checked = start
 
@@ -133,7 +137,7 @@ class TrainingLoop:
                     saving = (step % self.checkpoint_every == 0 or step == self.steps
                               or self._stopping(step))
                     logging = self._logging(step)
-                    if logging or saving:
+                    if logging or saving or self.check_each_step:
                         self.check_finite()
                     if logging:
                         shown = log_fn(step, samples / max(time.perf_counter() - t_last, 1e-9))

@@ -36,7 +36,7 @@ from lrcseg.distributed import (
 )
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.losses.lrc import LRCLoss
-from lrcseg.methods.base import Views, build_method
+from lrcseg.methods.base import GlobalMethod, Views, build_method
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.train.checkpoint import save_checkpoint
@@ -64,7 +64,7 @@ class PretrainStep(nn.Module):
     """The differentiable part of a step, the module DDP wraps.
 
     forward(view1, view2, regions1, regions2, views, organs1=None, organs2=None) with views
-    (B, C, S, S), region maps (B, S, S) long, ``Views`` for the global objective and optional
+    (B, C, S, S), region maps (B, S, S) long, ``Views`` for the global method and optional
     organ/label maps (B, S, S) long, returns (loss, loss_global, loss_lrc, stats):
     loss = loss_global + lrc_weight * loss_lrc, all scalars, where loss_lrc is the mean of the
     LRC losses at the network's local levels; stats of the two terms, keyed "global/..." and
@@ -75,11 +75,11 @@ class PretrainStep(nn.Module):
     loss with the shared generator, i.e. one process's loss over the concatenated batch.
     """
 
-    def __init__(self, net: PretrainNetwork, objective: nn.Module, lrc: LRCLoss | None,
+    def __init__(self, net: PretrainNetwork, method: GlobalMethod, lrc: LRCLoss | None,
                  lrc_weight: float, gather_lrc: bool = False, compile_net: bool = False,
                  num_region_ids: int | None = None, intensity_channel: int = 0):
         super().__init__()
-        self.net, self.objective, self.lrc = net, objective, lrc
+        self.net, self.method, self.lrc = net, method, lrc
         # the input channel holding the slice the regions belong to, in its first window
         # (2.5D context stacks slices z - k//2 .. z + k//2, each with all windows)
         self.intensity_channel = intensity_channel
@@ -91,9 +91,9 @@ class PretrainStep(nn.Module):
     def forward(self, view1: Tensor, view2: Tensor, regions1: Tensor, regions2: Tensor,
                 views: Views, organs1: Tensor | None = None, organs2: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
-        full = self.objective.full_decoder
+        full = self.method.full_decoder
         out1, out2 = (self._forward[0](v, full_decoder=full) for v in (view1, view2))
-        loss_global, global_stats = self.objective(out1, out2, views)
+        loss_global, global_stats = self.method(out1, out2, views)
         stats = {f"global/{k}": v for k, v in global_stats.items()}
         if self.lrc is None:
             return loss_global, loss_global, torch.zeros_like(loss_global), stats
@@ -176,7 +176,7 @@ class Pretraining:
         self.net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels).to(ctx.device)
         if cfg.run.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        self.global_objective = build_method(
+        self.method = build_method(
             cfg, self.net, num_slices=len(self.data.dataset), world_size=ctx.world_size,
             gather_negatives=dcfg.gather_negatives, num_classes=self.data.num_classes
         ).to(ctx.device)
@@ -192,7 +192,7 @@ class Pretraining:
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg.optim, ctx.device)
         self.with_labels = self.data.dataset.with_organs and (
-            cfg.lrc.enabled or self.global_objective.needs_labels)
+            cfg.lrc.enabled or self.method.needs_labels)
         self.logger: RunLogger | None = None
         self._last: tuple | None = None
 
@@ -223,7 +223,7 @@ class Pretraining:
                           negatives=cfg.lrc.negatives, sampling=cfg.lrc.sampling,
                           intensity_bins=cfg.lrc.intensity_bins)
         gather = cfg.distributed.gather_negatives and self.ctx.enabled
-        return PretrainStep(self.net, self.global_objective, lrc, cfg.lrc.weight,
+        return PretrainStep(self.net, self.method, lrc, cfg.lrc.weight,
                             gather_lrc=gather and cfg.lrc.negatives == "batch",
                             compile_net=cfg.run.compile,
                             num_region_ids=self.data.dataset.max_region_id + 1,
@@ -244,7 +244,7 @@ class Pretraining:
                               "per-rank randomness and queue size depend on it. Resume with the "
                               "same number of processes.")
         self.net.load_state_dict(state["network"])
-        self.global_objective.load_state_dict(state["global_objective"])
+        self.method.load_state_dict(state["global_objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         return state["step"], state.get("clock")
@@ -276,13 +276,13 @@ class Pretraining:
             self.logger = RunLogger(self.run_dir, start_step=start, clock=clock)
             if start == 0:
                 self.logger.log_hparams(to_dict(cfg), _hparam_metrics(
-                    cfg, self.global_objective.logs_global))
+                    cfg, self.method.logs_global))
         self.autocast = autocast_context(ctx.device, cfg.run.amp)
         self.batches = DevicePrefetcher(iter(loader), ctx.device)  # float16 -> float32
 
     def state_dict(self, step: int) -> dict[str, Any]:
         return {"step": step, "network": self.net.state_dict(),
-                "global_objective": self.global_objective.state_dict(),
+                "global_objective": self.method.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                 "config": to_dict(self.cfg), "kind": "pretrain",
                 "world_size": self.ctx.world_size,
@@ -296,7 +296,7 @@ class Pretraining:
     def _views(self, batch: dict[str, Tensor], step: int) -> tuple[Views, Tensor, Tensor]:
         """The two augmented views of the batch (geometry shared with regions and labels) and
         their region maps (B, S, S) long."""
-        cfg, rank, method = self.cfg, self.ctx.rank, self.global_objective
+        cfg, rank, method = self.cfg, self.ctx.rank, self.method
         g = step_generator(cfg.run.seed, step, rank)
         view1, regions1, view2, regions2 = self.augment(batch["image"], batch["regions"].long(), g)
         if self.logger is not None and cfg.run.image_every and step % cfg.run.image_every == 0:
@@ -336,7 +336,7 @@ class Pretraining:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
         self.optimizer.step()
-        self.global_objective.after_step(step, cfg.run.steps)
+        self.method.after_step(step, cfg.run.steps)
         self._last = (loss, loss_global, loss_lrc, grad_norm, stats, lr)
         return loss, batch["image"].shape[0] * self.ctx.world_size
 
@@ -344,7 +344,7 @@ class Pretraining:
         """Scalars averaged over ranks (+ the online probe on its steps), logged by rank 0."""
         loss, loss_global, loss_lrc, grad_norm, stats, lr = self._last
         scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
-                                   self.global_objective.logs_global, self.cfg.lrc.enabled)
+                                   self.method.logs_global, self.cfg.lrc.enabled)
         scalars.update({"lr": lr, "slices_per_s": slices_per_s})
         if self.probe is not None and probing(step):  # rank 0; not in slices_per_s
             scalars.update(self.probe.score(self.net.unet))
