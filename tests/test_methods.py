@@ -322,3 +322,28 @@ def test_method_state_of_an_older_checkpoint_loads(method):
     build_method(cfg, net, 40).load_state_dict(state["global_objective"])  # strict
     unchanged = upgrade_checkpoint({"config": {"method": method}, "global_objective": today})
     assert unchanged["global_objective"] is today
+
+
+def test_an_installed_entry_point_method_is_listed_and_built_on_first_use(tmp_path, monkeypatch):
+    """A package's ``lrcseg.methods`` entry point: its name is known without importing it,
+    and building the method loads and registers the class (a fresh process, as on --resume)."""
+    from importlib.metadata import EntryPoint
+
+    from lrcseg.methods import registry
+
+    (tmp_path / "lrcseg_plugin_ep.py").write_text(
+        "from lrcseg.methods.base import GlobalMethod\n"
+        "class Plugged(GlobalMethod):\n"
+        "    @classmethod\n"
+        "    def from_config(cls, cfg, online, context):\n"
+        "        return cls()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    point = EntryPoint("plugged", "lrcseg_plugin_ep:Plugged", registry.ENTRY_POINT_GROUP)
+    shadow = EntryPoint("moco", "lrcseg_plugin_ep:Plugged", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [point, shadow])
+    monkeypatch.setattr(registry, "_classes", dict(registry._classes))
+    assert "plugged" in method_names() and "lrcseg_plugin_ep" not in sys.modules
+    assert PretrainConfig(method="plugged", run=RunConfig(steps=1)).method == "plugged"
+    cls = method_class("plugged")
+    assert cls.__name__ == "Plugged" and method_names().count("plugged") == 1
+    assert method_class("moco").__module__ == "lrcseg.methods.moco"  # built-ins win

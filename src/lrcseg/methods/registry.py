@@ -7,7 +7,12 @@ up here. Built-in methods are named below and imported on first use, so ``config
 ``lrcseg --help`` never load torch.
 
 A method added outside lrcseg is one class in one module; importing the module registers it,
-and from then on config validation, the CLI and the experiment runner accept its name::
+and from then on config validation, the CLI and the experiment runner accept its name. A
+package that declares the class as an entry point of the group ``lrcseg.methods``
+(``[project.entry-points."lrcseg.methods"] toy = "mypkg.toy:Toy"``) makes the name known to
+every process, a fresh ``lrcseg pretrain --method toy`` or ``--resume`` of such a run
+included: the entry point's name is listed without importing anything, and it is loaded
+(and registered) when the method is first built::
 
     from lrcseg.methods import register_method
     from lrcseg.methods.base import GlobalMethod
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from importlib.metadata import EntryPoint, entry_points
 from typing import TypeVar
 
 from lrcseg.errors import ConfigError
@@ -40,6 +46,8 @@ _BUILTIN_MODULES: dict[str, str] = {
     "none": "lrcseg.methods.none",
     "supervised": "lrcseg.methods.supervised",
 }
+#: the entry-point group through which installed packages add methods
+ENTRY_POINT_GROUP = "lrcseg.methods"
 #: initialisation names that are not methods ("scratch" = no pre-training, experiment runner)
 RESERVED_NAMES = ("scratch",)
 
@@ -81,15 +89,28 @@ def register_method(name: str) -> Callable[[MethodClass], MethodClass]:
     return register
 
 
+def _plugins() -> dict[str, EntryPoint]:
+    """Installed packages' methods by name (built-in names are never taken by a plugin)."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)
+            if ep.name not in _BUILTIN_MODULES and ep.name not in RESERVED_NAMES}
+
+
 def method_names() -> tuple[str, ...]:
-    """Every method name: the built-in ones in help order, then the registered additions."""
-    return (*_BUILTIN_MODULES, *(name for name in _classes if name not in _BUILTIN_MODULES))
+    """Every method name: the built-in ones in help order, then the registered additions, then
+    installed packages' entry points not loaded yet."""
+    added = [name for name in _classes if name not in _BUILTIN_MODULES]
+    return (*_BUILTIN_MODULES, *added, *(n for n in sorted(_plugins()) if n not in _classes))
 
 
 def method_class(name: str) -> type:
-    """The class registered as ``name`` (a built-in one is imported now); ConfigError if none."""
+    """The class registered as ``name`` (a built-in one is imported now, an entry point loaded
+    and registered); ConfigError if none."""
     if name not in _classes and name in _BUILTIN_MODULES:
         importlib.import_module(_BUILTIN_MODULES[name])
+    if name not in _classes and name in (plugins := _plugins()):
+        loaded = plugins[name].load()  # a class, or a module that registers one
+        if isinstance(loaded, type) and name not in _classes:
+            register_method(name)(loaded)
     if name not in _classes:
         raise ConfigError(f"Illegal method {name!r}: one of {', '.join(method_names())}")
     return _classes[name]
