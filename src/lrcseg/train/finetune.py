@@ -219,7 +219,10 @@ class Finetuning:
         save_checkpoint(self.run_dir, self.state_dict(step), final=final)
 
     def snapshot(self, step: int) -> None:
-        """Weights only, loadable like final.pt, at the learning-curve steps."""
+        """Weights only, loadable like final.pt, if ``step`` is a learning-curve step (the loop
+        has checked every loss up to it for NaN/inf)."""
+        if step not in self.cfg.snapshots:
+            return
         snapshot = {k: v for k, v in self.state_dict(step).items() if k != "optimizer"}
         atomic_torch_save(self.run_dir / snapshot_name(step), snapshot)
 
@@ -239,14 +242,8 @@ def finetune(cfg: FinetuneConfig, resume: bool = False, progress: bool = True,
                         checkpoint_every=cfg.run.checkpoint_every, device=run.device,
                         stop_at=stop_at, desc="finetune", progress=progress,
                         check_each_step=True)  # a diverged fine-tune stops at its first NaN
-
-    def after_step(step: int) -> None:
-        if step in cfg.snapshots:
-            loop.check_finite()  # never a snapshot of diverged weights
-            run.snapshot(step)
-
     try:
-        loop.run(run.step, run.log, after_step)
+        loop.run(run.step, run.log, run.snapshot)
     finally:
         run.logger.close()
     return run.run_dir

@@ -16,6 +16,7 @@ wrapped in DistributedDataParallel; rank 0 alone writes the run folder, logs and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,8 @@ class Pretraining:
         self._last = (loss, loss_global, loss_lrc, grad_norm, stats, lr)
         return loss, batch["image"].shape[0] * self.ctx.world_size
 
-    def log(self, step: int, slices_per_s: float, probing) -> float:
+    def log(self, step: int, slices_per_s: float,
+            probing: Callable[[int], bool] | None) -> float:
         """Scalars averaged over ranks (+ the online probe on its steps), logged by rank 0."""
         loss, loss_global, loss_lrc, grad_norm, stats, lr = self._last
         scalars = _reduced_scalars(loss, loss_global, loss_lrc, grad_norm, stats,
