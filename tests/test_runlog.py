@@ -21,6 +21,7 @@ from lrcseg.config import (
 )
 from lrcseg.models.load import load_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
+from lrcseg.runtime import cpu_model
 from lrcseg.train import runlog
 from lrcseg.train.pretrain import pretrain
 from lrcseg.train.runlog import RunLogger, read_metrics
@@ -150,4 +151,5 @@ def test_pretraining_logs_view_pairs_and_a_resume_keeps_its_time(phantoms, tmp_p
     assert [s.step for s in acc.Scalars("loss/total")] == [1, 2, 3, 4]
     card = json.loads((tmp_path / "run" / "run_card.json").read_text())
     assert card["wall_seconds"] >= times[-1]
+    assert card["machine"]["processor"] == cpu_model() != ""  # the CPU kind, for reproducibility
     assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")

@@ -71,7 +71,7 @@ from lrcseg.io_utils import append_invocation, atomic_write_text
 from lrcseg.models.export import export_nnunet
 from lrcseg.models.load import load_pretrain_network
 from lrcseg.phantoms.generate import write_phantom_dataset
-from lrcseg.runtime import resolve_device
+from lrcseg.runtime import cpu_model, resolve_device
 from lrcseg.train import nnunet_finetune
 from lrcseg.train.finetune import finetune, snapshot_name
 from lrcseg.train.pretrain import pretrain
@@ -390,14 +390,6 @@ def _write_results_and_report(whole: ExperimentConfig, data: Path, out_dir: Path
 
 def _machine() -> dict[str, str]:
     """The platform, Python, torch, CPU model and GPU the report names."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cpu": cpu, "gpu": gpu}
+            "torch": torch.__version__, "cpu": cpu_model(), "gpu": gpu}

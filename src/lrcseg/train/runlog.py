@@ -59,6 +59,8 @@ def write_run_card(run_dir: Path, kind: str, extra: dict[str, Any]) -> None:
     """Write run_card.json: what produced this run and from which inputs."""
     import torch
 
+    from lrcseg.runtime import cpu_model
+
     card = {
         "kind": kind,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -67,7 +69,7 @@ def write_run_card(run_dir: Path, kind: str, extra: dict[str, Any]) -> None:
         "git_revision": git_revision(),
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor(),
+            "processor": cpu_model(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "torch_threads": torch.get_num_threads(),
         },
