@@ -78,8 +78,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
+    """Both ranks' results. A second start on a fresh port if the first aborts: on the 2-core
+    CI VM, 2 of 4 full-suite runs (2026-12-02) had a rank abort during gloo's setup (SIGABRT,
+    "terminate called without an active exception") while the file alone and the same suite
+    again passed; the cause was not found. The results are still asserted exactly below."""
     out = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
