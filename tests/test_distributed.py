@@ -49,9 +49,9 @@ def lrc_batch() -> LRCLoss:
                    negatives="batch")
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, store: str, out_dir: str) -> None:
+    # a file rendezvous: no port to pick (free_port()'s release-then-bind leaves a race)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         mine = slice(rank * B, (rank + 1) * B)
         z1, z2, feat1, feat2, r1, r2 = global_inputs()
@@ -78,15 +78,17 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Both ranks' results. A second start on a fresh port if the first aborts: on the 2-core
-    CI VM, 2 of 4 full-suite runs (2026-12-02) had a rank abort during gloo's setup (SIGABRT,
-    "terminate called without an active exception") while the file alone and the same suite
-    again passed; the cause was not found. The results are still asserted exactly below."""
+    """Both ranks' results. On the 2-core CI VM, 2 of 4 full-suite runs (2026-12-02) had a rank
+    abort during gloo's setup (SIGABRT, "terminate called without an active exception") with a
+    TCP rendezvous on a free_port() port, while the file alone and the same suite again passed;
+    the cause was not found. The ranks now meet through a file store (no port to race for), and
+    a rank that dies by a signal still gets one more start with a fresh store. The results are
+    asserted exactly below."""
     out = tmp_path_factory.mktemp("gloo")
     try:
-        mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(str(out / "store0"), str(out)), nprocs=2, join=True)
     except mp.ProcessExitedException:
-        mp.spawn(_worker, args=(free_port(), str(out)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(str(out / "store1"), str(out)), nprocs=2, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
 
 
