@@ -7,14 +7,22 @@ Each subcommand lives in ``lrcseg.commands.<name>`` with ``add_arguments(parser)
 - environment faults (``OSError``: disk full, read-only file system, permission, not a
   directory...) print one line naming the path and the cause, exit 2;
 - ``DataWarning``s print as one line each (once per message) and the command goes on;
-- Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
+- Ctrl-C exits 130, SIGTERM during training 143 (128 + the signal), with one line saying what
+  was saved and how to continue. Anything else is a bug and keeps its traceback.
+
+The training commands own their ``--out`` run folder for the whole invocation
+(``lrcseg.locking.own_folder``): a second process on the same folder is refused with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import os
+import shlex
+import signal
 import sys
 
 from lrcseg import __version__
@@ -34,6 +42,12 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("predict", "predict", "write segmentation masks for NIfTI files or DICOM series"),
     ("experiment", "experiment", "run a matrix of initialisations x labelled cases x seeds"),
 ]
+
+# Subcommands that write a run folder at --out (new, resumed or cleared): the process owns the
+# folder while it runs. ``predict`` owns its output folder itself (only a folder output needs
+# it); ``experiment`` and ``demo`` claim their cells with their own locks (several processes
+# may share one experiment folder).
+RUN_FOLDER_COMMANDS = ("pretrain", "finetune")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -70,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     """The global ``--device`` choice for commands that run a network."""
     parser.add_argument("--device", default=None,
-                        help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N")
+                        help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N, "
+                             "mps; one that this machine lacks is refused before any work")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: warning: {warning}", file=sys.stderr)
 
     try:
-        with handle_data_warnings(print_warning):
+        with handle_data_warnings(print_warning), _own_run_folder(args):
+            if getattr(args, "device", None):
+                from lrcseg.runtime import resolve_device
+
+                resolve_device(args.device)  # an unknown device before any data is read
             if getattr(args, "resume", False) and getattr(args, "out", None):
                 from lrcseg.train.resume import check_resumable
 
@@ -100,9 +119,32 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"{prefix}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"{prefix}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"{prefix}: {describe_interrupt(args, exc)}", file=sys.stderr)
+        return 128 + getattr(exc, "signum", signal.SIGINT)
+
+
+def _own_run_folder(args: argparse.Namespace) -> contextlib.AbstractContextManager:
+    """The lock on a training command's --out for the whole invocation (rank 0 only under
+    torchrun: the other ranks do not write the folder); a no-op for other commands."""
+    if (args.command not in RUN_FOLDER_COMMANDS or not getattr(args, "out", None)
+            or getattr(args, "print_config", False) or os.environ.get("RANK", "0") != "0"):
+        return contextlib.nullcontext()
+    from lrcseg.locking import own_folder
+
+    return own_folder(args.out, create=not args.resume,
+                      hint="wait for it to finish or choose another --out")
+
+
+def describe_interrupt(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:
+    """'interrupted[: what was saved][; how to continue]' for Ctrl-C or SIGTERM."""
+    text = "interrupted" + (f": {exc}" if str(exc) else "")
+    if getattr(exc, "resumable", False):
+        if args.command in RUN_FOLDER_COMMANDS:
+            text += f"; continue with: lrcseg {args.command} --out {shlex.quote(args.out)} --resume"
+        else:
+            text += "; rerun the same command to continue"
+    return text
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -14,14 +14,34 @@ import torch
 
 from lrcseg.errors import ConfigError
 
+#: The device types lrcseg runs on (``--device``, ``run.device``).
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+
 
 def resolve_device(name: str | None) -> torch.device:
-    """'auto'/None -> cuda if available else cpu; 'cuda' without a GPU is a ConfigError."""
+    """'auto'/None -> cuda if available else cpu; else 'cpu', 'cuda', 'cuda:N' or 'mps'.
+
+    A name torch does not know ('gpu'), another device type, or a device this machine lacks
+    ('cuda' without a GPU, 'cuda:3' with two) is a ConfigError: one line for the CLI.
+    """
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+    choices = "auto, cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"--device {name}: unknown device; use {choices}") from None
+    if device.type not in DEVICE_TYPES:
+        raise ConfigError(f"--device {name}: lrcseg does not run on {device.type!r}; use {choices}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), "
+                              f"cuda:0 to cuda:{count - 1}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: MPS (Apple GPU) is not available on this machine")
     return device
 
 

@@ -134,3 +134,23 @@ def write_prediction(labels: np.ndarray, volume: Volume, path: str | os.PathLike
     dtype = np.uint8 if labels.max(initial=0) <= 255 else np.int16
     array, affine = to_source_grid(labels, volume)
     write_nifti(path, np.ascontiguousarray(array), affine, dtype=dtype)
+
+
+def is_complete_prediction(path: str | os.PathLike, source: str | os.PathLike) -> bool:
+    """True if ``path`` is a whole mask :func:`write_prediction` could have written for the
+    input ``source``: a 3D NIfTI whose data decodes to the end (a gzip stream's checksum
+    included) and, for a NIfTI input, with the input's shape and affine (header only; a DICOM
+    series is not read). A missing, truncated or foreign file gives False.
+    """
+    import nibabel as nib
+
+    try:
+        mask = nib.load(os.fspath(path))
+        data = np.asanyarray(mask.dataobj)
+        reference = nib.load(os.fspath(source)) if is_nifti(source) else None
+    except Exception:  # any unreadable file is simply not a complete mask
+        return False
+    if data.ndim != 3:
+        return False
+    return reference is None or (tuple(reference.shape[:3]) == data.shape
+                                 and np.allclose(reference.affine, mask.affine, atol=1e-3))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -93,10 +94,21 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int,
                 device: torch.device, drop_last: bool = False) -> DataLoader:
-    """The training DataLoader over an endless ``ResumableSampler`` (workers persist)."""
+    """The training DataLoader over an endless ``ResumableSampler`` (workers persist).
+
+    Workers ignore SIGINT and SIGTERM: a Ctrl-C or a scheduler's SIGTERM sent to the whole
+    process group is the main process's to handle (checkpoint at the step boundary), and a
+    worker that died of it would end the run with a DataLoader error instead.
+    """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      drop_last=drop_last)
+                      drop_last=drop_last, worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGINT and SIGTERM to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:

@@ -10,6 +10,7 @@ from typing import Any
 
 from lrcseg.config import flatten_dict
 from lrcseg.errors import ConfigError
+from lrcseg.locking import LOCK_NAME
 from lrcseg.models.load import FINAL, LATEST, find_checkpoint, load_checkpoint
 
 # What a run writes before its first checkpoint; a folder holding only these (and temporary
@@ -28,14 +29,15 @@ def prepare_run_dir(out: str | Path, resume: bool, create: bool = True) -> Path:
     on it says to rerun instead (:func:`check_resumable`). Anything else is refused: a folder
     with a checkpoint (use ``--resume``), with files lrcseg did not write, or a file.
     Call it once with ``create=False`` before reading data, so bad input leaves no empty run
-    folder behind.
+    folder behind. The lock file of the folder's owner (``lrcseg.locking.LOCK_NAME``, held by
+    the CLI for the whole run) is not part of the run: it is neither counted nor cleared.
     """
     run_dir = Path(out)
     if resume:
         return check_resumable(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: --out names a file, not a run folder; choose another --out")
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if run_dir.exists() and _run_entries(run_dir):
         if find_checkpoint(run_dir) is not None:
             raise ConfigError(f"{run_dir}: run folder holds a checkpoint; use --resume to continue "
                               "it or choose another --out")
@@ -43,7 +45,7 @@ def prepare_run_dir(out: str | Path, resume: bool, create: bool = True) -> Path:
             raise ConfigError(f"{run_dir}: run folder exists and is not empty; use --resume to "
                               "continue it or choose another --out")
         if create:
-            for entry in run_dir.iterdir():
+            for entry in _run_entries(run_dir):
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
@@ -65,7 +67,7 @@ def check_resumable(out: str | Path) -> Path:
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: --resume given but this is a file, not a run folder")
     if find_checkpoint(run_dir, prefer_final=False) is None:
-        if any(run_dir.iterdir()) and _stopped_before_first_checkpoint(run_dir):
+        if _run_entries(run_dir) and _stopped_before_first_checkpoint(run_dir):
             raise ConfigError(f"{run_dir}: no checkpoint to resume: the run stopped before its "
                               "first checkpoint; run it again without --resume (e.g. --config "
                               f"{run_dir / 'config.yaml'}), which reuses this folder")
@@ -78,7 +80,12 @@ def _stopped_before_first_checkpoint(run_dir: Path) -> bool:
     """Only files a run writes before its first checkpoint (see :func:`prepare_run_dir`)."""
     if find_checkpoint(run_dir) is not None:
         return False
-    return all(_is_early_run_file(entry.name) for entry in run_dir.iterdir())
+    return all(_is_early_run_file(entry.name) for entry in _run_entries(run_dir))
+
+
+def _run_entries(run_dir: Path) -> list[Path]:
+    """What the run folder holds, less its owner's lock file."""
+    return [entry for entry in run_dir.iterdir() if entry.name != LOCK_NAME]
 
 
 def _is_early_run_file(name: str) -> bool:
@@ -116,6 +123,7 @@ _RESUME_FIXED: dict[str, dict[str, str]] = {
         "label_map": "the label ids", "model": "the network's shape",
         "preprocess": "the input slices", "image_size": "the augmentation",
         "rotation_deg": "the augmentation", "hflip": "the augmentation",
+        "intensity": "the augmentation",
         "run.batch_size": "the sample order", "run.seed": "the per-step randomness",
     },
 }
