@@ -31,6 +31,10 @@ such as 373 mm would not, but would reward misses on very large volumes.)
 Means: per organ over the cases where that organ is not ``absent_both`` (the ``"evaluated"``
 count includes missed organs and false positives, which enter the mean with Dice 0 and the cap);
 ``mean_dice`` is the mean of the per-organ mean Dice over organs evaluated at least once.
+
+A Dice of 0 is a real miss, never a broken model: label maps hold whole numbers (NaN, inf and
+fractions are refused), and a model whose weights or logits are NaN or inf is refused when it is
+loaded or run (``lrcseg.models.load``), before anything reaches these functions.
 """
 
 from __future__ import annotations
@@ -93,7 +97,8 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
                  organs: Mapping[str, int]) -> dict[str, dict[str, Any]]:
     """Dice, HD95 (mm) and status of every organ of one case.
 
-    pred, ref: integer label maps ``(X, Y, Z)`` on the same (original) grid.
+    pred, ref: integer label maps ``(X, Y, Z)`` on the same (original) grid; a float map must
+    hold whole numbers (ValueError otherwise: NaN would match no organ and score as Dice 0).
     spacing: voxel size ``(sx, sy, sz)`` in mm. organs: ``{name: id}`` (id 0 is ignored).
     Returns ``{organ: {"dice": float | None, "hd95_mm": float | None, "status": str}}`` with
     status one of :data:`STATUSES` (see the module docstring for the rules and the cap).
@@ -106,6 +111,11 @@ def case_metrics(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float],
     if len(spacing) != pred.ndim or any(not s > 0 for s in spacing):
         raise ValueError(f"Illegal spacing {spacing} for a {pred.ndim}D volume: need "
                          f"{pred.ndim} values > 0")
+    for name, labels in (("prediction", pred), ("reference", ref)):
+        if labels.dtype.kind == "f" and not (np.isfinite(labels).all()
+                                             and np.array_equal(labels, np.round(labels))):
+            raise ValueError(f"{name} must hold integer label ids, not NaN, inf or fractions "
+                             "(take the argmax of probabilities or logits first)")
     organs = _check_organs(organs)
     cap = hd95_cap_mm(pred.shape, spacing)
     out: dict[str, dict[str, Any]] = {}

@@ -38,7 +38,11 @@ def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str 
                    device: str | torch.device = "cpu", label_map_path: str | None = None,
                    figures_dir: Path | None = None, progress: bool = True,
                    batch_size: int = 8) -> dict[str, Any]:
-    """Per-case, per-organ Dice/HD95 of the model at ``model_path`` on ``split``."""
+    """Per-case, per-organ Dice/HD95 of the model at ``model_path`` on ``split``.
+
+    A damaged model file, NaN or inf weights, or NaN or inf logits on any case raise DataError
+    naming the model file (``load_finetuned``): such a model is refused, never scored as Dice 0.
+    """
     model, meta = load_finetuned(model_path, device)
     dataset = load_dataset(dataset_path)
     label_map = load_label_map(label_map_path) if label_map_path else None

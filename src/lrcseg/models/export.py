@@ -6,7 +6,8 @@ Two files, both written atomically:
   weights under FlexibleUNet's own keys (no segmentation head, no projection heads).
 - ``model.json`` (same stem): ``flexible_unet``: ``flexible_unet_kwargs`` (every FlexibleUNet argument except
   ``out_channels``, which the user picks), the preprocessing (window, spacing, input channels)
-  and the superpixel settings used in pre-training.
+  and the superpixel settings used in pre-training, and ``weights_sha256``, the SHA-256 of
+  ``model.pt`` (``sha256sum model.pt`` shows the same), checked by :func:`load_exported`.
 
 Loading without lrcseg::
 
@@ -28,7 +29,13 @@ from torch import Tensor
 
 from lrcseg.config import ModelConfig
 from lrcseg.errors import ConfigError, DataError
-from lrcseg.io_utils import atomic_torch_save, atomic_write_json
+from lrcseg.io_utils import (
+    atomic_torch_save,
+    atomic_write_json,
+    file_sha256,
+    first_line,
+    zip_archive_fault,
+)
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, flexible_unet_kwargs
 
@@ -38,6 +45,16 @@ EXPORT_FORMAT = "lrcseg-flexibleunet-v1"
 def meta_path(out_path: str | os.PathLike) -> Path:
     """The JSON beside an exported weights file: ``model.pt`` -> ``model.json``."""
     return Path(out_path).with_suffix(".json")
+
+
+def nonfinite_tensors(weights: Any) -> list[str]:
+    """Names of the floating-point tensors of a state dict that hold NaN or inf ([] for
+    anything that is not a dict)."""
+    if not isinstance(weights, dict):
+        return []
+    return [name for name, value in weights.items()
+            if isinstance(value, Tensor) and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())]
 
 
 def _backbone_weights(network: PretrainNetwork | FlexibleUNet) -> dict[str, Tensor]:
@@ -86,25 +103,39 @@ def export_weights(network: PretrainNetwork | FlexibleUNet, model_cfg: ModelConf
     _check_against_flexible_unet(weights, kwargs)
     meta = {
         "format": EXPORT_FORMAT,
-        "weights": out_path.name,
         "flexible_unet": kwargs,
         "missing_keys_on_load": "segmentation_head.* (created for your number of classes)",
         "in_channels": in_channels,
         "preprocess": preprocess,
         "superpixels": superpixels,
     }
-    atomic_torch_save(out_path, weights)
+    return _write_export(out_path, weights, meta)
+
+
+def _write_export(out_path: Path, obj: Any, meta: dict[str, Any]) -> tuple[Path, Path]:
+    """``torch.save(obj)`` to ``out_path``, then ``meta`` (its "format" first, then "weights"
+    and "weights_sha256" naming and fingerprinting the file) to the JSON beside it; both
+    atomic, and never weights without their description. Returns (weights, JSON) paths."""
+    atomic_torch_save(out_path, obj)
     json_path = meta_path(out_path)
     try:
-        atomic_write_json(json_path, meta)
-    except BaseException:  # never leave weights without their description
-        Path(out_path).unlink(missing_ok=True)
+        described = {"format": meta.pop("format"), "weights": out_path.name,
+                     "weights_sha256": file_sha256(out_path), **meta}
+        atomic_write_json(json_path, described)
+    except BaseException:
+        out_path.unlink(missing_ok=True)
         raise
     return out_path, json_path
 
 
 def load_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read an export: (state_dict of CPU tensors, metadata dict). DataError if unreadable."""
+    """Read an export: (state_dict of CPU tensors, metadata dict).
+
+    DataError naming the file if it is missing or unreadable, if the weights file differs from
+    the ``weights_sha256`` its JSON records (altered, or replaced by another file) or, for an
+    export written before that field, if its zip archive fails its CRC-32 check, and if a
+    weight is NaN or inf.
+    """
     path = Path(path)
     json_path = meta_path(path)
     if not path.is_file():
@@ -117,13 +148,32 @@ def load_exported(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str,
         raise DataError(json_path, f"cannot read export metadata: {exc}") from exc
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise DataError(json_path, f"not an lrcseg export (format should be {EXPORT_FORMAT!r})")
+    _check_weights_file(path, meta.get("weights_sha256"), json_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt files
-        raise DataError(path, f"cannot read exported weights: {exc}") from exc
+        raise DataError(path, f"cannot read exported weights: {first_line(exc)}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DataError(path, "exported weights are not a dict of tensors")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise DataError(path, f"exported weights hold NaN or inf in {len(bad)} tensors (first: "
+                              f"{bad[0]}): export them again from a good run")
     return state, meta
+
+
+def _check_weights_file(path: Path, sha256: Any, json_path: Path) -> None:
+    """DataError unless ``path`` is the weights file its JSON describes: its SHA-256 is
+    ``sha256`` (exports of an older lrcseg have none: their zip CRC-32s are checked)."""
+    if sha256 is not None:
+        if file_sha256(path) != sha256:
+            raise DataError(path, f"exported weights differ from the SHA-256 recorded in "
+                                  f"{json_path.name} (altered after the export, or replaced by "
+                                  "another file): export them again")
+        return
+    fault = zip_archive_fault(path)
+    if fault is not None:
+        raise DataError(path, f"exported weights are damaged ({fault}): export them again")
 
 
 NNUNET_EXPORT_FORMAT = "lrcseg-nnunet-v1"
@@ -151,7 +201,6 @@ def export_nnunet(network: PretrainNetwork, model_cfg: ModelConfig, preprocess: 
     check_loads_into(weights, target, "the pre-training run")
     meta = {
         "format": NNUNET_EXPORT_FORMAT,
-        "weights": out_path.name,
         "load_with": "nnUNetv2_train DATASET CONFIGURATION FOLD -pretrained_weights "
                      f"{out_path.name}",
         "plans": arch.plans, "configuration": arch.configuration, "plans_name": arch.plans_name,
@@ -160,11 +209,4 @@ def export_nnunet(network: PretrainNetwork, model_cfg: ModelConfig, preprocess: 
         "preprocess": preprocess,
         "superpixels": superpixels,
     }
-    atomic_torch_save(out_path, {NNUNET_WEIGHTS_KEY: weights})
-    json_path = meta_path(out_path)
-    try:
-        atomic_write_json(json_path, meta)
-    except BaseException:
-        out_path.unlink(missing_ok=True)
-        raise
-    return out_path, json_path
+    return _write_export(out_path, {NNUNET_WEIGHTS_KEY: weights}, meta)

@@ -6,11 +6,20 @@ preprocessing settings and the source files, and the file name by the superpixel
 so a change of either gives a new file; the implementation ("fast" or "skimage") is not part
 of the key since both give the same regions. Files are written atomically (temporary name,
 then rename), so concurrent builders are safe.
+
+Integrity: beside each file, ``regions-<key>.json`` records its size and SHA-256, the slice
+cache entry it was computed from (that entry's digest) and the key. It is written before the
+array is renamed into place, so every region file written since has its record. ``get`` checks
+the file once per ``RegionCache`` object (about 1.4 GB/s, never per slice); a damaged file, or
+one from another entry or other settings, is recomputed with one warning naming it. A region
+file without a record is one written before records: in a slice cache entry of that time
+(format 1) it is read with a shape check only, in a newer entry it is recomputed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Iterable
@@ -22,8 +31,15 @@ from tqdm import tqdm
 
 from lrcseg.config import SuperpixelConfig
 from lrcseg.data.layouts import Case
-from lrcseg.data.slice_cache import CachedVolume, SliceCache
-from lrcseg.io_utils import atomic_path
+from lrcseg.data.slice_cache import (
+    CachedVolume,
+    CorruptCacheFile,
+    SliceCache,
+    file_record,
+    open_cached_array,
+)
+from lrcseg.errors import DataError, warn_data
+from lrcseg.io_utils import atomic_path, atomic_write_json, first_line
 from lrcseg.superpixels.regions import compute_regions
 
 _MAX_ID = np.iinfo(np.uint16).max
@@ -48,6 +64,8 @@ class RegionCache:
         self.slice_cache = slice_cache
         self.cfg = cfg
         self.computed_slices = 0
+        # region file -> its (inode, size, mtime) when its SHA-256 last matched
+        self._verified: dict[Path, tuple[int, int, int] | None] = {}
         windows = [tuple(w) for w in cfg.windows_hu] or [slice_cache.cfg.window_hu]
         have = [tuple(w) for w in slice_cache.cfg.windows]
         self.window_cache: SliceCache | None = None
@@ -62,14 +80,54 @@ class RegionCache:
         return Path(cached.dir) / f"regions-{self.cfg.key()}.npy"
 
     def get(self, case: Case) -> np.ndarray:
-        """The case's region maps (Z, H, W) uint16 memmap; computed and stored on first use."""
+        """The case's region maps (Z, H, W) uint16 memmap; computed and stored on first use.
+
+        The file is checked as the module docstring says: a damaged one is recomputed with a
+        DataWarning naming it; DataError if the recomputed file is damaged too.
+        """
         cached = self.slice_cache.get(case)
+        usable = self._open(cached)
+        if usable is not None:
+            return usable
+        source = self._source(case, cached)
+        regions = np.stack([self._slice(cached, source, z) for z in range(cached.num_slices)])
+        _save(self.path(cached), regions, self._record(cached))
+        try:
+            return self._check(cached)
+        except CorruptCacheFile as exc:
+            raise DataError(exc.path, f"region file damaged right after it was written "
+                                      f"({exc.reason}): check the disk of the cache folder "
+                                      f"{cached.dir}") from None
+
+    def _open(self, cached: CachedVolume) -> np.ndarray | None:
+        """The checked region file of ``cached``; None if there is none, or if it was damaged
+        (then it is removed, with a DataWarning naming it)."""
         path = self.path(cached)
         if not path.is_file():
-            source = self._source(case, cached)
-            regions = np.stack([self._slice(cached, source, z) for z in range(cached.num_slices)])
-            _save(path, regions)
-        return np.load(path, mmap_mode="r")
+            return None
+        try:
+            return self._check(cached)
+        except CorruptCacheFile as exc:
+            warn_data(exc.path, f"damaged region cache file ({exc.reason}); recomputing it",
+                      cached.case_id)
+            path.unlink(missing_ok=True)
+            record_path(path).unlink(missing_ok=True)
+            return None
+
+    def _check(self, cached: CachedVolume) -> np.ndarray:
+        """``np.load`` of the region file of ``cached`` after checking it against its record
+        (CorruptCacheFile naming the damaged file)."""
+        path = self.path(cached)
+        signature = _signature(path)
+        shape = (cached.num_slices, *cached.image.shape[2:])
+        record = _read_record(record_path(path), cached, self.cfg.key())
+        check = self._verified.get(path) != signature
+        regions = open_cached_array(path, record, shape, check)
+        if regions.dtype != np.uint16:
+            raise CorruptCacheFile(path, f"holds {regions.dtype} where uint16 was written")
+        if check:
+            self._verified[path] = signature
+        return regions
 
     def build(self, cases: Iterable[Case], workers: int = 0, progress: bool = True) -> dict:
         """Build every case's regions in parallel over slices; returns statistics.
@@ -86,7 +144,7 @@ class RegionCache:
         try:
             mapper = pool.map if pool is not None else map
             volumes = list(mapper(self.slice_cache.get, cases))
-            todo = [(c, v) for c, v in zip(cases, volumes, strict=True) if not self.path(v).is_file()]
+            todo = [(c, v) for c, v in zip(cases, volumes, strict=True) if self._open(v) is None]
             if self.window_cache is not None:  # once per case, before the slice chunks use it
                 list(mapper(self.window_cache.get, [c for c, _ in todo]))
             jobs = [(self, i, case, z0, min(z0 + _CHUNK, v.num_slices))
@@ -103,7 +161,7 @@ class RegionCache:
         computed = 0
         for i, (_, v) in enumerate(todo):
             regions = np.concatenate(chunks[i])
-            _save(self.path(v), regions)
+            _save(self.path(v), regions, self._record(v))
             computed += len(regions)
         self.computed_slices += computed
         seconds = time.perf_counter() - start
@@ -122,9 +180,13 @@ class RegionCache:
             "regions_max": int(counts.max()) if counts.size else 0,
         }
 
-    def _source(self, case: Case, cached: CachedVolume) -> CachedVolume:
+    def _record(self, cached: CachedVolume) -> dict:
+        """What a region file's record says besides its size and SHA-256: where it comes from."""
+        return {"slices": cached.digest, "superpixels": self.cfg.key()}
+
+    def _source(self, case: Case, cached: CachedVolume, verify: bool = True) -> CachedVolume:
         """The cached volume whose channels ``self._channels`` are the Felzenszwalb input."""
-        return cached if self.window_cache is None else self.window_cache.get(case)
+        return cached if self.window_cache is None else self.window_cache.get(case, verify)
 
     def _slice(self, cached: CachedVolume, source: CachedVolume, z: int) -> np.ndarray:
         channels = np.asarray(source.image[z, self._channels], dtype=np.float32)
@@ -141,8 +203,8 @@ _CHUNK = 16  # slices per worker task
 
 def _segment_chunk(job: tuple[RegionCache, int, Case, int, int]) -> tuple[int, np.ndarray]:
     cache, index, case, z0, z1 = job
-    cached = cache.slice_cache.get(case)
-    source = cache._source(case, cached)
+    cached = cache.slice_cache.get(case, verify=False)  # build() has just had it from get()
+    source = cache._source(case, cached, verify=False)
     return index, np.stack([cache._slice(cached, source, z) for z in range(z0, z1)])
 
 
@@ -151,6 +213,45 @@ def _regions_per_slice(regions: np.ndarray) -> np.ndarray:
     return np.asarray(regions).reshape(len(regions), -1).max(axis=1).astype(np.int64)
 
 
-def _save(path: Path, regions: np.ndarray) -> None:
+def record_path(path: Path) -> Path:
+    """The record beside a region file: ``regions-<key>.npy`` -> ``regions-<key>.json``."""
+    return path.with_suffix(".json")
+
+
+def _save(path: Path, regions: np.ndarray, origin: dict) -> None:
+    """Write the region file and, before it is renamed into place, its record (``origin``:
+    ``RegionCache._record``)."""
     with atomic_path(path) as tmp:
         np.save(tmp, regions.astype(np.uint16))
+        atomic_write_json(record_path(path), {**file_record(tmp), **origin})
+
+
+def _read_record(path: Path, cached: CachedVolume, key: str) -> dict | None:
+    """The record of a region file, checked against the slice cache entry ``cached`` and the
+    superpixel settings' ``key``; None for a file written before records in an entry of that
+    time (CorruptCacheFile otherwise)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if cached.digest is None:
+            return None
+        raise CorruptCacheFile(path, "missing, so its region file cannot be checked") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptCacheFile(path, f"not readable JSON ({first_line(exc)})") from None
+    if not isinstance(record, dict) or not {"bytes", "sha256", "slices"} <= record.keys():
+        raise CorruptCacheFile(path, "not a region file record")
+    if record["slices"] != cached.digest:
+        raise CorruptCacheFile(path, "computed from another slice cache entry")
+    if record.get("superpixels") != key:
+        raise CorruptCacheFile(path, f"computed with other superpixel settings "
+                                     f"({record.get('superpixels')}, not {key})")
+    return record
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, mtime) of a file: whether it changed since it was checked."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

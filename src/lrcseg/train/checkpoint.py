@@ -4,6 +4,12 @@
 renamed). ``final.pt`` is written once at the end of a run. This module writes them; reading
 them (``load_checkpoint``, ``find_checkpoint``, ...) is ``lrcseg.models.load``'s, so that
 inference and evaluation need nothing from ``lrcseg.train``.
+
+Integrity: torch's zip writer records a CRC-32 of every record of the archive (the pickle and
+each tensor's bytes); ``load_checkpoint`` verifies them all before unpickling, so a checkpoint
+altered after it was written (flipped or zeroed bytes, truncation) is refused with one line
+naming it rather than resumed or scored. The record lives inside the file, so it is replaced
+with it in one rename: no sidecar can disagree with its checkpoint after a kill.
 """
 
 from __future__ import annotations
