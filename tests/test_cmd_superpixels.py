@@ -51,3 +51,42 @@ def test_superpixels_command_on_empty_folder_fails_naming_the_path(tmp_path, cap
     assert rc == 1
     assert str(empty) in capsys.readouterr().err
     assert not (out / "summary.json").exists()
+
+
+def test_superpixels_takes_its_settings_from_a_pretraining_config_and_flags_win(
+        tiny_dataset, tmp_path, capsys):
+    """--config configs/pretrain_cpu.yaml previews the regions training uses (its scale, min
+    size and spacing, not the command's defaults); a flag given beside it overrides it."""
+    from pathlib import Path
+
+    import yaml
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "pretrain_cpu.yaml"
+    want = yaml.safe_load(preset.read_text())
+    out = tmp_path / "sp_cfg"
+    rc = main(["superpixels", "--data", str(tiny_dataset), "--out", str(out), "--config",
+               str(preset), "--sigma", "0.5", "--workers", "1", "--overlays", "1",
+               "--no-progress", "--cache-dir", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "superpixels" not in captured.err  # --no-progress: no tqdm bar
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["superpixels"]["scale"] == want["superpixels"]["scale"] != 100.0
+    assert summary["superpixels"]["min_size_mm2"] == want["superpixels"]["min_size_mm2"]
+    assert summary["preprocess"]["spacing_mm"] == want["preprocess"]["spacing_mm"]
+    assert summary["superpixels"]["sigma"] == 0.5  # the flag
+    text = (out / "summary.txt").read_text()
+    assert text == captured.out  # what it printed is what it wrote
+    assert f"scale {want['superpixels']['scale']:g}" in text and "sigma 0.5" in text
+    assert f"median {summary['regions_median']:g}" in text and "ASA " in text
+    assert "{" not in text  # lines, not JSON
+
+
+def test_superpixels_config_with_an_invalid_value_names_the_file(tiny_dataset, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("superpixels:\n  scale: -3\n")
+    rc = main(["superpixels", "--data", str(tiny_dataset), "--out", str(tmp_path / "o"),
+               "--config", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 1 and str(bad) in err and "scale" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

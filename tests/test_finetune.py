@@ -9,9 +9,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lrcseg.cli import main
-from lrcseg.config import FinetuneConfig, ModelConfig, OptimConfig, PreprocessConfig, RunConfig
+from lrcseg.config import (
+    FinetuneConfig,
+    IntensityAugmentConfig,
+    ModelConfig,
+    OptimConfig,
+    PreprocessConfig,
+    RunConfig,
+    load_config,
+)
 from lrcseg.data.readers import read_image
 from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError
@@ -98,6 +107,47 @@ def test_resume_is_bit_identical(workspace):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # no duplicated rows after resume
+
+
+def _same_weights(run_a, run_b) -> bool:
+    a = torch.load(run_a / "final.pt", weights_only=False)["model"]
+    b = torch.load(run_b / "final.pt", weights_only=False)["model"]
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_is_bit_identical_with_every_intensity_transform(workspace, tmp_path):
+    every = IntensityAugmentConfig(noise_prob=1, blur_prob=1, brightness_prob=1, contrast_prob=1,
+                                   lowres_prob=1, gamma_prob=1, gamma_inverted_prob=1)
+    straight = finetune(ft_config(workspace, tmp_path / "straight", steps=6, intensity=every),
+                        progress=False)
+    cfg = ft_config(workspace, tmp_path / "stopped", steps=6, intensity=every)
+    finetune(cfg, progress=False, stop_at=3)
+    resumed = finetune(cfg, resume=True, progress=False)
+    assert _same_weights(straight, resumed)
+    plain = finetune(ft_config(workspace, tmp_path / "plain", steps=6,
+                               intensity=IntensityAugmentConfig(enabled=False)), progress=False)
+    assert not _same_weights(straight, plain)  # the augmentation did act
+
+
+def test_a_run_from_before_intensity_augmentation_resumes_without_it(workspace, tmp_path):
+    off = IntensityAugmentConfig(enabled=False)
+    straight = finetune(ft_config(workspace, tmp_path / "straight", steps=6, intensity=off),
+                        progress=False)
+    run_dir = tmp_path / "older"
+    finetune(ft_config(workspace, run_dir, steps=6, intensity=off), progress=False, stop_at=3)
+    # what an older lrcseg wrote: no "intensity" in the checkpoint's config or config.yaml
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    del state["config"]["intensity"]
+    torch.save(state, run_dir / "checkpoint.pt")
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del saved["intensity"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    cfg = load_config(FinetuneConfig, run_dir / "config.yaml")
+    assert cfg.intensity.enabled  # the default of today, which the run never had
+    with pytest.warns(UserWarning, match="began before fine-tuning had intensity augmentation"):
+        resumed = finetune(cfg, resume=True, progress=False)
+    assert _same_weights(straight, resumed)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["intensity"]["enabled"] is False
 
 
 def test_too_many_labelled_cases_is_refused(workspace, tmp_path):

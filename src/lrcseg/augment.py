@@ -1,11 +1,14 @@
-"""Paired two-view augmentation for LRC pre-training, batched on CPU or GPU.
+"""Augmentation, batched on CPU or GPU: pre-training's paired views and fine-tuning's crops.
 
-Each view gets its own geometric transform (random resized crop, optional horizontal flip,
-small rotation) composed into one 2x3 affine per sample and applied with ``affine_grid`` /
-``grid_sample``: bilinear for the image, nearest for the region map, so region ids keep
-corresponding across the two views by construction. Intensity jitter (gamma, contrast,
-brightness, blur, noise) touches the image only. All randomness comes from the
-``torch.Generator`` passed in, so the output is a pure function of its seed.
+Pre-training (``PairedViewAugment``): each view gets its own geometric transform (random
+resized crop, optional horizontal flip, small rotation) composed into one 2x3 affine per sample
+and applied with ``affine_grid`` / ``grid_sample``: bilinear for the image, nearest for the
+region map, so region ids keep corresponding across the two views by construction. Intensity
+jitter (gamma, contrast, brightness, blur, noise) touches the image only.
+Fine-tuning: ``augment_labelled`` (zoom, rotation, translation through the same affine
+builder), then ``IntensityAugment`` (nnU-Net's default CT intensity transforms, image only).
+All randomness comes from the ``torch.Generator`` passed in, so the output is a pure function
+of its seed.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lrcseg.config import AugmentConfig
+from lrcseg.config import AugmentConfig, IntensityAugmentConfig
 
 #: candidate second crops drawn per sample before the fallback (vectorised over the batch)
 CROP_TRIES = 10
@@ -178,7 +181,8 @@ class PairedViewAugment:
             x = x + per_sample(cfg.brightness * (2 * u[:, 2] - 1))
         if cfg.blur_prob > 0:
             sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[:, 3]
-            x = _gaussian_blur(x, sigma, u[:, 4] < cfg.blur_prob, max(cfg.blur_sigma))
+            x = _gaussian_blur(x, sigma[:, None].expand(-1, 2), u[:, 4] < cfg.blur_prob,
+                               max(cfg.blur_sigma))
         if cfg.noise_std > 0:
             device_gen = torch.Generator(device=device).manual_seed(noise_seed)
             noise = torch.randn(x.shape, generator=device_gen, device=device, dtype=torch.float32)
@@ -237,23 +241,208 @@ def augment_labelled(images: Tensor, labels: Tensor, size: int, rotation_deg: fl
     return warp(images, labels, theta.to(images.device), size)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:
-    """Separable Gaussian blur with a per-sample std; samples with ``apply`` False unchanged.
+#: uniform draws per sample of one IntensityAugment call (fixed, whatever the probabilities)
+INTENSITY_DRAWS = 19
 
-    x: (B, C, H, W) float32; sigma, apply: (B,) CPU tensors. One grouped conv per axis with
-    kernels of radius ceil(3 * max_sigma), reflect padding.
+
+class IntensityAugment:
+    """Fine-tuning's intensity augmentation: nnU-Net's default CT transforms, on the image only.
+
+    Each transform acts on a sample with its probability (``cfg.*_prob``), in nnU-Net's order
+    (x: the windowed image, values in [0, 1] before augmentation; w, lo: a channel's window
+    width and low end in HU):
+
+    1. Gaussian noise: x <- x + n s / w, n ~ N(0, 1) per pixel, s ~ U(noise_std_hu) HU. One HU
+       noise field per slice, shared by that slice's windows.
+    2. Gaussian blur: separable, std ~ U(blur_sigma_px) pixels drawn per axis.
+    3. Brightness: x <- c + m (x - c), c = (brightness_centre_hu - lo) / w: the HU are scaled by
+       m about brightness_centre_hu.
+    4. Contrast: x <- clamp(mu + m (x - mu), min, max) with the mean mu, min and max of the
+       sample's channel.
+    5. Simulated low resolution: nearest-exact downsampling to round(side * s) pixels per side,
+       s ~ U(lowres_scale), then bilinear upsampling back (``simulate_low_resolution``).
+    6. Inverted gamma (``gamma_inverted_prob``), then 7. gamma (``gamma_prob``): with the
+       channel's min a and range r, x <- a + r ((x - a) / r)**g (inverted: the same on -x),
+       then the channel's mean and std restored.
+
+    m, g: below or above 1 with equal odds when their range holds 1, uniform on each side
+    (``factor_around_one``). One draw per sample, shared by its channels: the windows and
+    context slices are views of one scan (nnU-Net draws per channel, for separate modalities).
+    Values are not clipped afterwards (docs/METHOD.md, fine-tuning). Every call draws a
+    (B, INTENSITY_DRAWS) block of uniforms and one noise seed from ``generator`` whatever the
+    probabilities, so a changed probability leaves the other transforms' draws as they were.
+
+    cfg: IntensityAugmentConfig; windows: the HU windows (low, high) of the input
+    (``PreprocessConfig.windows``); context_slices: k. Channels are slice-major (channel c is
+    window c % len(windows) of a slice), as ``data.preprocess.stack_context`` stacks them.
+    Call with images (B, C, H, W) float, C = len(windows) * k, and a CPU torch.Generator;
+    returns (B, C, H, W) in the images' dtype and device. A sample no transform picked is
+    returned bit for bit.
+    """
+
+    def __init__(self, cfg: IntensityAugmentConfig, windows: list[tuple[float, float]],
+                 context_slices: int = 1):
+        if not isinstance(cfg, IntensityAugmentConfig):
+            raise ValueError(f"IntensityAugment needs an IntensityAugmentConfig, got "
+                             f"{type(cfg).__name__}")
+        if not windows or any(len(w) != 2 or not w[0] < w[1] for w in windows):
+            raise ValueError(f"Illegal windows {windows}: a non-empty list of (low, high) HU, "
+                             "low < high")
+        if context_slices < 1:
+            raise ValueError(f"Illegal context_slices {context_slices}: need >= 1")
+        self.cfg = cfg
+        self.context_slices = context_slices
+        low = torch.tensor([float(w[0]) for w in windows], dtype=torch.float64)
+        self.width = torch.tensor([float(w[1] - w[0]) for w in windows], dtype=torch.float64)
+        self.centre = ((cfg.brightness_centre_hu - low) / self.width).repeat(context_slices)
+
+    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        channels = len(self.width) * self.context_slices
+        if images.ndim != 4 or not images.is_floating_point() or images.shape[1] != channels:
+            raise ValueError(f"images must be a float (B, {channels}, H, W) tensor, got "
+                             f"{tuple(images.shape)} {images.dtype}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+        cfg = self.cfg
+        b = images.shape[0]
+        draws = iter(torch.rand(b, INTENSITY_DRAWS, generator=generator, dtype=torch.float64).unbind(1))
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        x = images.to(torch.float32)
+
+        apply, std_hu = next(draws) < cfg.noise_prob, _uniform(next(draws), cfg.noise_std_hu)
+        x = _where(apply, x, lambda: x + self._noise(x, std_hu, noise_seed))
+        apply = next(draws) < cfg.blur_prob
+        sigma = torch.stack([_uniform(next(draws), cfg.blur_sigma_px) for _ in range(2)], dim=1)
+        x = _where(apply, x, lambda: _gaussian_blur(x, sigma, apply, cfg.blur_sigma_px[1]))
+        apply = next(draws) < cfg.brightness_prob
+        m = _per_sample(factor_around_one(next(draws), next(draws), cfg.brightness_range), x)
+        centre = self.centre.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        x = _where(apply, x, lambda: centre + m * (x - centre))
+        apply = next(draws) < cfg.contrast_prob
+        m = _per_sample(factor_around_one(next(draws), next(draws), cfg.contrast_range), x)
+        x = _where(apply, x, lambda: _contrast(x, m))
+        apply, scale = next(draws) < cfg.lowres_prob, _uniform(next(draws), cfg.lowres_scale)
+        x = _where(apply, x, lambda: simulate_low_resolution(x, scale))
+        apply = next(draws) < cfg.gamma_inverted_prob
+        g = _per_sample(factor_around_one(next(draws), next(draws), cfg.gamma_range), x)
+        x = _where(apply, x, lambda: _gamma(x, g, inverted=True))
+        apply = next(draws) < cfg.gamma_prob
+        g = _per_sample(factor_around_one(next(draws), next(draws), cfg.gamma_range), x)
+        x = _where(apply, x, lambda: _gamma(x, g, inverted=False))
+        return x.to(images.dtype)
+
+    def _noise(self, x: Tensor, std_hu: Tensor, seed: int) -> Tensor:
+        """(B, C, H, W) noise: one HU field per sample and slice, in each window's units."""
+        b, _, h, w = x.shape
+        windows = len(self.width)
+        device_gen = torch.Generator(device=x.device).manual_seed(seed)
+        field = torch.randn((b, self.context_slices, 1, h, w), generator=device_gen,
+                            device=x.device, dtype=torch.float32)
+        per_window = (std_hu[:, None] / self.width[None]).to(device=x.device, dtype=torch.float32)
+        return (field * per_window.view(b, 1, windows, 1, 1)).reshape(x.shape)
+
+
+def factor_around_one(side: Tensor, u: Tensor, bounds: tuple[float, float]) -> Tensor:
+    """Factors (B,) in ``bounds`` = (low, high): if low < 1 < high, U(low, 1) or U(1, high) with
+    equal odds (nnU-Net's draw of contrast, brightness and gamma factors); else U(low, high).
+
+    side, u: (B,) uniforms in [0, 1) (the first picks the side, the second the value).
+    """
+    low, high = bounds
+    below = side < (0.5 if low < 1 < high else float(high <= 1))
+    return torch.where(below, low + (min(high, 1.0) - low) * u, max(low, 1.0) + (high - max(low, 1.0)) * u)
+
+
+def simulate_low_resolution(x: Tensor, scale: Tensor) -> Tensor:
+    """Per-sample nearest-exact downsampling of x (B, C, H, W) to round(H s) x round(W s)
+    pixels, then bilinear upsampling back to H x W (``align_corners=False``): what
+    ``F.interpolate`` gives sample by sample, as one gather per axis for the whole batch.
+
+    scale: (B,) CPU tensor in (0, 1]. Returns (B, C, H, W).
+    """
+    for dim in (3, 2):
+        size = x.shape[dim]
+        first, second, weight = (t.to(x.device) for t in _low_resolution_taps(size, scale))
+        view = [x.shape[0], 1, 1, 1]
+        view[dim] = size
+        gather = [t.view(view).expand_as(x) for t in (first, second)]
+        weight = weight.to(x.dtype).view(view)
+        x = x.gather(dim, gather[0]) * (1 - weight) + x.gather(dim, gather[1]) * weight
+    return x
+
+
+def _low_resolution_taps(size: int, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For an axis of ``size`` pixels downsampled to n = round(size s) and upsampled back: the
+    two source pixels (B, size) long and the weight (B, size) of the second, per output pixel."""
+    n = torch.round(size * scale.to(torch.float64)).clamp(min=1)[:, None]
+    out = torch.arange(size, dtype=torch.float64)[None]
+    low_res = ((out + 0.5) * n / size - 0.5).clamp(min=0)  # bilinear: position on the n-grid
+    left = low_res.floor()
+    right = torch.minimum(left + 1, n - 1)
+
+    ratio = (size / n).to(torch.float32)
+
+    def source(i: Tensor) -> Tensor:  # nearest-exact: the input pixel a low-res pixel copies
+        # in float32, as F.interpolate computes it on CPU, so that ties fall the same way
+        return ((i.to(torch.float32) + 0.5) * ratio).floor().clamp(max=size - 1).long()
+
+    return source(left), source(right), low_res - left
+
+
+def _contrast(x: Tensor, m: Tensor) -> Tensor:
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    low, high = x.amin(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)
+    return torch.minimum(torch.maximum(mean + m * (x - mean), low), high)
+
+
+def _gamma(x: Tensor, g: Tensor, inverted: bool) -> Tensor:
+    y = -x if inverted else x
+    low, high = y.amin(dim=(2, 3), keepdim=True), y.amax(dim=(2, 3), keepdim=True)
+    span = high - low
+    mean, std = y.mean(dim=(2, 3), keepdim=True), y.std(dim=(2, 3), keepdim=True)
+    y = low + span * ((y - low) / span.clamp(min=1e-7)).clamp(min=0) ** g
+    y = mean + (y - y.mean(dim=(2, 3), keepdim=True)) * (std / y.std(dim=(2, 3), keepdim=True).clamp(min=1e-7))
+    return -y if inverted else y
+
+
+def _uniform(u: Tensor, bounds: tuple[float, float]) -> Tensor:
+    return bounds[0] + (bounds[1] - bounds[0]) * u
+
+
+def _per_sample(values: Tensor, x: Tensor) -> Tensor:
+    """(B,) CPU values -> (B, 1, 1, 1) on x's device and dtype."""
+    return values.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+
+
+def _where(apply: Tensor, x: Tensor, transform) -> Tensor:
+    """transform() for the samples with ``apply`` (B,) CPU bool True, x for the others; the
+    transform is not computed when no sample needs it."""
+    if not bool(apply.any()):
+        return x
+    return torch.where(apply.to(x.device).view(-1, 1, 1, 1), transform(), x)
+
+
+def _gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:
+    """Separable Gaussian blur with a per-sample std per axis; samples with ``apply`` False
+    unchanged.
+
+    x: (B, C, H, W) float32; sigma: (B, 2) CPU tensor, the std along H and along W (pixels);
+    apply: (B,) CPU bool. One grouped conv per axis with kernels of radius ceil(3 * max_sigma),
+    reflect padding.
     """
     b, c, h, w = x.shape
     radius = max(1, min(int(math.ceil(3 * max_sigma)), h - 1, w - 1))
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-(t[None] ** 2) / (2 * sigma.clamp(min=1e-3)[:, None] ** 2))
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
     delta = (t == 0).to(torch.float64).expand(b, -1)
-    kernel = torch.where(apply[:, None], kernel, delta)
-    kernel = kernel.repeat_interleave(c, dim=0).to(device=x.device, dtype=x.dtype)  # (B*C, K)
+
+    def kernels(std: Tensor) -> Tensor:  # (B,) -> (B*C, K) on the images' device
+        kernel = torch.exp(-(t[None] ** 2) / (2 * std.clamp(min=1e-3)[:, None] ** 2))
+        kernel = torch.where(apply[:, None], kernel / kernel.sum(dim=1, keepdim=True), delta)
+        return kernel.repeat_interleave(c, dim=0).to(device=x.device, dtype=x.dtype)
+
     flat = x.reshape(1, b * c, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"), kernel[:, None, None, :],
-                    groups=b * c)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"), kernel[:, None, :, None],
-                    groups=b * c)
+    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
+                    kernels(sigma[:, 1])[:, None, None, :], groups=b * c)
+    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"),
+                    kernels(sigma[:, 0])[:, None, :, None], groups=b * c)
     return flat.reshape(b, c, h, w)

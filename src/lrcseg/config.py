@@ -28,6 +28,12 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# Field metadata of a file or folder path: ``absolute_paths`` resolves it against the working
+# directory, so a run folder's config.yaml means the same from any directory (``--resume``).
+PATH = {"path": True}
+NOT_PATHS = ("", "scratch")  # values of path fields that name no file
+
+
 @dataclass
 class PreprocessConfig:
     """How a CT volume becomes network input slices.
@@ -171,6 +177,73 @@ class AugmentConfig:
 
 
 @dataclass
+class IntensityAugmentConfig:
+    """Fine-tuning's intensity augmentation: nnU-Net's default CT transforms, on the image only
+    (``lrcseg.augment.IntensityAugment``; docs/METHOD.md, fine-tuning, compares each with
+    nnU-Net's default and with pre-training's jitter).
+
+    enabled: False = geometric augmentation only, as fine-tuning was before this option (a run
+        folder whose config has no ``intensity`` section resumes with it off).
+    *_prob: the probability that a sample gets that transform (each drawn independently).
+    noise_std_hu: Gaussian noise std in HU, uniform in this range per sample; divided by each
+        channel's window width.
+    blur_sigma_px: Gaussian blur std in pixels of the preprocessed grid, uniform in this range,
+        drawn per axis.
+    brightness_range, brightness_centre_hu: multiplicative brightness, x -> c + m (x - c) with
+        c = brightness_centre_hu in window units: HU are scaled about this centre (nnU-Net
+        multiplies z-scored CT, which scales HU about the dataset's foreground mean).
+    contrast_range: x -> mean + m (x - mean) about the sample's mean, clamped to its [min, max].
+    lowres_scale: simulated low resolution: nearest downsampling by a factor s uniform in this
+        range (both axes), bilinear upsampling back.
+    gamma_range, gamma_prob, gamma_inverted_prob: gamma on the sample's [min, max], its mean and
+        std kept; the inverted variant applies it to the negated image.
+    Factors m and gamma lie below or above 1 with equal odds when the range holds 1, uniform
+    on each side (nnU-Net's draw); otherwise uniform in the range.
+    """
+
+    enabled: bool = True
+    noise_prob: float = 0.1
+    noise_std_hu: tuple[float, float] = (0.0, 10.0)
+    blur_prob: float = 0.1
+    blur_sigma_px: tuple[float, float] = (0.5, 1.0)
+    brightness_prob: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    brightness_centre_hu: float = 100.0
+    contrast_prob: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    lowres_prob: float = 0.125
+    lowres_scale: tuple[float, float] = (0.5, 1.0)
+    gamma_prob: float = 0.3
+    gamma_inverted_prob: float = 0.1
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+
+    def __post_init__(self) -> None:
+        for name in ("noise_prob", "blur_prob", "brightness_prob", "contrast_prob", "lowres_prob",
+                     "gamma_prob", "gamma_inverted_prob"):
+            p = getattr(self, name)
+            _check(isinstance(p, (int, float)) and 0 <= p <= 1,
+                   f"Illegal intensity.{name} {p!r}: a probability in [0, 1]")
+        self.noise_std_hu = self._range("noise_std_hu", lambda lo, hi: lo >= 0, "std >= 0 HU")
+        self.blur_sigma_px = self._range("blur_sigma_px", lambda lo, hi: lo >= 0, "std >= 0 px")
+        for name in ("brightness_range", "contrast_range", "gamma_range"):
+            setattr(self, name, self._range(name, lambda lo, hi: lo > 0, "factors > 0"))
+        self.lowres_scale = self._range("lowres_scale", lambda lo, hi: 0 < lo and hi <= 1,
+                                        "scales in (0, 1]")
+        _check(-1024 <= self.brightness_centre_hu <= 3071,
+               f"Illegal intensity.brightness_centre_hu {self.brightness_centre_hu}: a CT value "
+               "in HU (-1024..3071)")
+
+    def _range(self, name: str, valid, rule: str) -> tuple[float, float]:
+        bounds = getattr(self, name)
+        _check(isinstance(bounds, (list, tuple)) and len(bounds) == 2
+               and all(isinstance(v, (int, float)) for v in bounds) and bounds[0] <= bounds[1],
+               f"Illegal intensity.{name} {bounds!r}: need (low, high) with low <= high")
+        bounds = (float(bounds[0]), float(bounds[1]))
+        _check(valid(*bounds), f"Illegal intensity.{name} {bounds}: {rule}")
+        return bounds
+
+
+@dataclass
 class NnUNetNetworkConfig:
     """An nnU-Net plans file's 2D network, recorded whole so a checkpoint rebuilds it alone.
 
@@ -250,14 +323,23 @@ class ModelConfig:
 
 @dataclass
 class LRCConfig:
-    """The localized region contrastive sampling loss (docs/METHOD.md section 6).
+    """The localized region contrastive sampling loss (docs/METHOD.md section 6): the one set
+    of defaults and checks of ``lrcseg.losses.lrc.LRCLoss``, which is built from it.
 
+    enabled: False = no LRC term (the global method alone).
+    variant: "pixel" (the sampled pixels are the anchors) or "region" (segment means).
+    num_regions: N, regions sampled per image (without replacement, see ``sampling``).
+    pixels_per_region: P, pixels sampled per region and view (pixel variant).
+    min_pixels: p_min, pixels a region needs in both views at feature resolution to be valid.
     sampling: how the N regions per image are drawn among the valid ones: "area"
         (proportional to area, the large background tissue dominates), "uniform", or
         "intensity" (label-free balance: uniform over bins of the regions' mean window
         intensity, then uniform within a bin, so fat, muscle and organ-bright regions are
         drawn equally often).
     intensity_bins: bins over [0, 1] for sampling "intensity".
+    temperature: t (tau_local).
+    negatives: "image" (the other regions of the same image) or "batch" (of all images).
+    weight: lambda in L = L_global + lambda L_LRC (the training loop's, not the loss's).
     """
 
     enabled: bool = True
@@ -272,14 +354,18 @@ class LRCConfig:
     weight: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.variant in ("pixel", "region"), f"Illegal LRC variant {self.variant!r}")
-        _check(self.negatives in ("image", "batch"), f"Illegal LRC negatives {self.negatives!r}")
+        _check(self.variant in ("pixel", "region"),
+               f"Illegal LRC variant {self.variant!r}: 'pixel' or 'region'")
+        _check(self.negatives in ("image", "batch"),
+               f"Illegal LRC negatives {self.negatives!r}: 'image' or 'batch'")
         _check(self.sampling in ("area", "uniform", "intensity"),
                f"Illegal LRC sampling {self.sampling!r}: area, uniform or intensity")
         _check(self.intensity_bins >= 2, f"Illegal intensity_bins {self.intensity_bins}: need >= 2")
-        _check(self.num_regions >= 2, f"Illegal num_regions {self.num_regions}: need >= 2")
-        _check(self.pixels_per_region >= 1, f"Illegal pixels_per_region {self.pixels_per_region}")
-        _check(self.min_pixels >= 1, f"Illegal min_pixels {self.min_pixels}")
+        _check(self.num_regions >= 2,
+               f"Illegal num_regions {self.num_regions}: need >= 2 to have negatives")
+        _check(self.pixels_per_region >= 1,
+               f"Illegal pixels_per_region {self.pixels_per_region}: need >= 1")
+        _check(self.min_pixels >= 1, f"Illegal min_pixels {self.min_pixels}: need >= 1")
         _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
         _check(self.weight >= 0, f"Illegal LRC weight {self.weight}")
 
@@ -369,7 +455,7 @@ class RunConfig:
         pairs with their region maps; fine-tuning: a prediction overlay); 0 = none.
     """
 
-    out: str = "runs/run"
+    out: str = field(default="runs/run", metadata=PATH)
     steps: int | None = 1000
     batch_size: int = 32
     seed: int = 0
@@ -381,7 +467,7 @@ class RunConfig:
     checkpoint_every: int = 200
     log_every: int = 10
     image_every: int = 200
-    cache_dir: str | None = None
+    cache_dir: str | None = field(default=None, metadata=PATH)
 
     def __post_init__(self) -> None:
         _check(self.steps is None or self.steps >= 1, f"Illegal steps {self.steps}")
@@ -403,7 +489,7 @@ class OnlineProbeConfig:
     TensorBoard.
     """
 
-    dataset: str | None = None
+    dataset: str | None = field(default=None, metadata=PATH)
     every: int = 100
     labeled: int = 1
     split_seed: int = 0
@@ -421,9 +507,9 @@ class OnlineProbeConfig:
 class PretrainConfig:
     """A pre-training run: global method (+ LRC) on unlabelled slices."""
 
-    data: list[str] = field(default_factory=list)
+    data: list[str] = field(default_factory=list, metadata=PATH)
     method: str = "moco"
-    labels: str | None = None
+    labels: str | None = field(default=None, metadata=PATH)
     run: RunConfig = field(default_factory=RunConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     superpixels: SuperpixelConfig = field(default_factory=SuperpixelConfig)
@@ -454,14 +540,17 @@ class FinetuneConfig:
     run.steps: the budget; None = auto, scaled with the labelled slices (same for every init).
     snapshots: steps at which the weights are also saved (``snapshot_<step>.pt``, loadable
         like ``final.pt``) for a learning curve; each must be < the budget.
+    image_size, rotation_deg, hflip: the geometric augmentation (crop side, rotation, flips).
+    intensity: the intensity augmentation (``IntensityAugmentConfig``; on by default,
+        ``intensity: {enabled: false}`` = geometric only).
     """
 
-    dataset: str = ""
-    init: str = "scratch"
+    dataset: str = field(default="", metadata=PATH)
+    init: str = field(default="scratch", metadata=PATH)
     labeled: float = 1
     split_seed: int = 0
     snapshots: list[int] = field(default_factory=list)
-    label_map: str | None = None
+    label_map: str | None = field(default=None, metadata=PATH)
     allow_mismatch: bool = False
     run: RunConfig = field(default_factory=lambda: RunConfig(steps=None, batch_size=8))
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
@@ -470,6 +559,7 @@ class FinetuneConfig:
     image_size: int = 224
     rotation_deg: float = 10.0
     hflip: bool = False
+    intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
 
     def __post_init__(self) -> None:
         _check(self.labeled > 0, f"Illegal labeled {self.labeled}: need > 0")
@@ -570,6 +660,9 @@ class ExperimentConfig:
     finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
     learning_curve: initialisations whose cells are also evaluated after 1/4 and 1/2 of the
         fine-tuning budget (the report states the change over the last doubling).
+    finetune_intensity: fine-tuning's intensity augmentation (``FinetuneConfig.intensity``
+        on with its defaults, or off). A folder recorded before it existed holds cells
+        fine-tuned without it, so its experiment.yaml counts as ``false``.
     keep_checkpoints: False deletes each block's weights once its metrics are written
         (pre-training weights once every probe and cell of the block has finished).
     finetune_with: "lrcseg" (lrcseg's fine-tuning) or "nnunet": every initialisation is then
@@ -617,6 +710,7 @@ class ExperimentConfig:
     finetune: bool = True
     learning_curve: list[str] = field(default_factory=list)
     keep_checkpoints: bool = True
+    finetune_intensity: bool = True
     finetune_with: str = "lrcseg"
     nnunet_iterations_per_epoch: int = 250
     nnunet_dataset_id: int = 990
@@ -771,20 +865,54 @@ def update_dict(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, An
     return out
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: dict[str, Any] | None = None):
-    """Defaults <- YAML file <- overrides (a nested dict, e.g. from CLI flags)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path}: cannot read config: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (ConfigError naming the file otherwise)."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def load_config(cls: type, path: str | Path | None = None,
+                overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None):
+    """Defaults <- ``base`` <- YAML file <- overrides (a nested dict, e.g. from CLI flags).
+
+    base: settings that replace the defaults but not what the file or the flags say (what an
+    initialising run fixes). An invalid value is reported with the file's name when a file
+    was read, since the user has to correct it there or in a flag.
+    """
+    data = update_dict(base or {}, read_config_file(path) if path is not None else {})
     data = update_dict(data, overrides or {})
-    return from_dict(cls, data)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        if path is None:
+            raise
+        raise ConfigError(f"{path} (or a flag overriding it): {exc}") from exc
+
+
+def absolute_paths(cfg: Any) -> Any:
+    """A copy of config ``cfg`` whose path fields (metadata ``PATH``) are absolute, resolved
+    against the working directory; "scratch" and empty values stay as they are."""
+    def resolve(value: Any) -> Any:
+        if isinstance(value, list):
+            return [resolve(v) for v in value]
+        if value is None or value in NOT_PATHS:
+            return value
+        return str(Path(value).expanduser().absolute())
+
+    changes = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path"):
+            changes[f.name] = resolve(value)
+        elif dataclasses.is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+    return dataclasses.replace(cfg, **changes)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -5,7 +5,8 @@ Examples:
   lrcseg finetune --dataset DATASET --init runs/moco_lrc --labeled 2 --out runs/ft_lrc
   lrcseg finetune --dataset DATASET --init weights.pt --labeled 0.2 --out runs/ft
 Every initialisation gets the same step budget and hyper-parameters; the last checkpoint is
-the result. The labelled cases are drawn from --split-seed and written to split.json.
+the result. --init supplies what its weights fix (backbone, decoder, window, spacing): repeat
+them only to change them, which is refused if they conflict. The labelled cases are drawn from --split-seed and written to split.json.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from lrcseg.commands._run_options import (
     require_out,
     run_overrides,
 )
-from lrcseg.config import FinetuneConfig, load_config
+from lrcseg.config import FinetuneConfig, absolute_paths, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,9 +57,15 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
         if value is not None:
             overrides[key] = value
     config_file = args.config
-    if args.resume and config_file is None:
-        config_file = Path(args.out) / "config.yaml"
-    return load_config(FinetuneConfig, config_file, overrides)
+    if args.resume:  # the run folder's config.yaml already holds everything
+        return load_config(FinetuneConfig, config_file or Path(args.out) / "config.yaml", overrides)
+    cfg = load_config(FinetuneConfig, config_file, overrides)
+    if cfg.init != "scratch":  # start from what the initialising run fixes; what is set wins
+        from lrcseg.models.load import initialisation_settings  # imports torch
+
+        cfg = load_config(FinetuneConfig, config_file, overrides,
+                          base=initialisation_settings(cfg.init))
+    return absolute_paths(cfg)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from lrcseg.commands._run_options import (
     run_overrides,
     set_nested,
 )
-from lrcseg.config import PretrainConfig, load_config
+from lrcseg.config import PretrainConfig, absolute_paths, load_config
 from lrcseg.methods.registry import method_names
 
 
@@ -131,7 +131,7 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
 
         cfg = apply_plans(cfg, network_from_plans(args.nnunet_plans, args.nnunet_configuration),
                           image_size=args.image_size)
-    return cfg
+    return cfg if args.resume else absolute_paths(cfg)  # config.yaml means the same anywhere
 
 
 def run(args: argparse.Namespace) -> int:

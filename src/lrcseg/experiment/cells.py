@@ -32,6 +32,7 @@ from lrcseg.config import (
     ExperimentConfig,
     FinetuneConfig,
     InitSpec,
+    IntensityAugmentConfig,
     LRCConfig,
     ModelConfig,
     OptimConfig,
@@ -41,6 +42,7 @@ from lrcseg.config import (
     SuperpixelConfig,
     from_dict,
     load_config,
+    read_config_file,
     save_config,
     stable_hash,
     to_dict,
@@ -230,7 +232,8 @@ def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path
                  cfg.finetune_batch_size, cell.seed, cfg),
         preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
         model=ModelConfig(backbone=cfg.backbone), image_size=cfg.image_size,
-        optim=OptimConfig(lr=cfg.finetune_lr, warmup_steps=cfg.warmup_steps))
+        optim=OptimConfig(lr=cfg.finetune_lr, warmup_steps=cfg.warmup_steps),
+        intensity=IntensityAugmentConfig(enabled=cfg.finetune_intensity))
 
 
 # --------------------------------------------------------------------------- the folder's record
@@ -256,7 +259,7 @@ def register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
     record_path = out_dir / "initialisations.yaml"
     with exclusive_lock(lock_path(out_dir, "config"), wait=True):
         if path.is_file():
-            _check_unchanged(load_config(ExperimentConfig, path), cfg, path)
+            _check_unchanged(_recorded(path), cfg, path)
         entries = yaml.safe_load(record_path.read_text()) if record_path.is_file() else None
         recorded = [from_dict(InitSpec, d) for d in entries or []]
         known = {s.name: s for s in recorded}
@@ -270,6 +273,14 @@ def register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
         atomic_write_text(record_path, yaml.safe_dump([to_dict(s) for s in union], sort_keys=False))
         save_config(cfg, path)
     return dataclasses.replace(cfg, initialisations=union)
+
+
+def _recorded(path: Path) -> ExperimentConfig:
+    """The experiment.yaml of a folder; one written before ``finetune_intensity`` existed
+    fine-tuned its cells without intensity augmentation."""
+    data = read_config_file(path)
+    data.setdefault("finetune_intensity", False)
+    return load_config(ExperimentConfig, None, data)
 
 
 def _check_unchanged(previous: ExperimentConfig, cfg: ExperimentConfig, path: Path) -> None:

@@ -11,6 +11,12 @@ Pre-trained weights reach a plain ``FlexibleUNet`` in two forms: a pre-training 
 (``PretrainNetwork.unet.*`` keys, :func:`pretrained_unet_weights`) or an export
 (``lrcseg export``: a ``.pt`` state dict with its ``.json`` beside it, ``models.export``).
 Neither holds a segmentation head; :func:`load_backbone` checks that everything else fits.
+
+Integrity: every checkpoint is checked when it is loaded (:func:`load_checkpoint`): the CRC-32
+of each record of its zip archive, which torch writes but ``torch.load`` never checks, then its
+weights must be finite. A damaged file is refused with one line naming it (``DataError``), never
+trained on or scored. A fine-tuned model for inference also refuses to output NaN or inf logits
+(:class:`FiniteOutputGuard`), which an argmax would turn into all-background masks.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from lrcseg.config import (
     PreprocessConfig,
     PretrainConfig,
     from_dict,
+    read_config_file,
     to_dict,
     upgrade_model_dict,
 )
-from lrcseg.errors import ConfigError, LrcsegError
-from lrcseg.models.export import load_exported
+from lrcseg.errors import ConfigError, DataError
+from lrcseg.io_utils import first_line, zip_archive_fault
+from lrcseg.models.export import load_exported, nonfinite_tensors
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX
 
@@ -41,16 +49,43 @@ FINAL = "final.pt"
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by ``save_checkpoint``; a clear error if it is unreadable.
+    """Load a checkpoint written by ``save_checkpoint`` after checking that it is intact.
 
-    Checkpoints of an older lrcseg are upgraded in memory (``upgrade_checkpoint``).
+    The zip archive's CRC-32s are verified first (about 1.5 GB/s; a checkpoint of every lrcseg
+    version has them), then the weights ("model", "network") must be finite. A damaged or
+    unreadable file raises DataError naming it; for ``checkpoint.pt`` the message says that
+    ``--resume`` cannot continue from it. Checkpoints of an older lrcseg are upgraded in
+    memory (``upgrade_checkpoint``).
     """
     path = Path(path)
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise LrcsegError(f"{path}: cannot read checkpoint: {exc}") from exc
-    return upgrade_checkpoint(state) if isinstance(state, dict) else state
+        fault = zip_archive_fault(path)
+        if fault is None:
+            state = torch.load(path, map_location=map_location, weights_only=False)
+    except OSError as exc:
+        raise DataError(path, f"cannot read checkpoint: {exc.strerror or first_line(exc)}") from exc
+    except Exception as exc:  # torch raises many types for a damaged archive
+        fault = f"{type(exc).__name__}: {first_line(exc)}"
+    if fault is not None:
+        raise DataError(path, f"checkpoint is damaged ({fault}){_damage_advice(path)}")
+    if isinstance(state, dict):
+        for key in ("model", "network"):
+            bad = nonfinite_tensors(state.get(key))
+            if bad:
+                raise DataError(path, f"checkpoint holds NaN or inf in {len(bad)} weight tensors "
+                                      f"of {key!r} (first: {bad[0]}){_damage_advice(path)}")
+        state = upgrade_checkpoint(state)
+    return state
+
+
+def _damage_advice(path: Path) -> str:
+    """What a user can do about a damaged checkpoint at ``path``."""
+    if path.name == LATEST:
+        return (": it was altered after it was written (disk, copy or transfer fault), so "
+                "--resume cannot continue this run from it; restore checkpoint.pt from a copy, "
+                "or run again with another --out")
+    return (": it was altered after it was written (disk, copy or transfer fault) and cannot "
+            "be used; restore it from a copy, or train it again")
 
 
 def upgrade_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
@@ -191,13 +226,29 @@ def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: Preproces
     return weights, {"init": str(path), "pretrain_preprocess": to_dict(their_pre)}
 
 
+class FiniteOutputGuard:
+    """A forward hook that raises DataError naming the model file when the network outputs
+    NaN or inf: an argmax would turn such logits into all-background masks (Dice 0) without a
+    word. One ``isfinite`` reduction per batch of slices."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and not bool(torch.isfinite(output).all()):
+            raise DataError(self.path, "the model outputs NaN or inf logits: its weights are "
+                                       "unusable (diverged or altered), so it cannot predict or "
+                                       "be evaluated; fine-tune it again")
+
+
 def load_finetuned(run_or_file: str | Path, device: torch.device | str = "cpu"
                    ) -> tuple[FlexibleUNet, dict[str, Any]]:
     """A fine-tuned model ready for inference, with its metadata.
 
     Returns (model in eval mode, meta) where meta has "preprocess" (PreprocessConfig),
     "labels" (name -> id), "flexible_unet" (constructor kwargs) and "model_config"
-    (ModelConfig).
+    (ModelConfig). The checkpoint is checked by :func:`load_checkpoint`; the model carries a
+    :class:`FiniteOutputGuard`, so a forward pass that gives NaN or inf raises DataError.
     """
     path = resolve_checkpoint(run_or_file, "fine-tuning run")
     state = load_checkpoint(path, map_location=device)
@@ -206,7 +257,45 @@ def load_finetuned(run_or_file: str | Path, device: torch.device | str = "cpu"
     model = FlexibleUNet(**state["flexible_unet"])
     model.load_state_dict(state["model"])
     model.to(device).eval()
+    model.register_forward_hook(FiniteOutputGuard(path))
     meta = {"preprocess": from_dict(PreprocessConfig, state["preprocess"]),
             "labels": state["labels"], "flexible_unet": state["flexible_unet"],
             "model_config": from_dict(ModelConfig, state["model_config"])}
     return model, meta
+
+
+#: what an initialising run fixes for fine-tuning (its weights only fit with these)
+FIXED_BY_INIT = {"model": ("backbone", "decoder_channels"), "preprocess": tuple(
+    f.name for f in PreprocessConfig.__dataclass_fields__.values())}
+
+
+def initialisation_settings(init: str) -> dict[str, dict[str, Any]]:
+    """The settings ``init`` fixes for a fine-tuning from it, as nested config overrides:
+    {"model": {backbone, decoder_channels}, "preprocess": {every preprocessing field}}.
+
+    Fine-tuning starts from them (``load_config(..., base=...)``), so ``finetune --init RUN``
+    needs no repeated ``--backbone`` or ``--spacing``; a value the user sets explicitly still
+    wins and :func:`load_initialisation` refuses it if it conflicts. A run folder is read from
+    its config.yaml (no weights loaded); "scratch" fixes nothing.
+    """
+    if init == "scratch":
+        return {}
+    source = Path(init)
+    if source.is_dir() and (source / "config.yaml").is_file():
+        config = read_config_file(source / "config.yaml")
+        model, preprocess = upgrade_model_dict(config.get("model") or {}), config.get("preprocess") or {}
+    else:
+        path = resolve_checkpoint(init, "pre-training run")
+        if path.with_suffix(".json").is_file():
+            _, meta = load_exported(path)
+            model, preprocess = meta["flexible_unet"], meta["preprocess"]
+        else:
+            state = load_checkpoint(path)
+            model, preprocess = state["config"]["model"], state["config"]["preprocess"]
+    settings = {section: {key: source_dict[key] for key in keys if key in source_dict}
+                for section, keys, source_dict in (("model", FIXED_BY_INIT["model"], model),
+                                                   ("preprocess", FIXED_BY_INIT["preprocess"],
+                                                    preprocess))}
+    if model.get("nnunet") is not None:
+        return {"preprocess": settings["preprocess"]}  # an nnU-Net network: no FlexibleUNet keys
+    return settings

@@ -5,12 +5,14 @@ step budget, hyper-parameters and labelled cases for a given split seed, and the
 checkpoint is the result (no model selection on extra labelled cases).
 
     labelled cases (K, drawn from split_seed) -> slice cache -> padded slices
-    for step: random crop/rotate/scale (no left-right flip with lateral labels) -> U-Net ->
-              Dice + cross-entropy -> backward, clip, step; log; checkpoint
+    for step: random crop/rotate/scale (no left-right flip with lateral labels) -> intensity
+              (noise, blur, brightness, contrast, low resolution, gamma; image only) -> U-Net
+              -> Dice + cross-entropy -> backward, clip, step; log; checkpoint
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -21,9 +23,10 @@ import torch
 from monai.losses import DiceCELoss
 from torch import Tensor
 
-from lrcseg.augment import augment_labelled
+from lrcseg.augment import IntensityAugment, augment_labelled
 from lrcseg.config import (
     FinetuneConfig,
+    IntensityAugmentConfig,
     save_config,
     to_dict,
 )
@@ -105,6 +108,7 @@ class Finetuning:
             raise ConfigError(f"snapshots {cfg.snapshots}: each must be < the budget of "
                               f"{self.steps} steps")
         self.hflip = cfg.hflip and not has_laterality(list(labels))
+        self.intensity = self._intensity_augment()
         num_classes = max(labels.values()) + 1
         self.model = self._model(weights, num_classes)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
@@ -146,9 +150,25 @@ class Finetuning:
             model = model.to(memory_format=torch.channels_last)
         return model
 
+    def _intensity_augment(self) -> IntensityAugment | None:
+        cfg = self.cfg
+        if not cfg.intensity.enabled:
+            return None
+        return IntensityAugment(cfg.intensity, cfg.preprocess.windows, cfg.preprocess.context_slices)
+
     def restore(self) -> tuple[int, dict | None]:
-        """Load the checkpoint to resume from; returns (step, the logger's clock)."""
+        """Load the checkpoint to resume from; returns (step, the logger's clock).
+
+        A run begun before fine-tuning had intensity augmentation (no ``intensity`` in its
+        checkpoint's config) continues without it, as it began.
+        """
         state = load_resume_checkpoint(self.run_dir)
+        if "intensity" not in state["config"]:
+            self.cfg = dataclasses.replace(self.cfg, intensity=IntensityAugmentConfig(enabled=False))
+            self.intensity = None
+            warn_data(self.run_dir, "this run began before fine-tuning had intensity "
+                      "augmentation: it continues without it (config.yaml now records "
+                      "intensity.enabled: false)")
         for note in check_resume_compatible(state["config"], to_dict(self.cfg), "finetune"):
             warn_data(self.run_dir, note)
         save_config(self.cfg, self.run_dir / "config.yaml")  # the run as it now continues
@@ -189,9 +209,11 @@ class Finetuning:
         """One optimiser step; returns the loss and the number of slices."""
         cfg = self.cfg
         batch = next(self.batches)
+        generator = step_generator(cfg.run.seed, step)
         images, targets = augment_labelled(batch["image"], batch["label"].long(), cfg.image_size,
-                                           cfg.rotation_deg, self.hflip,
-                                           step_generator(cfg.run.seed, step))
+                                           cfg.rotation_deg, self.hflip, generator)
+        if self.intensity is not None:  # draws after the geometry, from the same generator
+            images = self.intensity(images, generator)
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         lr = cfg.optim.lr * warmup_cosine(step, self.steps, cfg.optim.warmup_steps)
