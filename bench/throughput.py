@@ -57,6 +57,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -124,6 +125,10 @@ from lrcseg.train.common import step_generator  # noqa: E402
 #: LRC at 1/4 resolution, as in every figure of bench/NOTES.md so far (the pre-training
 #: default moved to 1/2 resolution later; pass a different level to measure that)
 BENCH_LOCAL_LEVELS = (2,)
+#: LRC's regions drawn in proportion to area, as in every figure of bench/NOTES.md so far and
+#: the only sampling of an older losses/lrc.py (``--lrc-baseline``); pre-training's default
+#: (``LRCConfig.sampling``) is uniform
+BENCH_LRC_SAMPLING = "area"
 
 #: segmentation classes of the supervised step (background + 7 phantom organs)
 NUM_CLASSES = 8
@@ -283,7 +288,8 @@ def pretrain_config(setting: Setting, variant: str | None, device: torch.device)
                       channels_last=device.type == "cuda"),
         model=ModelConfig(backbone=setting.backbone, local_levels=BENCH_LOCAL_LEVELS),
         augment=AugmentConfig(image_size=setting.image_size),
-        lrc=LRCConfig(enabled=variant is not None, variant=variant or "pixel"),
+        lrc=LRCConfig(enabled=variant is not None, variant=variant or "pixel",
+                      sampling=BENCH_LRC_SAMPLING),
         moco=MocoConfig(queue_size=per_step * max(1, 16384 // per_step)),
     )
 
@@ -343,9 +349,7 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
         cfg = pretrain_config(setting, variant, device)
         net = PretrainNetwork(cfg.model, 1).to(device).to(memory_format=fmt)
         objective = build_method(cfg, net, num_slices=1_000_000).to(device)
-        lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
-                      pixels_per_region=cfg.lrc.pixels_per_region, min_pixels=cfg.lrc.min_pixels,
-                      variant=cfg.lrc.variant, negatives=cfg.lrc.negatives)
+        lrc = LRCLoss(cfg.lrc)
         params = [p for p in list(net.parameters()) + list(objective.parameters()) if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         forward = torch.compile(net) if compiled else net
@@ -387,7 +391,8 @@ def build_step(name: str, setting: Setting, inputs: Inputs, device: torch.device
 
 
 def load_lrc_module(path: Path) -> types.ModuleType:
-    """Another version of ``lrcseg/losses/lrc.py`` (it imports only torch), for the baseline."""
+    """Another version of ``lrcseg/losses/lrc.py`` (it imports only torch at run time), for
+    the baseline."""
     spec = importlib.util.spec_from_file_location("lrc_baseline", path)
     if spec is None or spec.loader is None:
         raise SystemExit(f"--lrc-baseline {path}: not a Python file")
@@ -395,6 +400,16 @@ def load_lrc_module(path: Path) -> types.ModuleType:
     sys.modules["lrc_baseline"] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def baseline_loss(module: types.ModuleType, cfg: LRCConfig) -> torch.nn.Module:
+    """``module.LRCLoss`` configured as ``cfg``: built from the config where its constructor
+    takes one, else (a file from before issue 26) from the config's fields it knows as
+    keywords (a file without ``sampling`` draws by area)."""
+    params = inspect.signature(module.LRCLoss).parameters
+    if "cfg" in params:
+        return module.LRCLoss(cfg)
+    return module.LRCLoss(**{k: v for k, v in asdict(cfg).items() if k in params})
 
 
 def build_lrc_steps(name: str, setting: Setting, inputs: Inputs, device: torch.device,
@@ -412,9 +427,6 @@ def build_lrc_steps(name: str, setting: Setting, inputs: Inputs, device: torch.d
 
     variant = {"lrc_pixel": "pixel", "lrc_region": "region"}[name]
     cfg = pretrain_config(setting, variant, device).lrc
-    kwargs = {"temperature": cfg.temperature, "num_regions": cfg.num_regions,
-              "pixels_per_region": cfg.pixels_per_region, "min_pixels": cfg.min_pixels,
-              "variant": variant, "negatives": cfg.negatives}
     side = setting.image_size // 2 ** (4 - BENCH_LOCAL_LEVELS[0])
     g = torch.Generator().manual_seed(2)
     raw1, raw2 = (torch.randn(setting.batch, LRC_DIM, side, side, generator=g).to(device)
@@ -433,9 +445,9 @@ def build_lrc_steps(name: str, setting: Setting, inputs: Inputs, device: torch.d
             return loss
         return call
 
-    calls = {"raw": make(LRCLoss(**kwargs), False), "normmap": make(LRCLoss(**kwargs), True)}
+    calls = {"raw": make(LRCLoss(cfg), False), "normmap": make(LRCLoss(cfg), True)}
     if baseline is not None:
-        calls["baseline"] = make(baseline.LRCLoss(**kwargs), True)
+        calls["baseline"] = make(baseline_loss(baseline, cfg), True)
     values = {mode: float(call(0).detach()) for mode, call in calls.items()}
     diff = max(abs(v - values["raw"]) for v in values.values())
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from lrcseg.config import LRCConfig
 from lrcseg.distributed import (
     concat_all_gather,
     gather_with_grad,
@@ -45,8 +46,8 @@ def global_inputs():
 
 
 def lrc_batch() -> LRCLoss:
-    return LRCLoss(temperature=0.1, num_regions=6, pixels_per_region=2, min_pixels=1,
-                   negatives="batch")
+    return LRCLoss(LRCConfig(temperature=0.1, num_regions=6, pixels_per_region=2, min_pixels=1,
+                             negatives="batch", sampling="area"))
 
 
 def _worker(rank: int, store: str, out_dir: str) -> None:

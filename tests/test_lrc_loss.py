@@ -10,9 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lrcseg.config import LRCConfig
+from lrcseg.errors import ConfigError
 from lrcseg.losses import lrc
 from lrcseg.losses.lrc import (
     LRCLoss,
+    ViewMaps,
     downsample_regions,
     intensity_bins,
     region_means,
@@ -23,6 +26,11 @@ from lrcseg.losses.lrc import (
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def _loss(**fields) -> LRCLoss:
+    """The loss of ``LRCConfig(**fields)``: the config's defaults for every other field."""
+    return LRCLoss(LRCConfig(**fields))
 
 
 def _block_regions(batch: int, side: int = 64, cells: int = 4) -> torch.Tensor:
@@ -100,7 +108,7 @@ def test_loss_lower_when_views_correspond():
     r_lr = downsample_regions(regions, (16, 16))
     feat = _region_features(r_lr, 32, _gen(3))
     shuffled_ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(16, generator=_gen(4)) + 1])
-    loss_fn = LRCLoss(temperature=0.1)
+    loss_fn = _loss(temperature=0.1)
     matched, stats = loss_fn(feat, feat, regions, regions, generator=_gen(5))
     shuffled, _ = loss_fn(feat, feat, regions, shuffled_ids[regions], generator=_gen(5))
     # matched: every positive has logit 10, so the multi-positive loss is about log(P)
@@ -121,8 +129,8 @@ def test_invariant_to_consistent_id_permutation(variant, negatives):
     feat2 = F.normalize(torch.randn(3, 8, 8, 8, generator=gen), dim=1)
     perm = torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(6, generator=gen) + 1])
     # N >= number of ids, so every valid region is sampled whatever its id
-    loss_fn = LRCLoss(num_regions=8, pixels_per_region=4, min_pixels=2, variant=variant,
-                      negatives=negatives)
+    loss_fn = _loss(num_regions=8, pixels_per_region=4, min_pixels=2, variant=variant,
+                    negatives=negatives)
     a, _ = loss_fn(feat1, feat2, r1, r2, generator=_gen(7))
     b, _ = loss_fn(feat1, feat2, perm[r1], perm[r2], generator=_gen(7))
     assert a.item() > 0.5
@@ -131,7 +139,7 @@ def test_invariant_to_consistent_id_permutation(variant, negatives):
 
 @pytest.mark.parametrize("variant", ["pixel", "region"])
 def test_finite_with_zero_or_one_valid_region(variant):
-    loss_fn = LRCLoss(variant=variant)
+    loss_fn = _loss(variant=variant)
     for regions in (torch.zeros(2, 32, 32, dtype=torch.long), torch.ones(2, 32, 32, dtype=torch.long)):
         feat1 = F.normalize(torch.randn(2, 8, 8, 8), dim=1).requires_grad_()
         feat2 = F.normalize(torch.randn(2, 8, 8, 8), dim=1).requires_grad_()
@@ -156,7 +164,8 @@ def test_organ_statistics_separate_background_from_labelled_organs():
     # ids 1..8 background (label 0), 9..12 organ 1, 13..16 organ 2
     organs = torch.where(regions > 12, 2, torch.where(regions > 8, 1, 0)).long()
     feat = F.normalize(torch.randn(1, 8, 16, 16), dim=1)
-    _, stats = LRCLoss(num_regions=16)(feat, feat, regions, regions, generator=_gen(10), organs1=organs)
+    _, stats = _loss(num_regions=16)(feat, feat, regions, regions, generator=_gen(10),
+                                     maps1=ViewMaps(organs=organs))
     # 16 regions: 16*15 ordered negative pairs; 8*7 background-background, 2 * 4*3 same organ
     assert stats["neg_background"].item() == pytest.approx(56 / 240)
     assert stats["neg_same_organ"].item() == pytest.approx(24 / 240)
@@ -199,13 +208,15 @@ def test_area_sampling_prefers_large_regions():
 def test_intensity_sampling_needs_the_image():
     regions, image = _two_intensity_image()
     feat = F.normalize(torch.randn(1, 8, 16, 16), dim=1)
-    loss_fn = LRCLoss(sampling="intensity")
-    with pytest.raises(ValueError, match="image1"):
+    loss_fn = _loss(sampling="intensity")
+    with pytest.raises(ValueError, match="maps1.image"):
         loss_fn(feat, feat, regions, regions, generator=_gen(13))
-    loss, _ = loss_fn(feat, feat, regions, regions, generator=_gen(13), image1=image)
+    with pytest.raises(ValueError, match="maps1.image"):
+        loss_fn(feat, feat, regions, regions, generator=_gen(13), maps1=ViewMaps(organs=regions))
+    loss, _ = loss_fn(feat, feat, regions, regions, generator=_gen(13), maps1=ViewMaps(image=image))
     assert torch.isfinite(loss)
-    with pytest.raises(ValueError, match="sampling"):
-        LRCLoss(sampling="bogus")
+    with pytest.raises(ConfigError, match="sampling"):
+        _loss(sampling="bogus")
 
 
 def _reference_loss(feat1, feat2, r1_lr, r2_lr, sample, temperature, variant, negatives):
@@ -250,8 +261,8 @@ def test_equals_slow_reference(variant, negatives, num_regions):
     r2 = torch.roll(r1, shifts=(4, 8), dims=(1, 2))
     feat1 = F.normalize(torch.randn(2, 6, 8, 8, generator=gen), dim=1)
     feat2 = F.normalize(torch.randn(2, 6, 8, 8, generator=gen), dim=1)
-    loss_fn = LRCLoss(temperature=0.2, num_regions=num_regions, pixels_per_region=3,
-                      min_pixels=2, variant=variant, negatives=negatives)
+    loss_fn = _loss(temperature=0.2, num_regions=num_regions, pixels_per_region=3,
+                    min_pixels=2, variant=variant, negatives=negatives, sampling="area")
     loss, _ = loss_fn(feat1, feat2, r1, r2, generator=_gen(12))
     r1_lr, r2_lr = downsample_regions(r1, (8, 8)), downsample_regions(r2, (8, 8))
     sample = sample_regions(r1_lr, r2_lr, num_regions, 3, 2, generator=_gen(12))
@@ -271,16 +282,25 @@ def test_region_means_by_index_add():
 def test_bf16_features_and_validation():
     regions = _block_regions(2, side=32)
     feat = F.normalize(torch.randn(2, 8, 8, 8), dim=1).bfloat16()
-    loss, _ = LRCLoss()(feat, feat, regions, regions, generator=_gen(13))
+    loss, _ = _loss()(feat, feat, regions, regions, generator=_gen(13))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
-    with pytest.raises(ValueError, match="temperature"):
-        LRCLoss(temperature=0.0)
-    with pytest.raises(ValueError, match="variant"):
-        LRCLoss(variant="dense")
-    with pytest.raises(ValueError, match="negatives"):
-        LRCLoss(negatives="queue")
+    for field, value in [("temperature", 0.0), ("variant", "dense"), ("negatives", "queue"),
+                         ("num_regions", 1), ("pixels_per_region", 0), ("min_pixels", 0),
+                         ("intensity_bins", 1)]:
+        with pytest.raises(ConfigError, match=field):
+            _loss(**{field: value})
     with pytest.raises(ValueError, match="regions1/regions2"):
-        LRCLoss()(feat, feat, regions[:1], regions[:1])
+        _loss()(feat, feat, regions[:1], regions[:1])
+
+
+def test_the_config_is_the_one_source_of_defaults_and_checks():
+    cfg = LRCConfig(num_regions=8, sampling="area")
+    loss_fn = LRCLoss(cfg)
+    assert LRCLoss(LRCConfig()).cfg == LRCConfig()
+    assert loss_fn.cfg == cfg and loss_fn.cfg is not cfg  # a copy: later edits do not reach it
+    cfg.num_regions = 1  # a dataclass does not check assignments: the copy is checked again
+    with pytest.raises(ConfigError, match="num_regions"):
+        LRCLoss(cfg)
 
 
 # ---------------------------------------------------------------- the previous implementation
@@ -303,34 +323,35 @@ def _two_sort_pixels(regions_lr, counts, region_ids, pixels_per_region, generato
     return grouped.gather(1, positions.reshape(B, -1)).view(B, -1, pixels_per_region)
 
 
-def _previous_sample(r1, r2, loss_fn, generator, num_ids=None, bins=None):
-    counts1, counts2, valid = lrc._counts_and_validity(r1, r2, loss_fn.min_pixels, num_ids)
+def _previous_sample(r1, r2, cfg, generator, num_ids=None, bins=None):
+    counts1, counts2, valid = lrc._counts_and_validity(r1, r2, cfg.min_pixels, num_ids)
     B, num_ids = valid.shape
-    weight = lrc._region_weights(loss_fn.sampling, counts1, counts2, valid, bins)
+    weight = lrc._region_weights(cfg.sampling, counts1, counts2, valid, bins)
     keys = torch.rand((B, num_ids), generator=generator).double().pow(1.0 / weight)
     keys = torch.where(valid, keys, torch.full_like(keys, -1.0))
-    region_ids = torch.topk(keys, min(loss_fn.num_regions, num_ids), dim=1).indices
+    region_ids = torch.topk(keys, min(cfg.num_regions, num_ids), dim=1).indices
     slot_valid = valid.gather(1, region_ids) & (valid.sum(dim=1, keepdim=True) >= 2)
-    P = loss_fn.pixels_per_region
+    P = cfg.pixels_per_region
     pixels1 = _two_sort_pixels(r1, counts1, region_ids, P, generator)
     pixels2 = _two_sort_pixels(r2, counts2, region_ids, P, generator)
     return lrc.RegionSample(region_ids, slot_valid, pixels1, pixels2, counts1, counts2, valid)
 
 
-def _previous_loss(loss_fn, raw1, raw2, regions1, regions2, generator, num_ids=None, image1=None):
-    """The previous LRCLoss.forward on the head's normalised maps: (loss, sample, r1)."""
+def _previous_loss(cfg, raw1, raw2, regions1, regions2, generator, num_ids=None, image1=None):
+    """The previous LRCLoss.forward (for LRCConfig ``cfg``) on the head's normalised maps:
+    (loss, sample, r1)."""
     feat1, feat2 = F.normalize(raw1.float(), dim=1), F.normalize(raw2.float(), dim=1)
     r1 = downsample_regions(regions1, tuple(feat1.shape[-2:]))
     r2 = downsample_regions(regions2, tuple(feat1.shape[-2:]))
     bins = None
-    if loss_fn.sampling == "intensity":
+    if cfg.sampling == "intensity":
         ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
-        bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, loss_fn.intensity_bins)
-    sample = _previous_sample(r1, r2, loss_fn, generator, num_ids, bins)
+        bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, cfg.intensity_bins)
+    sample = _previous_sample(r1, r2, cfg, generator, num_ids, bins)
     B, N = sample.region_ids.shape
     slot = torch.arange(B * N).view(B, N)
-    if loss_fn.variant == "pixel":
-        P = loss_fn.pixels_per_region
+    if cfg.variant == "pixel":
+        P = cfg.pixels_per_region
         z1 = lrc._gather_pixels(feat1, sample.pixels1)
         z2 = lrc._gather_pixels(feat2, sample.pixels2)
         labels, valid = slot.repeat_interleave(P, dim=1), sample.valid.repeat_interleave(P, dim=1)
@@ -340,8 +361,8 @@ def _previous_loss(loss_fn, raw1, raw2, regions1, regions2, generator, num_ids=N
         z1 = F.normalize(region_means(feat1, r1, ids), dim=2).gather(1, index)
         z2 = F.normalize(region_means(feat2, r2, ids), dim=2).gather(1, index)
         labels, valid = slot, sample.valid
-    loss = lrc._symmetric_infonce(z1, z2, labels, valid, loss_fn.temperature,
-                                  loss_fn.negatives == "image")
+    loss = lrc._symmetric_infonce(z1, z2, labels, valid, cfg.temperature,
+                                  cfg.negatives == "image")
     return loss, sample, r1
 
 
@@ -388,8 +409,10 @@ def test_equals_previous_implementation_value_and_gradients(variant, negatives, 
     regions1 = _edge_case_batch(gen)
     regions2 = torch.roll(regions1, shifts=(4, -8), dims=(1, 2))
     image1 = torch.rand(regions1.shape, generator=gen)
-    loss_fn = LRCLoss(temperature=0.2, num_regions=6, pixels_per_region=pixels_per_region,
-                      min_pixels=min_pixels, variant=variant, negatives=negatives, sampling=sampling)
+    cfg = LRCConfig(temperature=0.2, num_regions=6, pixels_per_region=pixels_per_region,
+                    min_pixels=min_pixels, variant=variant, negatives=negatives, sampling=sampling)
+    loss_fn = LRCLoss(cfg)
+    maps1 = ViewMaps(image=image1)
     # two local levels (1/4 and 1/2 resolution), drawn one after the other from one generator
     # as in PretrainStep; raw (unnormalised) maps with a non-unit scale
     raws = [(3 * torch.randn(4, 5, s, s, generator=gen)).requires_grad_() for s in (8, 16) for _ in (0, 1)]
@@ -397,7 +420,7 @@ def test_equals_previous_implementation_value_and_gradients(variant, negatives, 
     expected, got, got_unit = [], [], []
     for level in range(2):
         raw1, raw2 = raws[2 * level], raws[2 * level + 1]
-        loss, sample, _ = _previous_loss(loss_fn, raw1, raw2, regions1, regions2, expect_gen,
+        loss, sample, _ = _previous_loss(cfg, raw1, raw2, regions1, regions2, expect_gen,
                                          num_ids=41, image1=image1)
         assert sample.valid[1:3].sum() == 0  # no valid region / a single one: no samples
         if pixels_per_region == 8:  # regions with fewer pixels than P: cycled
@@ -405,10 +428,10 @@ def test_equals_previous_implementation_value_and_gradients(variant, negatives, 
             assert (sizes < pixels_per_region).any()
         expected.append(loss)
         got.append(loss_fn(raw1, raw2, regions1, regions2, generator=got_gen, num_ids=41,
-                           image1=image1)[0])
+                           maps1=maps1)[0])
         unit1, unit2 = F.normalize(raw1, dim=1), F.normalize(raw2, dim=1)
         got_unit.append(loss_fn(unit1, unit2, regions1, regions2, generator=unit_gen, num_ids=41,
-                                image1=image1)[0])
+                                maps1=maps1)[0])
     for a, b, c in zip(expected, got, got_unit, strict=True):
         assert a.item() > 0.1
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
@@ -461,8 +484,8 @@ def test_unnormalised_head_gives_the_same_loss_and_weight_gradients():
     for normalize in (True, False):
         torch.manual_seed(0)
         head = LocalProjectionHead(6, 8, normalize=normalize)
-        loss, _ = LRCLoss(min_pixels=2)(head(x1), head(x2), regions, regions.roll(4, 1),
-                                        generator=_gen(28))
+        loss, _ = _loss(min_pixels=2)(head(x1), head(x2), regions, regions.roll(4, 1),
+                                      generator=_gen(28))
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, list(head.parameters())))
     assert not torch.allclose(head(x1).norm(dim=1), torch.ones(2, 16, 16))
@@ -489,8 +512,8 @@ def test_step_issues_the_same_kernels_for_any_batch_and_region_count(variant, sa
     """Forward + backward of a training step (num_ids known, no organ statistics) dispatches
     one fixed sequence of operators, whatever B and the number of regions, and never reads a
     device value on the host (``_local_scalar_dense`` is what int()/bool()/item() call)."""
-    loss_fn = LRCLoss(num_regions=8, pixels_per_region=4, min_pixels=2, variant=variant,
-                      sampling=sampling)
+    loss_fn = _loss(num_regions=8, pixels_per_region=4, min_pixels=2, variant=variant,
+                    sampling=sampling)
     sequences = []
     for batch, num_ids in ((2, 5), (6, 30)):
         gen = _gen(batch)
@@ -499,7 +522,7 @@ def test_step_issues_the_same_kernels_for_any_batch_and_region_count(variant, sa
         raw1, raw2 = (torch.randn(batch, 8, 16, 16, generator=gen).requires_grad_() for _ in (0, 1))
         with _OpCounter() as counter:
             loss, _ = loss_fn(raw1, raw2, regions, regions.roll(3, 2), generator=_gen(29),
-                              num_ids=num_ids, image1=image)
+                              num_ids=num_ids, maps1=ViewMaps(image=image))
             loss.backward()
         assert "_local_scalar_dense" not in counter.ops
         sequences.append(counter.ops)
@@ -511,7 +534,7 @@ def test_cpu_generator_on_cuda_gives_the_cpu_sample_and_loss():
     gen = _gen(30)
     regions = _random_regions(3, gen, side=64, coarse=16, num_ids=20)
     raw1, raw2 = torch.randn(2, 3, 8, 16, 16, generator=gen)
-    loss_fn = LRCLoss(num_regions=8, pixels_per_region=4, min_pixels=2)
+    loss_fn = _loss(num_regions=8, pixels_per_region=4, min_pixels=2)
     expected, _ = loss_fn(raw1, raw2, regions, regions.roll(3, 1), generator=_gen(31), num_ids=20)
     cuda = [t.cuda() for t in (raw1, raw2, regions, regions.roll(3, 1))]
     got, _ = loss_fn(*cuda, generator=_gen(31), num_ids=20)

@@ -41,11 +41,16 @@ kernels whatever the batch size and the number of regions):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # the loss is built from a config; at run time it needs no lrcseg module
+    from lrcseg.config import LRCConfig
 
 # Logit for pairs outside the contrast set: exp() underflows to 0, yet stays finite (no NaN
 # gradients for rows that have no valid entry at all).
@@ -324,21 +329,32 @@ def organ_statistics(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
     return {k: v.float() for k, v in stats.items()}
 
 
+@dataclass(frozen=True)
+class ViewMaps:
+    """Per-pixel maps of view 1 that only some calls need, beside its region map: each an
+    optional (B, H, W) tensor at input resolution, pixel-aligned with ``regions1``.
+
+    image: float, view 1's intensity in [0, 1] (the first window of the slice the regions
+        belong to). Needed by sampling "intensity": each region's mean in view 1 picks its bin.
+    organs: long organ labels >= 0 (0 = unlabelled tissue; phantoms) for the statistics of
+        ``organ_statistics``, by each sampled region's majority label. Computing them syncs
+        the host with the device: pass them on logging steps only.
+    """
+
+    image: Tensor | None = None
+    organs: Tensor | None = None
+
+
 class LRCLoss(nn.Module):
     """The LRC contrastive sampling loss (pixel or region variant), see the module docstring.
 
     Args:
-        temperature: t (tau_local), 0.1 by default.
-        num_regions: N, regions sampled per image (area-proportional, without replacement).
-        pixels_per_region: P, pixels sampled per region and view (pixel variant).
-        min_pixels: p_min, pixels a region needs in both views at feature resolution.
-        variant: "pixel" (sampled pixels as anchors) or "region" (segment means).
-        negatives: "image" (other regions of the same image) or "batch" (of all images).
-        sampling: "area", "uniform" or "intensity" (see ``sample_regions``).
-        intensity_bins: bins of the mean window intensity for sampling "intensity".
+        cfg: an ``lrcseg.config.LRCConfig``, the one place of the loss's defaults and checks
+            (N = num_regions, P = pixels_per_region, p_min = min_pixels, variant, negatives,
+            sampling, intensity_bins, temperature t; its enabled and weight are the training
+            loop's). The loss keeps a validated copy as ``cfg``.
 
-    forward(feat1, feat2, regions1, regions2, generator=None, organs1=None, organs2=None,
-            num_ids=None, image1=None):
+    forward(feat1, feat2, regions1, regions2, generator=None, num_ids=None, maps1=None):
         feat1, feat2: (B, D, h, w) local features of the two views, raw or L2-normalised
             per pixel: the loss L2-normalises every vector it uses (pixel variant: only the
             B x N x P sampled pixels, after gathering; region variant: every pixel before
@@ -347,52 +363,23 @@ class LRCLoss(nn.Module):
         regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
             ids corresponding across views; brought to (h, w) by ``downsample_regions``.
         generator: torch.Generator for the sampling (None = global RNG).
-        organs1, organs2: optional (B, H, W) organ labels (phantoms) for the statistics; only
-            view 1's are used (the majority organ of each region). Computing it syncs the
-            host with the device: pass them on logging steps only.
         num_ids: an upper bound of the region ids + 1 (e.g. from the region cache), which
             spares a host-device sync per call; None = the maps' largest id + 1.
-        image1: (B, H, W) view 1's first channel in [0, 1] (needed by sampling "intensity":
-            each region's mean intensity in view 1 picks its bin).
+        maps1: ``ViewMaps`` of view 1: its image (sampling "intensity" needs it) and organ
+            labels (statistics only); None = neither.
     Returns (loss, stats): a float32 scalar and detached scalars
         {"valid_regions": mean valid regions per image, "sampled_regions": mean sampled
         regions per image} and, with organs, ``organ_statistics``'s "neg_same_organ",
         "neg_background", "sampled_background", "sampled_organs".
     """
 
-    def __init__(self, temperature: float = 0.1, num_regions: int = 16, pixels_per_region: int = 8,
-                 min_pixels: int = 4, variant: str = "pixel", negatives: str = "image",
-                 sampling: str = "area", intensity_bins: int = 8):
+    def __init__(self, cfg: LRCConfig):
         super().__init__()
-        if abs(temperature) < 1e-8:
-            raise ValueError(f"Illegal temperature: abs({temperature}) < 1e-8")
-        if num_regions < 2:
-            raise ValueError(f"Illegal num_regions {num_regions}: need >= 2 to have negatives")
-        if pixels_per_region < 1:
-            raise ValueError(f"Illegal pixels_per_region {pixels_per_region}: need >= 1")
-        if min_pixels < 1:
-            raise ValueError(f"Illegal min_pixels {min_pixels}: need >= 1")
-        if variant not in ("pixel", "region"):
-            raise ValueError(f"Illegal variant {variant!r}: 'pixel' or 'region'")
-        if negatives not in ("image", "batch"):
-            raise ValueError(f"Illegal negatives {negatives!r}: 'image' or 'batch'")
-        if sampling not in SAMPLING:
-            raise ValueError(f"Illegal sampling {sampling!r}: one of {', '.join(SAMPLING)}")
-        if intensity_bins < 2:
-            raise ValueError(f"Illegal intensity_bins {intensity_bins}: need >= 2")
-        self.sampling = sampling
-        self.intensity_bins = intensity_bins
-        self.temperature = temperature
-        self.num_regions = num_regions
-        self.pixels_per_region = pixels_per_region
-        self.min_pixels = min_pixels
-        self.variant = variant
-        self.negatives = negatives
+        self.cfg = dataclasses.replace(cfg)  # a copy, validated again by LRCConfig
 
     def forward(self, feat1: Tensor, feat2: Tensor, regions1: Tensor, regions2: Tensor,
-                generator: torch.Generator | None = None, organs1: Tensor | None = None,
-                organs2: Tensor | None = None, num_ids: int | None = None,
-                image1: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                generator: torch.Generator | None = None, num_ids: int | None = None,
+                maps1: ViewMaps | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         if feat1.ndim != 4 or feat1.shape != feat2.shape:
             raise ValueError(f"feat1/feat2 must be equal (B, D, h, w), got {tuple(feat1.shape)}, {tuple(feat2.shape)}")
         if regions1.ndim != 3 or regions1.shape[0] != feat1.shape[0] or regions1.shape != regions2.shape:
@@ -400,26 +387,27 @@ class LRCLoss(nn.Module):
                 f"regions1/regions2 must be (B, H, W) with B = {feat1.shape[0]}, got "
                 f"{tuple(regions1.shape)}, {tuple(regions2.shape)}"
             )
+        cfg, maps1 = self.cfg, maps1 or ViewMaps()
         feat1, feat2 = feat1.float(), feat2.float()
         size = tuple(feat1.shape[-2:])
         r1 = downsample_regions(regions1, size)
         r2 = downsample_regions(regions2, size)
         bins = None
-        if self.sampling == "intensity":
-            if image1 is None or image1.shape != regions1.shape:
-                raise ValueError("sampling 'intensity' needs image1 (B, H, W) like regions1")
+        if cfg.sampling == "intensity":
+            if maps1.image is None or maps1.image.shape != regions1.shape:
+                raise ValueError("sampling 'intensity' needs maps1.image (B, H, W) like regions1")
             ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
-            bins = intensity_bins(image1, regions1.long().clamp(max=ids - 1), ids, self.intensity_bins)
-        sample = sample_regions(r1, r2, self.num_regions, self.pixels_per_region, self.min_pixels,
-                                generator, num_ids, self.sampling, bins, self.intensity_bins)
+            bins = intensity_bins(maps1.image, regions1.long().clamp(max=ids - 1), ids, cfg.intensity_bins)
+        sample = sample_regions(r1, r2, cfg.num_regions, cfg.pixels_per_region, cfg.min_pixels,
+                                generator, num_ids, cfg.sampling, bins, cfg.intensity_bins)
         loss = self.loss_from_sample(feat1, feat2, r1, r2, sample)
         B = feat1.shape[0]
         stats = {
             "valid_regions": sample.valid_regions.sum().float() / B,
             "sampled_regions": sample.valid.sum().float() / B,
         }
-        if organs1 is not None:
-            stats.update(organ_statistics(sample, organs1, r1, self.negatives == "image"))
+        if maps1.organs is not None:
+            stats.update(organ_statistics(sample, maps1.organs, r1, cfg.negatives == "image"))
         return loss, stats
 
     def loss_from_sample(self, feat1: Tensor, feat2: Tensor, regions1_lr: Tensor, regions2_lr: Tensor,
@@ -428,8 +416,8 @@ class LRCLoss(nn.Module):
         pixel, regions (B, h, w)); features are L2-normalised here, see ``forward``."""
         B, N = sample.region_ids.shape
         slot = torch.arange(B * N, device=feat1.device).view(B, N)
-        if self.variant == "pixel":
-            P = self.pixels_per_region
+        if self.cfg.variant == "pixel":
+            P = self.cfg.pixels_per_region
             z1 = F.normalize(_gather_pixels(feat1, sample.pixels1), dim=2)
             z2 = F.normalize(_gather_pixels(feat2, sample.pixels2), dim=2)
             labels = slot.repeat_interleave(P, dim=1)
@@ -444,4 +432,5 @@ class LRCLoss(nn.Module):
             labels, valid = slot, sample.valid
         # Always a function of the gathered features: without valid anchors it is an exact 0
         # whose backward gives zero (not missing) gradients.
-        return _symmetric_infonce(z1, z2, labels, valid, self.temperature, self.negatives == "image")
+        return _symmetric_infonce(z1, z2, labels, valid, self.cfg.temperature,
+                                  self.cfg.negatives == "image")

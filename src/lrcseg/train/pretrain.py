@@ -36,7 +36,7 @@ from lrcseg.distributed import (
     teardown,
 )
 from lrcseg.errors import ConfigError, warn_data
-from lrcseg.losses.lrc import LRCLoss
+from lrcseg.losses.lrc import LRCLoss, ViewMaps
 from lrcseg.methods.base import GlobalMethod, Views, build_method
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
@@ -64,12 +64,12 @@ SHARED_STREAM = 2**31 - 1
 class PretrainStep(nn.Module):
     """The differentiable part of a step, the module DDP wraps.
 
-    forward(view1, view2, regions1, regions2, views, organs1=None, organs2=None) with views
-    (B, C, S, S), region maps (B, S, S) long, ``Views`` for the global method and optional
-    organ/label maps (B, S, S) long, returns (loss, loss_global, loss_lrc, stats):
-    loss = loss_global + lrc_weight * loss_lrc, all scalars, where loss_lrc is the mean of the
-    LRC losses at the network's local levels; stats of the two terms, keyed "global/..." and
-    "lrc/..." ("lrc/level<l>/..." with several local levels).
+    forward(view1, view2, regions1, regions2, views, organs1=None) with views (B, C, S, S),
+    region maps (B, S, S) long, ``Views`` for the global method and view 1's optional
+    organ/label map (B, S, S) long for LRC's statistics, returns (loss, loss_global, loss_lrc,
+    stats): loss = loss_global + lrc_weight * loss_lrc, all scalars, where loss_lrc is the
+    mean of the LRC losses at the network's local levels; stats of the two terms, keyed
+    "global/..." and "lrc/..." ("lrc/level<l>/..." with several local levels).
 
     gather_lrc: LRC with batch negatives across ranks: every rank gathers the local features
     (with gradient), region and organ maps of the whole global batch and computes the same
@@ -90,7 +90,7 @@ class PretrainStep(nn.Module):
         self._forward = [torch.compile(net) if compile_net else net]  # not a second submodule
 
     def forward(self, view1: Tensor, view2: Tensor, regions1: Tensor, regions2: Tensor,
-                views: Views, organs1: Tensor | None = None, organs2: Tensor | None = None
+                views: Views, organs1: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
         full = self.method.full_decoder
         out1, out2 = (self._forward[0](v, full_decoder=full) for v in (view1, view2))
@@ -99,13 +99,14 @@ class PretrainStep(nn.Module):
         if self.lrc is None:
             return loss_global, loss_global, torch.zeros_like(loss_global), stats
         generator = views.generator
-        image1 = views.view1[:, self.intensity_channel] if self.lrc.sampling == "intensity" else None
+        image1 = (views.view1[:, self.intensity_channel]
+                  if self.lrc.cfg.sampling == "intensity" else None)
         if self.gather_lrc:
             regions1, regions2 = concat_all_gather(regions1), concat_all_gather(regions2)
             if image1 is not None:
                 image1 = concat_all_gather(image1.contiguous())
             if organs1 is not None:
-                organs1, organs2 = concat_all_gather(organs1), concat_all_gather(organs2)
+                organs1 = concat_all_gather(organs1)
             generator = views.shared_generator
         levels = self.net.cfg.local_levels
         level_losses = []
@@ -114,8 +115,8 @@ class PretrainStep(nn.Module):
             if self.gather_lrc:
                 feat1, feat2 = gather_with_grad(feat1), gather_with_grad(feat2)
             level_loss, lrc_stats = self.lrc(feat1, feat2, regions1, regions2, generator=generator,
-                                             organs1=organs1, organs2=organs2,
-                                             num_ids=self.num_region_ids, image1=image1)
+                                             num_ids=self.num_region_ids,
+                                             maps1=ViewMaps(image=image1, organs=organs1))
             level_losses.append(level_loss)
             prefix = "lrc/" if len(levels) == 1 else f"lrc/level{level}/"
             stats.update({f"{prefix}{k}": v for k, v in lrc_stats.items()})
@@ -218,11 +219,7 @@ class Pretraining:
         cfg = self.cfg
         lrc = None
         if cfg.lrc.enabled:
-            lrc = LRCLoss(temperature=cfg.lrc.temperature, num_regions=cfg.lrc.num_regions,
-                          pixels_per_region=cfg.lrc.pixels_per_region,
-                          min_pixels=cfg.lrc.min_pixels, variant=cfg.lrc.variant,
-                          negatives=cfg.lrc.negatives, sampling=cfg.lrc.sampling,
-                          intensity_bins=cfg.lrc.intensity_bins)
+            lrc = LRCLoss(cfg.lrc)
         gather = cfg.distributed.gather_negatives and self.ctx.enabled
         return PretrainStep(self.net, self.method, lrc, cfg.lrc.weight,
                             gather_lrc=gather and cfg.lrc.negatives == "batch",
@@ -330,8 +327,7 @@ class Pretraining:
         set_lr(self.optimizer, lr)
         with self.autocast:
             loss, loss_global, loss_lrc, stats = self.train_step(
-                views.view1, views.view2, regions1, regions2, views,
-                views.labels1, views.labels2)
+                views.view1, views.view2, regions1, regions2, views, views.labels1)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(
