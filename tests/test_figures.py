@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lrcseg.experiment.report import HD95_CONVENTION, hd95_summary
+from lrcseg.experiment.report import HD95_CONVENTION
+from lrcseg.experiment.statistics import hd95_summary
 from lrcseg.viz import montage, prediction_figure
 
 NAMES = {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3}

@@ -1,67 +1,18 @@
-"""Paired statistics and tables of the experiment report, against hand computations."""
+"""The experiment report's tables and markdown: formatting of the statistics
+(tests/test_statistics.py checks the numbers) and the sections of report.md in order."""
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
-import pytest
-from scipy.stats import wilcoxon
-
+from lrcseg.config import ExperimentConfig
 from lrcseg.experiment.report import (
-    bootstrap_mean_ci,
-    comparisons,
     comparisons_markdown,
-    paired_difference,
-    paired_run_values,
-    paired_values,
+    hd95_markdown,
     read_results_csv,
-    summary,
+    seed_agreement_markdown,
     summary_markdown,
-    wilcoxon_p,
+    write_report,
 )
-
-
-def test_wilcoxon_matches_scipy_and_the_exact_distribution():
-    d = [0.05, -0.01, 0.03, 0.07, 0.02, -0.025, 0.04, 0.06]
-    assert wilcoxon_p(d) == pytest.approx(wilcoxon(d).pvalue)
-    # Six positive differences with distinct ranks: the exact two-sided p is 2 / 2**6.
-    assert wilcoxon_p([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == pytest.approx(2 / 64)
-    assert wilcoxon_p([0.0, 0.0, 0.0]) == 1.0
-    assert math.isnan(wilcoxon_p([]))
-
-
-def test_bootstrap_interval_by_hand_and_deterministic():
-    # Two values {0, 1}: resampled means are 0, 0.5, 1 with probabilities 1/4, 1/2, 1/4, so
-    # the 2.5% and 97.5% quantiles of many resamples are 0 and 1.
-    assert bootstrap_mean_ci([0.0, 1.0], resamples=10000, seed=3) == (0.0, 1.0)
-    assert bootstrap_mean_ci([0.2] * 7, resamples=500) == pytest.approx((0.2, 0.2))
-    rng = np.random.default_rng(0)
-    d = 0.03 + 0.05 * rng.standard_normal(60)
-    low, high = bootstrap_mean_ci(d, resamples=10000, seed=7)
-    assert low < d.mean() < high
-    # The normal-theory interval mean +/- 1.96 s / sqrt(n) is close to the percentile one.
-    half = 1.96 * d.std(ddof=1) / math.sqrt(d.size)
-    assert low == pytest.approx(d.mean() - half, abs=0.25 * half)
-    assert high == pytest.approx(d.mean() + half, abs=0.25 * half)
-    assert bootstrap_mean_ci(d, resamples=10000, seed=7) == (low, high)
-    assert bootstrap_mean_ci(d, resamples=10000, seed=8) != (low, high)
-    # Chunking does not change the draws' use: the same seed and chunking gives the same.
-    assert bootstrap_mean_ci(d, 3000, seed=1, chunk=1000) == bootstrap_mean_ci(d, 3000, seed=1, chunk=1000)
-    with pytest.raises(ValueError, match="confidence"):
-        bootstrap_mean_ci(d, confidence=1.5)
-
-
-def test_paired_difference_values():
-    a = [0.80, 0.70, 0.90, 0.60]
-    b = [0.75, 0.72, 0.80, 0.50]
-    r = paired_difference(a, b, resamples=2000, seed=0)
-    assert r["n"] == 4
-    assert r["mean_diff"] == pytest.approx((0.05 - 0.02 + 0.10 + 0.10) / 4)
-    assert r["p_wilcoxon"] == pytest.approx(wilcoxon(np.subtract(a, b)).pvalue)
-    assert r["ci_low"] <= r["mean_diff"] <= r["ci_high"]
-    with pytest.raises(ValueError, match="same 1D shape"):
-        paired_difference([1.0, 2.0], [1.0])
+from lrcseg.experiment.statistics import comparisons, pooled_hd95, seed_agreement, summary
 
 
 def _rows():
@@ -75,38 +26,25 @@ def _rows():
     return rows
 
 
-def test_summary_mean_and_sample_std_by_hand():
-    table = summary(_rows(), ["liver", "mean"])
-    mean, std, n = table[("A", 1)]["liver"]
-    assert (mean, n) == (pytest.approx(0.7), 3)  # None is left out
-    assert std == pytest.approx(0.2)  # sqrt(((-.2)^2 + 0 + .2^2) / 2)
-    mean, std, n = table[("B", 1)]["mean"]
-    assert mean == pytest.approx(0.5333333) and n == 3
-    assert std == pytest.approx(np.std([0.4, 0.6, 0.6], ddof=1))
-    md = summary_markdown(table, ["A", "B"], [1], ["liver", "mean"])
+def test_summary_markdown_shows_mean_and_sample_std():
+    md = summary_markdown(summary(_rows(), ["liver", "mean"]), ["A", "B"], [1], ["liver", "mean"])
     assert "| A | 1 | 3 | 0.700 ± 0.200 | 0.700 ± 0.200 |" in md
 
 
-def test_pairs_match_on_draw_seed_case():
-    a, b = paired_values(_rows(), "A", "B", 1, "liver")
-    np.testing.assert_allclose(a, [0.5, 0.7, 0.9])
-    np.testing.assert_allclose(b, [0.4, 0.6, 0.6])
+def test_comparisons_markdown_stars_intervals_excluding_zero_and_not_single_pairs():
     (r,) = comparisons(_rows(), ["A", "B"], ["B"], [1], ["mean"], resamples=1000)
-    assert (r["init"], r["baseline"], r["n"]) == ("A", "B", 3)
-    assert r["mean_diff"] == pytest.approx((0.1 + 0.1 + 0.3) / 3)
-
-
-def test_per_run_pairs_average_the_same_cases_on_both_sides():
-    a, b = paired_run_values(_rows(), "A", "B", 1, "mean")
-    # draw 0: both have c1 and c2; draw 1: A lacks c2, so B's c2 is left out as well.
-    np.testing.assert_allclose(a, [(0.5 + 0.7) / 2, 0.9])
-    np.testing.assert_allclose(b, [(0.4 + 0.6) / 2, 0.6])
-    (r,) = comparisons(_rows(), ["A", "B"], ["B"], [1], ["mean"], resamples=1000, per_run=True)
-    assert r["n"] == 2 and r["mean_diff"] == pytest.approx((0.1 + 0.3) / 2)
+    line = comparisons_markdown([r], "mean").splitlines()[-1]
+    assert line.startswith("| 1 | A | B | 3 | +0.167 * | [")  # every difference is > 0
     # A single pair has no interval: shown as such, never starred as "excluding 0".
     one = comparisons([x for x in _rows() if x["draw"] == 0], ["A", "B"], ["B"], [1], ["mean"],
                       resamples=1000, per_run=True)
     assert "| 1 | A | B | 1 | +0.100 | — | — |" in comparisons_markdown(one, "mean")
+    assert comparisons_markdown([r], "liver").count("\n") == 1  # header only
+
+
+def test_seed_agreement_markdown():
+    md = seed_agreement_markdown(seed_agreement(_rows(), ["A", "B"], ["B"], [1]))
+    assert md.splitlines()[-1] == "| 1 | A | B | s0: +0.167 | yes |"
 
 
 def test_read_results_csv_types_and_missing(tmp_path):
@@ -119,16 +57,60 @@ def test_read_results_csv_types_and_missing(tmp_path):
                      "liver": 0.5, "spleen": None, "mean": 0.5}]
 
 
-def test_pooled_hd95_counts_caps_and_takes_the_median_over_cells():
-    from lrcseg.experiment.report import hd95_markdown, pooled_hd95
-
-    def result(liver, spleen, missed):
-        return {"organs": ["liver", "spleen"],
-                "cases": {"a": {"liver": {"hd95_mm": liver}, "spleen": {"hd95_mm": spleen}}},
-                "counts": {"liver": {"missed": 0, "false_positive": 0},
-                           "spleen": {"missed": missed, "false_positive": 0}}}
-
-    pooled = pooled_hd95([result(2.0, 500.0, 1), result(4.0, None, 0)])
-    assert pooled == {"mean": (2.0 + 500.0 + 4.0) / 3, "median": 4.0, "capped": 1, "n": 3}
+def test_hd95_markdown_of_pooled_rows():
+    result = {"organs": ["liver", "spleen"],
+              "cases": {"a": {"liver": {"hd95_mm": 2.0}, "spleen": {"hd95_mm": 500.0}}},
+              "counts": {"liver": {"missed": 0, "false_positive": 0},
+                         "spleen": {"missed": 1, "false_positive": 0}}}
+    pooled = pooled_hd95([result, result])
     table = hd95_markdown([{"init": "moco", "K": 1, "cells": 2, **pooled}])
-    assert "| moco | 1 | 2 | 168.7 | 4.0 | 1 / 3 |" in table
+    assert "| moco | 1 | 2 | 251.0 | 251.0 | 2 / 4 |" in table
+
+
+def _write_csv(path, rows):
+    lines = ["init,K,draw,seed,case,liver,mean"]
+    lines += [f"{r['init']},{r['K']},{r['draw']},{r['seed']},{r['case']},"
+              f"{'' if r['liver'] is None else r['liver']},{'' if r['mean'] is None else r['mean']}"
+              for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _headings(text):
+    return [line for line in text.splitlines() if line.startswith("#")]
+
+
+def test_write_report_composes_the_sections_in_order(tmp_path):
+    cfg = ExperimentConfig(dataset=str(tmp_path), labeled=[1], draws=[0, 1], seeds=[0],
+                           bootstrap_resamples=200)
+    rows = [{**r, "init": {"A": "moco_lrc", "B": "scratch"}[r["init"]]} for r in _rows()]
+    _write_csv(tmp_path / "results.csv", rows)
+    _write_csv(tmp_path / "probe_results.csv", rows)
+    curves = [{"init": "scratch", "K": 1, "runs": 2, "points": [(10, 0.5), (20, 0.6)],
+               "last_doubling": 0.1}]
+    hd95 = [{"init": "scratch", "K": 1, "cells": 2, "mean": 3.0, "median": 2.0, "capped": 0,
+             "n": 3}]
+    path = write_report(cfg, tmp_path, tmp_path / "results.csv", {"platform": "p", "cpu": "c"},
+                        {"total_seconds": 90.0, "invocations": [{}, {}]},
+                        probe_path=tmp_path / "probe_results.csv", curves=curves, hd95=hd95)
+    text = path.read_text()
+    assert _headings(text) == [
+        "# Experiment report", "## Fine-tuning convergence", "## Frozen-feature probe",
+        "## Dice per initialisation and K", "## Paired differences against the baselines",
+        "### Per fine-tuned run (the conservative view)",
+        "### Per organ: Δ Dice [bootstrap 95% CI]", "## Figures", "## Configuration"]
+    assert text.startswith("# Experiment report\n\n4 of 6 cells finished (3 initialisations")
+    assert "| scratch | 1 | 2 | 0.500 | 0.600 | +0.100 |" in text
+    assert "Time: 90 s summed over 2\ninvocation(s)" in text
+    assert "![Dice vs K](figures/dice_vs_k.png)" in text
+    assert (tmp_path / "figures" / "organ_bars.png").is_file()
+    assert text.endswith("| scratch | 1 | 2 | 3.0 | 2.0 | 0 / 3 |\n")
+
+
+def test_write_report_before_any_cell_finished(tmp_path):
+    cfg = ExperimentConfig(dataset=str(tmp_path), labeled=[1], draws=[0], seeds=[0])
+    _write_csv(tmp_path / "results.csv", [])
+    text = write_report(cfg, tmp_path, tmp_path / "results.csv", {}, {}).read_text()
+    assert "No learning curve recorded.\n\n\nMachine:" in text  # no probe section
+    assert "## Fine-tuning\n\nNo fine-tuning cell finished yet.\n\n## Figures\n\n\n## Configuration" in text
+    assert "HD95 over every scored" not in text and text.endswith("capped values.\n")
+    assert not (tmp_path / "figures").exists()

@@ -37,7 +37,8 @@ from lrcseg.data.splits import pretraining_cases
 from lrcseg.evaluate.metrics import write_metrics
 from lrcseg.evaluate.run import evaluate_model
 from lrcseg.experiment.console import say
-from lrcseg.experiment.report import HD95_CONVENTION, hd95_summary
+from lrcseg.experiment.report import HD95_CONVENTION
+from lrcseg.experiment.statistics import hd95_summary
 from lrcseg.io_utils import append_invocation, atomic_write_json, atomic_write_text
 from lrcseg.models.load import find_checkpoint
 from lrcseg.phantoms.generate import write_phantom_dataset
@@ -198,7 +199,7 @@ def comparison_table(results: dict[str, dict[str, Any]]) -> str:
 
 def hd95_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: HD95 per organ (rows) for each initialisation (columns) as
-    "mean / median (capped c of n)" in mm (``lrcseg.experiment.report.hd95_summary``)."""
+    "mean / median (capped c of n)" in mm (``lrcseg.experiment.statistics.hd95_summary``)."""
     inits = list(results)
     summaries = {init: hd95_summary(results[init]) for init in inits}
     organs = next(iter(results.values()))["organs"] if results else []

@@ -1,24 +1,10 @@
-"""Tables, paired statistics and figures of an experiment (``results.csv`` -> ``report.md``).
+"""Tables, figures and the markdown of an experiment report (``results.csv`` -> ``report.md``).
 
-Unit of analysis: one row of results.csv = one (initialisation, K, draw, seed, test case).
-
-Summary: for each initialisation and K, mean +/- sample standard deviation (ddof = 1) of the
-Dice over the rows, per organ and for the per-case mean over organs ("mean").
-
-Paired comparison of initialisation A with baseline B at the same K: rows are matched on
-(draw, seed, case), so both saw the same labelled cases, seed and test case. With the
-n differences ``d_i = Dice_A,i - Dice_B,i``:
-
-- mean difference ``mean(d)``;
-- Wilcoxon signed-rank test of ``d`` (``scipy.stats.wilcoxon``, two-sided, zero differences
-  dropped, exact distribution for small n without ties);
-- percentile bootstrap 95% interval of ``mean(d)``: R resamples of the n differences with
-  replacement (``numpy.random.default_rng(seed)``, vectorised), the 2.5th and 97.5th
-  percentiles of the R resampled means.
-
-Note that rows sharing a draw/seed are not independent (same fine-tuned model across test
-cases), so the tests treat test-case variation as if it were independent: read them as a
-description of consistency, not as a population claim.
+The numbers (summaries, paired comparisons, bootstrap intervals, Wilcoxon tests, pooled HD95)
+come from :mod:`lrcseg.experiment.statistics`; this module formats them. ``write_report``
+composes report.md from one function per section, each returning its markdown lines:
+title, fine-tuning convergence, frozen-feature probe, machine and time, fine-tuning Dice and
+paired differences, figures, configuration, pooled HD95.
 """
 
 from __future__ import annotations
@@ -31,154 +17,13 @@ from typing import Any
 
 import numpy as np
 import yaml
-from scipy.stats import wilcoxon
 
 from lrcseg.config import ExperimentConfig, to_dict
+from lrcseg.experiment.statistics import SummaryTable, comparisons, seed_agreement, summary
 from lrcseg.io_utils import atomic_write_text
 from lrcseg.viz import new_figure, overlay_labels, save_figure, show_image
 
 KEY_COLUMNS = ("init", "K", "draw", "seed", "case")
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def wilcoxon_p(differences: Sequence[float]) -> float:
-    """Two-sided Wilcoxon signed-rank p-value of paired differences ``(n,)``.
-
-    All-zero differences give p = 1 (no evidence of a difference); n = 0 gives NaN.
-    """
-    d = np.asarray(differences, dtype=np.float64)
-    if d.size == 0:
-        return math.nan
-    if not np.any(d != 0):
-        return 1.0
-    return float(wilcoxon(d).pvalue)
-
-
-def bootstrap_mean_ci(differences: Sequence[float], resamples: int = 10000, seed: int = 0,
-                      confidence: float = 0.95, chunk: int = 2000) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``differences`` ``(n,)``.
-
-    Draws an ``(R, n)`` index matrix (in chunks of ``chunk`` rows) from
-    ``np.random.default_rng(seed)``, takes each row's mean and returns the
-    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles of those R means.
-    Deterministic for a given seed. n = 0 gives (NaN, NaN).
-    """
-    if resamples < 1:
-        raise ValueError(f"Illegal resamples {resamples}: need >= 1")
-    if not 0 < confidence < 1:
-        raise ValueError(f"Illegal confidence {confidence}: need 0 < c < 1")
-    d = np.asarray(differences, dtype=np.float64)
-    if d.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, chunk):
-        stop = min(start + chunk, resamples)
-        means[start:stop] = d[rng.integers(0, d.size, size=(stop - start, d.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    low, high = np.quantile(means, [alpha, 1 - alpha])
-    return float(low), float(high)
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float], resamples: int = 10000,
-                      seed: int = 0) -> dict[str, float]:
-    """Paired comparison of matched values ``a`` and ``b`` ``(n,)``: mean of a - b, its
-    bootstrap 95% interval and the Wilcoxon p-value. Returns {"n", "mean_diff", "ci_low",
-    "ci_high", "p_wilcoxon"}."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired values need the same 1D shape, got {a.shape} and {b.shape}")
-    d = a - b
-    low, high = bootstrap_mean_ci(d, resamples, seed)
-    return {"n": int(d.size), "mean_diff": float(d.mean()) if d.size else math.nan,
-            "ci_low": low, "ci_high": high, "p_wilcoxon": wilcoxon_p(d)}
-
-
-def summary(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]
-            ) -> dict[tuple[str, int], dict[str, tuple[float, float, int]]]:
-    """``{(init, K): {column: (mean, std, n)}}`` over the rows with a value in that column;
-    std is the sample standard deviation (ddof = 1), NaN when n < 2."""
-    groups: dict[tuple[str, int], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["init"], int(row["K"])), []).append(row)
-    out: dict[tuple[str, int], dict[str, tuple[float, float, int]]] = {}
-    for key, group in groups.items():
-        out[key] = {}
-        for col in columns:
-            values = np.array([r[col] for r in group if r[col] is not None], dtype=np.float64)
-            mean = float(values.mean()) if values.size else math.nan
-            std = float(values.std(ddof=1)) if values.size > 1 else math.nan
-            out[key][col] = (mean, std, int(values.size))
-    return out
-
-
-def _by_case(rows: Sequence[Mapping[str, Any]], init: str, k: int, column: str
-             ) -> dict[tuple, float]:
-    """``{(draw, seed, case): value}`` of ``column`` for ``init`` at K = ``k`` (None dropped)."""
-    return {(r["draw"], r["seed"], r["case"]): r[column] for r in rows
-            if r["init"] == init and int(r["K"]) == k and r[column] is not None}
-
-
-def paired_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
-                  column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Matched ``(n,)`` arrays of ``column`` for ``init`` and ``baseline`` at K = ``k``, paired
-    on (draw, seed, case); pairs where either value is missing are dropped."""
-    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
-    keys = sorted(set(a) & set(b))
-    return (np.array([a[key] for key in keys], dtype=np.float64),
-            np.array([b[key] for key in keys], dtype=np.float64))
-
-
-def paired_run_values(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
-                      column: str) -> tuple[np.ndarray, np.ndarray]:
-    """Matched ``(runs,)`` arrays: per (draw, seed), the mean of ``column`` over the cases that
-    both ``init`` and ``baseline`` have (so both sides average the same cases).
-
-    One value per fine-tuned run is the conservative analysis: the pairs are independent up to
-    the labelled cases a draw shares (docs/EXPERIMENTS.md).
-    """
-    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
-    runs: dict[tuple, list[tuple]] = {}
-    for key in sorted(set(a) & set(b)):
-        runs.setdefault(key[:2], []).append(key)
-    return (np.array([np.mean([a[key] for key in keys]) for keys in runs.values()]),
-            np.array([np.mean([b[key] for key in keys]) for keys in runs.values()]))
-
-
-def per_seed_differences(rows: Sequence[Mapping[str, Any]], init: str, baseline: str, k: int,
-                         column: str = "mean") -> dict[int, float]:
-    """``{seed: mean over its (draw, case) pairs of init - baseline}`` at K = ``k``: whether a
-    difference has the same sign for every (pre-training) seed."""
-    a, b = _by_case(rows, init, k, column), _by_case(rows, baseline, k, column)
-    by_seed: dict[int, list[float]] = {}
-    for key in sorted(set(a) & set(b)):
-        by_seed.setdefault(int(key[1]), []).append(a[key] - b[key])
-    return {seed: float(np.mean(d)) for seed, d in sorted(by_seed.items())}
-
-
-def comparisons(rows: Sequence[Mapping[str, Any]], inits: Sequence[str], baselines: Sequence[str],
-                ks: Sequence[int], columns: Sequence[str], resamples: int = 10000, seed: int = 0,
-                per_run: bool = False) -> list[dict[str, Any]]:
-    """:func:`paired_difference` of every initialisation against every baseline, per K and
-    column; one dict per comparison with "init", "baseline", "K", "column" added.
-    per_run: pair per fine-tuned run (:func:`paired_run_values`) instead of per case."""
-    pairing = paired_run_values if per_run else paired_values
-    out = []
-    for baseline in baselines:
-        for init in inits:
-            if init == baseline:
-                continue
-            for k in ks:
-                for col in columns:
-                    a, b = pairing(rows, init, baseline, k, col)
-                    if a.size == 0:
-                        continue
-                    out.append({"init": init, "baseline": baseline, "K": k, "column": col,
-                                **paired_difference(a, b, resamples, seed)})
-    return out
 
 
 # --------------------------------------------------------------------------- results.csv
@@ -213,35 +58,6 @@ HD95_CONVENTION = (
     "read it beside the median and the count of capped values.")
 
 
-def hd95_summary(result: Mapping[str, Any]) -> dict[str, dict[str, float | int | None]]:
-    """Per organ of an evaluation result (``SegmentationMetrics.result()``): HD95 mean and
-    median (mm) over the scored cases, and how many of them are capped (missed organs and
-    false positives): ``{organ: {"mean", "median", "capped", "n"}}``."""
-    out = {}
-    for organ in result["organs"]:
-        values = [c[organ]["hd95_mm"] for c in result["cases"].values()
-                  if c[organ]["hd95_mm"] is not None]
-        counts = result["counts"][organ]
-        out[organ] = {"mean": float(np.mean(values)) if values else None,
-                      "median": float(np.median(values)) if values else None,
-                      "capped": counts["missed"] + counts["false_positive"], "n": len(values)}
-    return out
-
-
-def pooled_hd95(results: Sequence[Mapping[str, Any]]) -> dict[str, float | int | None]:
-    """HD95 over every scored (case, organ) of several evaluation results (the cells of one
-    initialisation and K): {"mean", "median" (mm), "capped" (missed + false positives), "n"}."""
-    values, capped = [], 0
-    for result in results:
-        for organ in result["organs"]:
-            values += [c[organ]["hd95_mm"] for c in result["cases"].values()
-                       if c[organ]["hd95_mm"] is not None]
-            capped += result["counts"][organ]["missed"] + result["counts"][organ]["false_positive"]
-    return {"mean": float(np.mean(values)) if values else None,
-            "median": float(np.median(values)) if values else None,
-            "capped": capped, "n": len(values)}
-
-
 def hd95_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """rows: {"init", "K", "cells", "mean", "median", "capped", "n"} -> a markdown table."""
     lines = ["| init | K | cells | HD95 mean (mm) | HD95 median (mm) | capped / scored |",
@@ -260,7 +76,7 @@ def _pm(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
-def summary_markdown(table: dict[tuple[str, int], dict[str, tuple[float, float, int]]],
+def summary_markdown(table: SummaryTable,
                      inits: Sequence[str], ks: Sequence[int], columns: Sequence[str]) -> str:
     """Markdown: one row per (initialisation, K), mean ± std per column, n rows."""
     lines = ["| init | K | n | " + " | ".join(columns) + " |",
@@ -324,7 +140,7 @@ def organ_comparisons_markdown(results: Sequence[Mapping[str, Any]], organs: Seq
 # --------------------------------------------------------------------------- figures
 
 
-def dice_vs_k_figure(table: dict[tuple[str, int], dict[str, tuple[float, float, int]]],
+def dice_vs_k_figure(table: SummaryTable,
                      inits: Sequence[str], ks: Sequence[int], path: Path) -> None:
     """Mean Dice (per-case mean over organs) against K, one line per initialisation, error
     bars = ± 1 std over (draw, seed, case)."""
@@ -347,7 +163,7 @@ def dice_vs_k_figure(table: dict[tuple[str, int], dict[str, tuple[float, float, 
     save_figure(fig, path)
 
 
-def organ_bars_figure(table: dict[tuple[str, int], dict[str, tuple[float, float, int]]],
+def organ_bars_figure(table: SummaryTable,
                       inits: Sequence[str], ks: Sequence[int], organs: Sequence[str],
                       path: Path) -> None:
     """Grouped bars of mean Dice per organ (± 1 std), one panel per K, one bar per init."""
@@ -399,45 +215,16 @@ def qualitative_figure(qualitative: Mapping[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------- report.md
 
 
-def probe_markdown(cfg: ExperimentConfig, probe_path: Path) -> str:
-    """The probe section: Dice per initialisation and K, per-run paired differences (pairs =
-    (draw, pre-training seed)) and the sign of each difference per pre-training seed."""
-    rows, organs = read_results_csv(probe_path)
-    if not rows:
-        return "No probe finished yet.\n"
-    inits = [s.name for s in cfg.initialisations]
-    ks = list(cfg.labeled)
-    columns = [*organs, "mean"]
-    table = summary(rows, columns)
-    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
-                          cfg.bootstrap_seed, per_run=True)
-    sign_lines = ["| K | init | baseline | Δ mean Dice per pre-training seed | same sign |",
-                  "|---|---|---|---|---|"]
-    for baseline in cfg.baselines:
-        for init in inits:
-            if init == baseline:
-                continue
-            for k in ks:
-                diffs = per_seed_differences(rows, init, baseline, k)
-                if not diffs:
-                    continue
-                same = all(d > 0 for d in diffs.values()) or all(d < 0 for d in diffs.values())
-                cells = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in diffs.items())
-                sign_lines.append(f"| {k} | {init} | {baseline} | {cells} | "
-                                  f"{'yes' if same else 'no'} |")
-    return f"""Frozen features (the probed network is never trained on the labels); a
-class-balanced softmax classifier on {cfg.probe_pixels} pixels of the K labelled cases
-(`lrcseg probe`, docs/METHOD.md), scored like fine-tuning on the `{cfg.eval_split}` split.
-Scratch = a random network per seed.
-
-{summary_markdown(table, inits, ks, columns)}
-
-Per run (each (draw, pre-training seed) averaged over its cases first):
-
-{comparisons_markdown(per_run, "mean")}
-
-{chr(10).join(sign_lines)}
-"""
+def seed_agreement_markdown(results: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown of :func:`~lrcseg.experiment.statistics.seed_agreement`: the mean difference
+    per pre-training seed and whether all seeds agree in sign."""
+    lines = ["| K | init | baseline | Δ mean Dice per pre-training seed | same sign |",
+             "|---|---|---|---|---|"]
+    for r in results:
+        cells = ", ".join(f"s{seed}: {d:+.3f}" for seed, d in r["differences"].items())
+        lines.append(f"| {r['K']} | {r['init']} | {r['baseline']} | {cells} | "
+                     f"{'yes' if r['same_sign'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def curves_markdown(curves: Sequence[Mapping[str, Any]]) -> str:
@@ -452,6 +239,146 @@ def curves_markdown(curves: Sequence[Mapping[str, Any]]) -> str:
                      + " | ".join(f"{v:.3f}" for _, v in c["points"])
                      + f" | {c['last_doubling']:+.3f} |")
     return "\n".join(lines) + "\n"
+
+
+# Each section below returns its markdown lines, ending with the empty line that separates it
+# from the next; write_report joins them with newlines.
+
+
+def _lines(markdown: str) -> list[str]:
+    """The lines of a markdown block (a trailing newline adds no empty line)."""
+    return markdown.removesuffix("\n").split("\n")
+
+
+def _network(cfg: ExperimentConfig) -> str:
+    """The network and input every fine-tune used, in words."""
+    if getattr(cfg, "finetune_with", "lrcseg") == "nnunet":
+        return ("nnU-Net's 2d plans network (its patch, spacing and CTNormalization; "
+                "pre-training views of the patch's shorter side), fine-tuned by nnU-Net's "
+                f"trainer: {cfg.finetune_steps} iterations, batch "
+                f"{cfg.nnunet_batch_size or 'of the plans'}")
+    return (f"backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm "
+            "in-plane spacing")
+
+
+def _title_section(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]],
+                   inits: Sequence[str], ks: Sequence[int]) -> list[str]:
+    """Title, how many cells finished of the matrix, the budgets and the network."""
+    expected = len(inits) * len(ks) * len(cfg.draws) * len(cfg.seeds)
+    finished = len({(r["init"], r["K"], r["draw"], r["seed"]) for r in rows})
+    return ["# Experiment report", "",
+            f"{finished} of {expected} cells finished ({len(inits)} initialisations × K ∈ {ks} ×",
+            f"{len(cfg.draws)} draws × {len(cfg.seeds)} seeds), evaluated on the `{cfg.eval_split}` split.",
+            f"Every fine-tune: {cfg.finetune_steps} steps; every pre-training: {cfg.pretrain_steps} steps;",
+            f"{_network(cfg)}.", "",
+            f"**Configurations tried before this one: {cfg.configurations_tried}.**", ""]
+
+
+def _convergence_section(curves: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The learning-curve table (``results.learning_curves`` rows) and how to read it."""
+    return ["## Fine-tuning convergence", "",
+            "Mean Dice (per run, over its cases) after 1/4, 1/2 and all of the budget, on the runs that",
+            "have every point. A budget is converged enough to compare initialisations when the last",
+            "doubling changes the mean Dice by less than 0.02. The earlier points are snapshots of the",
+            "same run, taken while its cosine schedule still has a high learning rate, not separately",
+            "annealed shorter runs (which usually score higher than the snapshot): read the change as a",
+            "conservative measure of what doubling a budget still adds.", "",
+            *_lines(curves_markdown(curves)), ""]
+
+
+def _probe_section(cfg: ExperimentConfig, probe_path: Path | None, inits: Sequence[str],
+                   ks: Sequence[int]) -> list[str]:
+    """The probe's Dice per initialisation and K, per-run paired differences (pairs =
+    (draw, pre-training seed)) and the sign of each difference per pre-training seed."""
+    if not probe_path:
+        return [""]  # no section, but the empty line the report has always had here
+    head = ["## Frozen-feature probe", ""]
+    rows, organs = read_results_csv(probe_path)
+    if not rows:
+        return [*head, "No probe finished yet.", ""]
+    columns = [*organs, "mean"]
+    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
+                          cfg.bootstrap_seed, per_run=True)
+    return [*head,
+            "Frozen features (the probed network is never trained on the labels); a",
+            f"class-balanced softmax classifier on {cfg.probe_pixels} pixels of the K labelled cases",
+            f"(`lrcseg probe`, docs/METHOD.md), scored like fine-tuning on the `{cfg.eval_split}` split.",
+            "Scratch = a random network per seed.", "",
+            *_lines(summary_markdown(summary(rows, columns), inits, ks, columns)), "",
+            "Per run (each (draw, pre-training seed) averaged over its cases first):", "",
+            *_lines(comparisons_markdown(per_run, "mean")), "",
+            *_lines(seed_agreement_markdown(seed_agreement(rows, inits, cfg.baselines, ks))), ""]
+
+
+def _machine_section(machine: Mapping[str, str], timings: Mapping[str, Any]) -> list[str]:
+    """The machine (platform, CPU, GPU, torch) and the time summed over the invocations."""
+    wall = _duration(float(timings.get("total_seconds", 0.0)))
+    invocations = len(timings.get("invocations", []))
+    return [f"Machine: {machine.get('platform')}; CPU {machine.get('cpu')}; GPU {machine.get('gpu')};",
+            f"torch {machine.get('torch')}. Time: {wall} summed over {invocations}",
+            "invocation(s), counting parallel ones separately (`timings.json`).", ""]
+
+
+def _finetune_section(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]],
+                      organs: Sequence[str], inits: Sequence[str], ks: Sequence[int],
+                      table: SummaryTable) -> list[str]:
+    """Fine-tuning Dice per initialisation and K (``table``), the paired differences against
+    the baselines per case and per run, and per organ."""
+    if not rows:
+        return ["## Fine-tuning", "", "No fine-tuning cell finished yet.", ""]
+    columns = [*organs, "mean"]
+    results = comparisons(rows, inits, cfg.baselines, ks, columns, cfg.bootstrap_resamples,
+                          cfg.bootstrap_seed)
+    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
+                          cfg.bootstrap_seed, per_run=True)
+    return ["## Dice per initialisation and K", "",
+            'Mean ± sample std (ddof = 1) over (draw, seed, test case); "mean" = per-case mean over organs.', "",
+            *_lines(summary_markdown(table, inits, ks, columns)), "",
+            "## Paired differences against the baselines", "",
+            "Pairs matched on (draw, seed, test case) at the same K. Δ = init − baseline (mean Dice over",
+            "organs per case); percentile bootstrap 95% interval of the mean difference",
+            f"({cfg.bootstrap_resamples} resamples, seed {cfg.bootstrap_seed}); two-sided Wilcoxon",
+            "signed-rank p-value (scipy). `*` marks intervals that exclude 0. Rows of one fine-tuned model",
+            "share its draw and seed, so they are not independent: see docs/EXPERIMENTS.md.", "",
+            *_lines(comparisons_markdown(results, "mean")), "",
+            "### Per fine-tuned run (the conservative view)", "",
+            "Each run's Dice averaged over its evaluated cases first, then paired on (draw, seed): n is",
+            "the number of paired runs, not of cases. Claim a difference only where both views agree.", "",
+            *_lines(comparisons_markdown(per_run, "mean")), "",
+            "### Per organ: Δ Dice [bootstrap 95% CI]", "",
+            *_lines(organ_comparisons_markdown(results, organs)), ""]
+
+
+def _figures_section(figures: Path, rows: Sequence[Mapping[str, Any]], organs: Sequence[str],
+                     inits: Sequence[str], ks: Sequence[int], table: SummaryTable,
+                     qualitative: Mapping[str, Any] | None) -> list[str]:
+    """Draws the figures into the folder ``figures`` and returns the section linking them."""
+    links = []
+    if rows:
+        dice_vs_k_figure(table, inits, ks, figures / "dice_vs_k.png")
+        organ_bars_figure(table, inits, ks, organs, figures / "organ_bars.png")
+        links += ["![Dice vs K](figures/dice_vs_k.png)", "",
+                  "![Dice per organ](figures/organ_bars.png)", ""]
+    if qualitative is not None:
+        qualitative_figure(qualitative, figures / "qualitative.png")
+        links += ["![Qualitative](figures/qualitative.png)", ""]
+    return ["## Figures", "", *(links or [""])]
+
+
+def _configuration_section(cfg: ExperimentConfig) -> list[str]:
+    """The whole ExperimentConfig as YAML, where the per-case numbers are, how HD95 is read."""
+    return ["## Configuration", "", "```yaml",
+            *yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip().split("\n"), "```", "",
+            "Per-case numbers: `results.csv` (Dice); run folders: `runs/` (each evaluation's",
+            f"`metrics.json` holds HD95 too). {HD95_CONVENTION}", ""]
+
+
+def _hd95_section(hd95: Sequence[Mapping[str, Any]]) -> list[str]:
+    """HD95 pooled per initialisation and K (``hd95_markdown`` rows); nothing without rows."""
+    if not hd95:
+        return []
+    return ["HD95 over every scored organ and case of the finished cells:", "",
+            *_lines(hd95_markdown(hd95)), ""]
 
 
 def write_report(cfg: ExperimentConfig, out_dir: Path, results_path: Path, machine: Mapping[str, str],
@@ -470,99 +397,15 @@ def write_report(cfg: ExperimentConfig, out_dir: Path, results_path: Path, machi
     rows, organs = read_results_csv(results_path)
     inits = [s.name for s in cfg.initialisations]
     ks = list(cfg.labeled)
-    columns = [*organs, "mean"]
-    table = summary(rows, columns)
-    results = comparisons(rows, inits, cfg.baselines, ks, columns, cfg.bootstrap_resamples,
-                          cfg.bootstrap_seed)
-    per_run = comparisons(rows, inits, cfg.baselines, ks, ["mean"], cfg.bootstrap_resamples,
-                          cfg.bootstrap_seed, per_run=True)
-    figures = out_dir / "figures"
-    figure_lines = []
-    if rows:
-        dice_vs_k_figure(table, inits, ks, figures / "dice_vs_k.png")
-        organ_bars_figure(table, inits, ks, organs, figures / "organ_bars.png")
-        figure_lines += ["![Dice vs K](figures/dice_vs_k.png)", "",
-                         "![Dice per organ](figures/organ_bars.png)", ""]
-    if qualitative is not None:
-        qualitative_figure(qualitative, figures / "qualitative.png")
-        figure_lines += ["![Qualitative](figures/qualitative.png)", ""]
-    finetune_sections = (f"""## Dice per initialisation and K
-
-Mean ± sample std (ddof = 1) over (draw, seed, test case); "mean" = per-case mean over organs.
-
-{summary_markdown(table, inits, ks, columns)}
-
-## Paired differences against the baselines
-
-Pairs matched on (draw, seed, test case) at the same K. Δ = init − baseline (mean Dice over
-organs per case); percentile bootstrap 95% interval of the mean difference
-({cfg.bootstrap_resamples} resamples, seed {cfg.bootstrap_seed}); two-sided Wilcoxon
-signed-rank p-value (scipy). `*` marks intervals that exclude 0. Rows of one fine-tuned model
-share its draw and seed, so they are not independent: see docs/EXPERIMENTS.md.
-
-{comparisons_markdown(results, "mean")}
-
-### Per fine-tuned run (the conservative view)
-
-Each run's Dice averaged over its evaluated cases first, then paired on (draw, seed): n is
-the number of paired runs, not of cases. Claim a difference only where both views agree.
-
-{comparisons_markdown(per_run, "mean")}
-
-### Per organ: Δ Dice [bootstrap 95% CI]
-
-{organ_comparisons_markdown(results, organs)}
-
-""" if rows else "## Fine-tuning\n\nNo fine-tuning cell finished yet.\n\n")
-    expected = len(inits) * len(ks) * len(cfg.draws) * len(cfg.seeds)
-    finished = len({(r["init"], r["K"], r["draw"], r["seed"]) for r in rows})
-    wall = _duration(float(timings.get("total_seconds", 0.0)))
-    hd95_text = ("\nHD95 over every scored organ and case of the finished cells:\n\n"
-                 + hd95_markdown(hd95) + "\n") if hd95 else ""
-    if getattr(cfg, "finetune_with", "lrcseg") == "nnunet":
-        network = ("nnU-Net's 2d plans network (its patch, spacing and CTNormalization; "
-                   "pre-training views of the patch's shorter side), fine-tuned by nnU-Net's "
-                   f"trainer: {cfg.finetune_steps} iterations, batch "
-                   f"{cfg.nnunet_batch_size or 'of the plans'}")
-    else:
-        network = (f"backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm "
-                   "in-plane spacing")
-    text = f"""# Experiment report
-
-{finished} of {expected} cells finished ({len(inits)} initialisations × K ∈ {ks} ×
-{len(cfg.draws)} draws × {len(cfg.seeds)} seeds), evaluated on the `{cfg.eval_split}` split.
-Every fine-tune: {cfg.finetune_steps} steps; every pre-training: {cfg.pretrain_steps} steps;
-{network}.
-
-**Configurations tried before this one: {cfg.configurations_tried}.**
-
-## Fine-tuning convergence
-
-Mean Dice (per run, over its cases) after 1/4, 1/2 and all of the budget, on the runs that
-have every point. A budget is converged enough to compare initialisations when the last
-doubling changes the mean Dice by less than 0.02. The earlier points are snapshots of the
-same run, taken while its cosine schedule still has a high learning rate, not separately
-annealed shorter runs (which usually score higher than the snapshot): read the change as a
-conservative measure of what doubling a budget still adds.
-
-{curves_markdown(curves or [])}
-{"## Frozen-feature probe" + chr(10) + chr(10) + probe_markdown(cfg, probe_path) if probe_path else ""}
-Machine: {machine.get('platform')}; CPU {machine.get('cpu')}; GPU {machine.get('gpu')};
-torch {machine.get('torch')}. Time: {wall} summed over {len(timings.get('invocations', []))}
-invocation(s), counting parallel ones separately (`timings.json`).
-
-{finetune_sections}## Figures
-
-{chr(10).join(figure_lines)}
-## Configuration
-
-```yaml
-{yaml.safe_dump(to_dict(cfg), sort_keys=False).rstrip()}
-```
-
-Per-case numbers: `results.csv` (Dice); run folders: `runs/` (each evaluation's
-`metrics.json` holds HD95 too). {HD95_CONVENTION}
-{hd95_text}"""
+    table = summary(rows, [*organs, "mean"])
+    lines = [*_title_section(cfg, rows, inits, ks),
+             *_convergence_section(curves or []),
+             *_probe_section(cfg, probe_path, inits, ks),
+             *_machine_section(machine, timings),
+             *_finetune_section(cfg, rows, organs, inits, ks, table),
+             *_figures_section(out_dir / "figures", rows, organs, inits, ks, table, qualitative),
+             *_configuration_section(cfg),
+             *_hd95_section(hd95 or [])]
     path = out_dir / "report.md"
-    atomic_write_text(path, text)
+    atomic_write_text(path, "\n".join(lines))
     return path

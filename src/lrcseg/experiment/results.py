@@ -20,7 +20,7 @@ from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.splits import split_cases
 from lrcseg.evaluate.predict import predict_labels
 from lrcseg.experiment.cells import Cell, cell_dir, cells, curve_steps, metrics_path
-from lrcseg.experiment.report import pooled_hd95
+from lrcseg.experiment.statistics import pooled_hd95
 from lrcseg.io_utils import atomic_write_text
 from lrcseg.models.load import load_finetuned
 from lrcseg.viz import representative_slice
