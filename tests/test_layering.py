@@ -1,5 +1,7 @@
 """The import layering of issue 16: inference and evaluation never need the training code,
-losses are tensors in and a scalar out, and data reading knows nothing of superpixels."""
+losses are tensors in and a scalar out, and data reading knows nothing of superpixels. And of
+issue 26: the command line sits on top; ``lrcseg.cli`` loads the commands, so no command
+imports it back, and no library module imports either."""
 
 from __future__ import annotations
 
@@ -59,6 +61,8 @@ RULES = [
     ("methods", "lrcseg.train"),
     ("data", "lrcseg.superpixels"),
     ("data", "lrcseg.phantoms"),
+    ("superpixels", "lrcseg.train"),
+    ("commands", "lrcseg.cli"),
 ]
 
 
@@ -69,6 +73,18 @@ def test_no_import_of(where, forbidden):
     offending = sorted({f"{path.relative_to(PACKAGE)} imports {module}"
                         for path in files for module in imported_modules(path)
                         if _is_within(module, forbidden)})
+    assert not offending, "\n".join(offending)
+
+
+def test_the_library_never_imports_the_command_line():
+    """Only ``lrcseg.cli`` (and ``python -m lrcseg``) import ``lrcseg.commands``; nothing but
+    ``__main__`` imports ``lrcseg.cli``."""
+    top = {PACKAGE / "cli.py", PACKAGE / "__main__.py"}
+    library = [path for path in _files(".")
+               if path not in top and path.relative_to(PACKAGE).parts[0] != "commands"]
+    offending = sorted({f"{path.relative_to(PACKAGE)} imports {module}"
+                        for path in library for module in imported_modules(path)
+                        if any(_is_within(module, m) for m in ("lrcseg.cli", "lrcseg.commands"))})
     assert not offending, "\n".join(offending)
 
 

@@ -198,9 +198,11 @@ def test_sigterm_checkpoints_at_a_step_boundary_and_resume_is_exact(phantoms, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(phantoms, tmp_path):
-    """A scheduler signals the whole process group: the DataLoader workers ignore it and the
-    main process stops at a step boundary with its checkpoint, as with no workers."""
+@pytest.mark.parametrize("to_group", [True, False])
+def test_sigterm_with_loader_workers_checkpoints_and_exits(phantoms, tmp_path, to_group):
+    """SIGTERM to the whole process group (a terminal, some schedulers) or to the main process
+    only: with a DataLoader worker the main process stops at a step boundary with its
+    checkpoint, and exits (a worker that ignored SIGTERM once hung the exit)."""
     run, steps = tmp_path / "run", 6
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(Path(lrcseg.__file__).resolve().parents[1])}
@@ -209,8 +211,11 @@ def test_sigterm_to_the_process_group_with_loader_workers_still_checkpoints(phan
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     wait_for(lambda: len(read_metrics(run)) >= 2 or proc.poll() is not None)
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
+    if to_group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "DataLoader worker" not in err
     step = load_checkpoint(run / "checkpoint.pt")["step"]

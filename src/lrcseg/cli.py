@@ -10,23 +10,25 @@ Each subcommand lives in ``lrcseg.commands.<name>`` with ``add_arguments(parser)
 - Ctrl-C exits 130, SIGTERM during training 143 (128 + the signal), with one line saying what
   was saved and how to continue. Anything else is a bug and keeps its traceback.
 
-The training commands own their ``--out`` run folder for the whole invocation
-(``lrcseg.locking.own_folder``): a second process on the same folder is refused with one line.
+Every command runs inside ``lrcseg.train.invocation.guard_invocation``: the training commands
+own their ``--out`` run folder for the whole invocation (a second process on the same folder
+is refused with one line), ``--device`` is checked before any data is read and ``--resume``
+before the run's config.yaml is read. Shared argparse helpers live in
+``lrcseg.commands._options``; command modules never import this module.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import importlib
-import os
 import shlex
 import signal
 import sys
 
 from lrcseg import __version__
 from lrcseg.errors import DataWarning, LrcsegError, handle_data_warnings
+from lrcseg.train.invocation import guard_invocation
 
 # (subcommand, module, one-line help). Order is the order in --help.
 COMMANDS: list[tuple[str, str, str]] = [
@@ -81,13 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    """The global ``--device`` choice for commands that run a network."""
-    parser.add_argument("--device", default=None,
-                        help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N, "
-                             "mps; one that this machine lacks is refused before any work")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -103,15 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prefix}: warning: {warning}", file=sys.stderr)
 
     try:
-        with handle_data_warnings(print_warning), _own_run_folder(args):
-            if getattr(args, "device", None):
-                from lrcseg.runtime import resolve_device
-
-                resolve_device(args.device)  # an unknown device before any data is read
-            if getattr(args, "resume", False) and getattr(args, "out", None):
-                from lrcseg.train.resume import check_resumable
-
-                check_resumable(args.out)  # before the run's config.yaml is read
+        with handle_data_warnings(print_warning), guard_invocation(
+                device=getattr(args, "device", None), out=getattr(args, "out", None),
+                resume=getattr(args, "resume", False), own_out=_writes_run_folder(args)):
             return int(args._run(args) or 0)
     except LrcsegError as exc:
         print(f"{prefix}: error: {exc}", file=sys.stderr)
@@ -124,16 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + getattr(exc, "signum", signal.SIGINT)
 
 
-def _own_run_folder(args: argparse.Namespace) -> contextlib.AbstractContextManager:
-    """The lock on a training command's --out for the whole invocation (rank 0 only under
-    torchrun: the other ranks do not write the folder); a no-op for other commands."""
-    if (args.command not in RUN_FOLDER_COMMANDS or not getattr(args, "out", None)
-            or getattr(args, "print_config", False) or os.environ.get("RANK", "0") != "0"):
-        return contextlib.nullcontext()
-    from lrcseg.locking import own_folder
-
-    return own_folder(args.out, create=not args.resume,
-                      hint="wait for it to finish or choose another --out")
+def _writes_run_folder(args: argparse.Namespace) -> bool:
+    """True if the command writes a run folder at --out this time (not --print-config)."""
+    return args.command in RUN_FOLDER_COMMANDS and not getattr(args, "print_config", False)
 
 
 def describe_interrupt(args: argparse.Namespace, exc: KeyboardInterrupt) -> str:

@@ -5,9 +5,9 @@ Two uses:
   claims, ``lrcseg.experiment.locks``), waiting or not;
 - :func:`own_folder`, a command's output folder owned for the whole invocation: a second
   lrcseg process that wants to write it is refused at once with one line naming the folder and
-  the owner's pid, and touches nothing. Taken by ``lrcseg.cli.main`` for the training commands'
-  ``--out`` (a new run, ``--resume``, the clearing of a run that stopped before its first
-  checkpoint) and by ``lrcseg predict`` for its output folder. The lock file
+  the owner's pid, and touches nothing. Taken by ``lrcseg.train.invocation.guard_invocation``
+  for the training commands' ``--out`` (a new run, ``--resume``, the clearing of a run that
+  stopped before its first checkpoint) and by ``lrcseg predict`` for its output folder. The lock file
   (:data:`LOCK_NAME`, inside the folder) exists only while its owner runs; readers of a run
   folder ignore it (``train/resume.py``).
 

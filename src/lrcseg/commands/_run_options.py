@@ -2,7 +2,8 @@
 
 Their defaults live in the config dataclasses (``lrcseg.config``), not in argparse: a flag
 that is not given leaves the value of ``--config`` (or the dataclass default) in place. The
-help text quotes the dataclass default (:func:`default_note`), so ``--help`` and a run agree.
+help text quotes the dataclass default (``_options.default_note``), so ``--help`` and a run
+agree.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lrcseg.cli import add_device_argument
+from lrcseg.commands._options import add_device_argument, default_note
 
 # flag dest -> (section, key) in the run config; None section = top level.
 RUN_FLAGS: dict[str, tuple[str | None, str]] = {
@@ -26,28 +27,6 @@ RUN_FLAGS: dict[str, tuple[str | None, str]] = {
     "warmup_steps": ("optim", "warmup_steps"),
     "spacing": ("preprocess", "spacing_mm"),
 }
-
-
-def config_value(cfg: Any, path: str) -> Any:
-    """The field at dotted ``path`` ("lrc.weight") of a config dataclass instance."""
-    for name in path.split("."):
-        cfg = getattr(cfg, name)
-    return cfg
-
-
-def default_note(cfg: Any, path: str) -> str:
-    """' (default: V)' for the field at dotted ``path`` of ``cfg``, as a YAML user writes it:
-    lists comma-joined, booleans on/off, None as none."""
-    value = config_value(cfg, path)
-    if isinstance(value, bool):
-        text = "on" if value else "off"
-    elif isinstance(value, (list, tuple)):
-        text = ",".join(str(v) for v in value) or "none"
-    elif value is None:
-        text = "none"
-    else:
-        text = str(value)
-    return f" (default: {text})"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, defaults: Any) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrcseg.cli import add_device_argument
+from lrcseg.commands._options import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lrcseg.commands._options import default_note
 from lrcseg.commands._run_options import (
     add_run_arguments,
     config_yaml,
-    default_note,
     require_out,
     run_overrides,
 )

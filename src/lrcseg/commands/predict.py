@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lrcseg.cli import add_device_argument
+from lrcseg.commands._options import add_device_argument
 
 # In an output folder while a prediction into it has not finished: which model writes it
 # and the masks written so far.

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 
+from lrcseg.commands._options import default_note
 from lrcseg.commands._run_options import (
     add_run_arguments,
     config_yaml,
-    default_note,
     require_out,
     run_overrides,
     set_nested,

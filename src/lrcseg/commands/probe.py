@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lrcseg.cli import add_device_argument
-from lrcseg.commands._run_options import default_note
+from lrcseg.commands._options import add_device_argument, default_note
 from lrcseg.config import PreprocessConfig
 
 

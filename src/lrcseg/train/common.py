@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -96,19 +96,21 @@ def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: in
                 device: torch.device, drop_last: bool = False) -> DataLoader:
     """The training DataLoader over an endless ``ResumableSampler`` (workers persist).
 
-    Workers ignore SIGINT and SIGTERM: a Ctrl-C or a scheduler's SIGTERM sent to the whole
-    process group is the main process's to handle (checkpoint at the step boundary), and a
-    worker that died of it would end the run with a DataLoader error instead.
+    Workers leave the process group (:func:`detach_worker`): a Ctrl-C or SIGTERM sent to the
+    group is the main process's to handle (checkpoint at the step boundary); a worker killed
+    by it would end the run with a DataLoader error instead.
     """
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                      drop_last=drop_last, worker_init_fn=ignore_stop_signals)
+                      drop_last=drop_last, worker_init_fn=detach_worker)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: leave SIGINT and SIGTERM to the main process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def detach_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: put the worker in a process group of its own, so signals
+    sent to the training's group (a terminal's Ctrl-C, ``kill -TERM -PGID``) reach the main
+    process only. Signals sent to the worker itself keep their effect: the loader's shutdown
+    (and Python's at exit) can still terminate it, so an interrupted run never hangs on it."""
+    os.setpgid(0, 0)
 
 
 def autocast_context(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
