@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -91,6 +92,17 @@ def write_dicom_series(
         paths.append(path)
     return paths
 
+
+def edit_dicom(paths: list[Path], **attributes) -> None:
+    """Set DICOM attributes by keyword on already written files (``None`` deletes one)."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword, value in attributes.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
 
 
 def write_rtstruct(path: Path, series_uid: str | None = None) -> Path:

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
-from dicom_fixtures import write_dicom_series
+import pytest
+from dicom_fixtures import edit_dicom, write_dicom_series
 
 from lrcseg.cli import main
+from lrcseg.config import PreprocessConfig
 from lrcseg.data.check import check_data
+from lrcseg.data.layouts import load_dataset
 from lrcseg.data.readers import write_nifti
+from lrcseg.data.slice_cache import SliceCache
+from lrcseg.errors import DataError, DataWarning
 
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
 
@@ -101,3 +108,43 @@ def test_truncated_case_does_not_stop_the_others(tmp_path):
     report = check_data(root)
     assert [c["id"] for c in report["cases"]] == ["v0", "v2"]
     assert [(e["case"], Path(e["file"]).name) for e in report["errors"]] == [("v1", "v1.nii.gz")]
+
+
+def test_check_data_reports_what_the_training_path_raises(tmp_path):
+    """Every case's error or warnings in check-data are those that reading it for training (the
+    slice cache) gives."""
+    root = tmp_path / "folder"
+    hu = np.full((12, 10, 4), -1000.0, np.float32)
+    hu[3:9, 3:8] = 45.0
+    write_nifti(root / "good.nii.gz", hu, AFFINE)
+    stored = np.full((5, 10, 12), 24, np.uint16)
+    stored[:, 3:7, 3:9] = 1064
+    paths = write_dicom_series(root / "spacing", stored)
+    edit_dicom(paths[2:3], PixelSpacing=[0.9, 0.9])
+    positions = [np.array([0.0, 0.0, 2.5 * k]) for k in range(5)]
+    positions[2] = positions[2] + [0.0, 2.0, 0.0]
+    write_dicom_series(root / "shifted", stored, positions=positions)
+    img = nib.Nifti1Image(hu, None)
+    img.header.set_sform(AFFINE, code=1)
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 4.0
+    img.header.set_qform(shifted, code=1)
+    nib.save(img, root / "xforms.nii.gz")
+    report = check_data(root)
+    errors = {e["case"]: e for e in report["errors"]}
+    warned = {c["id"]: c["warnings"] for c in report["cases"]}
+    assert sorted(errors) == ["shifted", "spacing"] and sorted(warned) == ["good", "xforms"]
+    assert len(warned["xforms"]) == 1
+    cache = SliceCache(PreprocessConfig())
+    for case in load_dataset(root).cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if case.id in errors:
+                with pytest.raises(DataError) as exc:
+                    cache.get(case)
+                assert (exc.value.path, exc.value.message) == \
+                    (errors[case.id]["file"], errors[case.id]["message"])
+            else:
+                cache.get(case)
+        assert [{"file": w.message.path, "message": w.message.message} for w in caught
+                if issubclass(w.category, DataWarning)] == warned.get(case.id, [])

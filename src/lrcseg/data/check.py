@@ -32,7 +32,7 @@ import numpy as np
 import pydicom
 
 from lrcseg.data.layouts import Case, check_label_values, load_dataset
-from lrcseg.data.readers import Volume, dicom_modality, list_dicom_files, read_image, read_label
+from lrcseg.data.readers import Volume, is_localizer, list_dicom_files, read_image, read_label
 from lrcseg.errors import DataError, DataWarning, handle_data_warnings
 
 
@@ -103,10 +103,11 @@ def _source_orientation(image: Volume) -> str:
         return "".join(nib.aff2axcodes(image.source_affine))
     if image.path.is_dir():  # DICOM: columns, rows, slices by position along their normal
         for f in list_dicom_files(image.path):
-            if dicom_modality(f) != "CT":
-                continue
-            ds = pydicom.dcmread(f, stop_before_pixels=True,
-                                 specific_tags=["ImageOrientationPatient"])
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=[
+                "ImageOrientationPatient", "Modality", "ImageType"])
+            if (str(ds.get("Modality", "") or "").upper() not in ("CT", "")
+                    or is_localizer(ds) or "ImageOrientationPatient" not in ds):
+                continue  # a series the reader skipped
             cosines = np.array([float(v) for v in ds.ImageOrientationPatient])
             axes_lps = np.eye(4)
             axes_lps[:3, 0], axes_lps[:3, 1] = cosines[:3], cosines[3:]

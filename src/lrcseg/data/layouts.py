@@ -15,12 +15,16 @@ Accepted (``load_dataset`` picks by what it finds):
 decided in :mod:`lrcseg.data.splits`; label maps are applied with :func:`apply_label_map`.
 
 Refused (DataError): a folder with ``imagesTr/`` or ``labelsTr/`` but no ``dataset.json`` (it
-would be read as a plain folder, label maps as images), a case in two splits. Warned about
+would be read as a plain folder, label maps as images), a case in two splits, and two files
+for one case, named both (never deduplicated, never one picked): ``X_0000.nii`` beside
+``X_0000.nii.gz`` (images or labels), names that differ in letter case only, a NIfTI file and a
+DICOM folder of one name, one case id in imagesTr and imagesTs (or in a datalist's "training"
+and "test"), a datalist image or label file listed for two cases. Warned about
 (``DataWarning``, naming the files): in an nnU-Net folder, images whose ending differs from
-``file_ending`` (e.g. ``X_0000.nii`` beside ``X_0000.nii.gz``), NIfTI files not named
-``<case>_<NNNN><ending>``, and channel files (``_0001``...) not declared in ``channel_names``,
-all ignored; in a plain folder, DICOM folders without CT images (an RTSTRUCT or MR series
-stored beside the CT series), skipped.
+``file_ending`` (e.g. ``X_0000.nii`` alone), NIfTI files not named ``<case>_<NNNN><ending>``,
+and channel files (``_0001``...) not declared in ``channel_names``, all ignored; in a plain
+folder, DICOM folders without CT images (an RTSTRUCT or MR series stored beside the CT
+series), skipped.
 """
 
 from __future__ import annotations
@@ -126,11 +130,12 @@ def _load_nnunet(root: Path) -> Dataset:
     test = _nnunet_split(root, "imagesTs", "labelsTs", ending, declared)
     if not train and not test:
         raise DataError(root, f"no images (*_0000{ending}) in imagesTr or imagesTs")
+    _refuse_ambiguous(root, [(c.id, c.image) for c in [*train, *test]])
     return Dataset(root, "nnunet", train, test, labels)
 
 
-# <case>_<channel><ending> of an nnU-Net image file.
-_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>\.nii\.gz|\.nii)$")
+# <case>_<channel><ending> of an nnU-Net image file (the ending in any letter case).
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})(?P<ending>(?i:\.nii\.gz|\.nii))$")
 
 
 def _nnunet_split(root: Path, images: str, labels: str, ending: str,
@@ -145,10 +150,19 @@ def _nnunet_split(root: Path, images: str, labels: str, ending: str,
 
 def _nnunet_images(image_dir: Path, label_dir: Path, ending: str, channels: set[str]) -> list[Case]:
     """A case per ``<case>_0000<ending>`` of ``image_dir`` (with its label if ``label_dir``
-    exists); other NIfTI files are warned about and ignored."""
+    exists); other NIfTI files and DICOM folders are warned about and ignored. Two files of one
+    case and channel (``X_0000.nii`` and ``X_0000.nii.gz``, names that differ in letter case
+    only, a DICOM folder ``X_0000``) are refused, naming both."""
+    files = [f for f in sorted(image_dir.iterdir()) if not f.name.startswith(".")]
+    dicom_dirs = [f for f in files if not is_nifti(f.name) and f.is_dir() and list_dicom_files(f)]
+    _refuse_ambiguous(image_dir, [(_strip_nifti(f.name), f) for f in files
+                                  if is_nifti(f.name) or f in dicom_dirs], "image name")
+    for d in dicom_dirs:
+        warn_data(d, f"ignored: a DICOM folder, but nnU-Net images are NIfTI files "
+                     f"(<case>_0000{ending}); convert it or use a plain folder or a datalist")
     cases = []
-    for f in sorted(image_dir.iterdir()):
-        if f.name.startswith(".") or not is_nifti(f.name):
+    for f in files:
+        if not is_nifti(f.name):
             continue
         match = _CHANNEL_FILE.match(f.name)
         if match is None:
@@ -156,7 +170,7 @@ def _nnunet_images(image_dir: Path, label_dir: Path, ending: str, channels: set[
             continue
         cid, channel = match["case"], match["channel"]
         if match["ending"] != ending:
-            _warn_other_ending(f, image_dir / f"{cid}_{channel}{ending}", ending, cid)
+            _warn_other_ending(f, ending, cid)
         elif channel != "0000":
             if (channel.lstrip("0") or "0") not in channels:
                 warn_data(f, f"ignored: channel {int(channel)} is not declared in dataset.json "
@@ -171,25 +185,22 @@ def _nnunet_images(image_dir: Path, label_dir: Path, ending: str, channels: set[
 
 def _check_nnunet_labels(image_dir: Path, label_dir: Path, ending: str, known: set[str]) -> None:
     """Every label file of ``label_dir`` needs an image among ``known`` case ids (DataError);
-    label files with another ending are warned about and ignored."""
-    for f in sorted(label_dir.iterdir()):
-        if f.name.startswith(".") or not is_nifti(f.name):
-            continue
+    two label files of one case are refused, label files with another ending are warned
+    about and ignored."""
+    files = [f for f in sorted(label_dir.iterdir())
+             if not f.name.startswith(".") and is_nifti(f.name)]
+    _refuse_ambiguous(label_dir, [(_strip_nifti(f.name), f) for f in files])
+    for f in files:
         if not f.name.endswith(ending):
-            cid = _strip_nifti(f.name)
-            _warn_other_ending(f, label_dir / (cid + ending), ending, cid)
+            _warn_other_ending(f, ending, _strip_nifti(f.name))
         elif f.name[: -len(ending)] not in known:
             raise DataError(image_dir / (f.name[: -len(ending)] + "_0000" + ending),
                             f"missing image file for label {f}")
 
 
-def _warn_other_ending(ignored: Path, used: Path, ending: str, case: str) -> None:
-    if used.is_file():
-        warn_data(ignored, f"ignored: two files for one image, {used} is used (dataset.json "
-                           f"file_ending {ending!r}); remove one", case=case)
-    else:
-        warn_data(ignored, f"ignored: its ending differs from dataset.json file_ending "
-                           f"{ending!r}", case=case)
+def _warn_other_ending(ignored: Path, ending: str, case: str) -> None:
+    warn_data(ignored, f"ignored: its ending differs from dataset.json file_ending {ending!r}",
+              case=case)
 
 
 def _load_datalist(json_path: Path, data: dict) -> Dataset:
@@ -199,13 +210,15 @@ def _load_datalist(json_path: Path, data: dict) -> Dataset:
     test = _datalist_cases(json_path, base, data.get("test", []), "test")
     if not train and not test:
         raise DataError(json_path, "datalist has no 'training' or 'test' entries")
+    _refuse_listed_twice(json_path, [*train, *test])
+    _refuse_ambiguous(json_path, [(c.id, c.image) for c in [*train, *test]])
     return Dataset(base, "datalist", train, test, labels)
 
 
 def _datalist_cases(json_path: Path, base: Path, entries, section: str) -> list[Case]:
     if not isinstance(entries, list):
         raise DataError(json_path, f"'{section}' must be a list of entries")
-    cases, seen = [], set()
+    cases = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             entry = {"image": entry}
@@ -219,11 +232,7 @@ def _datalist_cases(json_path: Path, base: Path, entries, section: str) -> list[
             label = (base / entry["label"]).resolve()
             if not label.exists():
                 raise DataError(label, f"missing label file (listed in {json_path})")
-        cid = str(entry.get("id") or _strip_nifti(image.name))
-        if cid in seen:
-            raise DataError(json_path, f"two '{section}' entries have the case id {cid!r}")
-        seen.add(cid)
-        cases.append(Case(cid, image, label))
+        cases.append(Case(str(entry.get("id") or _strip_nifti(image.name)), image, label))
     return cases
 
 
@@ -246,18 +255,49 @@ def _load_folder(root: Path) -> Dataset:
         raise DataError(root, f"no CT images: only DICOM folders without CT, {', '.join(skipped)}")
     if not cases:
         raise DataError(root, "no NIfTI files or DICOM series found (folder empty?)")
-    by_id: dict[str, list[Path]] = {}
-    for c in cases:
-        by_id.setdefault(c.id, []).append(c.image)
-    dup = {cid: images for cid, images in sorted(by_id.items()) if len(images) > 1}
-    if dup:
-        cid, images = next(iter(dup.items()))
-        raise DataError(root, f"{len(dup)} ambiguous case id(s), e.g. {cid!r} is both "
-                              f"{' and '.join(str(p) for p in images)}; remove or rename one")
+    _refuse_ambiguous(root, [(c.id, c.image) for c in cases])
     return Dataset(root, "folder", sorted(cases, key=lambda c: c.id))
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _refuse_ambiguous(where: Path, entries: list[tuple[str, Path]], what: str = "case id") -> None:
+    """DataError naming the files when two ``(case id, file)`` entries share a case id, in any
+    letter case (a case-insensitive file system holds only one of them): lrcseg does not pick
+    one of two files for a case. ``what`` names the key in the message."""
+    by_id: dict[str, list[tuple[str, Path]]] = {}
+    for cid, path in entries:
+        by_id.setdefault(cid.casefold(), []).append((cid, path))
+    clashes = [group for _, group in sorted(by_id.items()) if len(group) > 1]
+    if clashes:
+        group = clashes[0]
+        ids = " / ".join(dict.fromkeys(repr(cid) for cid, _ in group))
+        letter_case = " (differing in letter case only)" if len({c for c, _ in group}) > 1 else ""
+        count = f"{len(clashes)} ambiguous {what}s, e.g. " if len(clashes) > 1 else f"{what} "
+        raise DataError(where, f"{count}{ids}{letter_case} is both "
+                               f"{' and '.join(str(p) for _, p in group)}: two files for one "
+                               "case; remove or rename one (lrcseg does not pick one)")
+
+
+def _refuse_listed_twice(json_path: Path, cases: list[Case]) -> None:
+    """DataError when a datalist gives one image file to two cases, or one label file to two
+    images, naming the file and both cases."""
+    for kind in ("image", "label"):
+        first: dict[str, Case] = {}
+        for case in cases:
+            path = getattr(case, kind)
+            if path is None:
+                continue
+            other = first.setdefault(str(path).casefold(), case)
+            if other is case:
+                continue
+            listed = (f"twice (case {case.id!r})" if other.id == case.id
+                      else f"for two cases, {other.id!r} and {case.id!r}")
+            if kind == "label":
+                listed += f", with the images {other.image} and {case.image}"
+            raise DataError(json_path, f"{kind} {path} is listed {listed}; each case needs its "
+                                       f"own {kind}")
 
 
 def _non_ct_modalities(folder: Path) -> str | None:

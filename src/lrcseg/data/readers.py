@@ -19,11 +19,15 @@ JPEG 2000 use pylibjpeg, pylibjpeg-libjpeg and pylibjpeg-openjpeg (installed wit
 A syntax no installed decoder handles gives an error naming the transfer syntax.
 
 Checks (docs/ACCEPTED_DATA.md): images whose values cannot be CT in HU (outside
--32768..32767, or no value below 0 HU: MR, or stored values without the rescale) and zero voxel
-spacing are refused (DataError); oblique or sheared grids (gantry tilt), spacing outside
-0.05..50 mm, a constant image, a CT series without RescaleSlope/RescaleIntercept whose values
-still look like HU, and non-CT series skipped beside the CT series are warned about
-(``DataWarning``).
+-32768..32767, or no value below 0 HU: MR, or stored values without the rescale) are refused
+(DataError), and so is geometry that does not define one regular grid: a zero, negative or
+non-finite voxel size or affine, voxel axes that do not span 3D; in a DICOM series, any
+per-slice difference of PixelSpacing, Rows x Columns, ImageOrientationPatient,
+FrameOfReferenceUID, Modality or the presence of the rescale tags, duplicate or unevenly
+spaced positions, a slice off the line of the others. Oblique or sheared grids (gantry tilt),
+spacing outside 0.05..50 mm, a NIfTI sform and qform that disagree, a constant image, a CT
+series without RescaleSlope/RescaleIntercept whose values still look like HU, and series
+skipped beside the CT series (non-CT, CT localizer) are warned about (``DataWarning``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from lrcseg.errors import DataError, warn_data
 from lrcseg.io_utils import atomic_path
@@ -54,6 +59,17 @@ _SPACING_RANGE_MM = (0.05, 50.0)
 # oblique / sheared.
 _OBLIQUE_DEG = 1.0
 _SHEAR_DEG = 0.5
+# |det| of the unit voxel axis directions below which the axes do not span 3D (two axes within
+# about 0.6 deg of each other, or all three within about that of one plane).
+_DEGENERATE_DET = 1e-2
+# sform and qform may place a corner voxel this many voxels apart before a warning.
+_XFORM_AGREE_VOXELS = 0.1
+# DICOM direction cosines: allowed error of their unit length and of their perpendicularity.
+_COSINE_TOL = 1e-2
+# A slice may sit this many pixels off the line through the first and last slice's positions.
+_IN_LINE_PIXELS = 0.1
+# How DICOM separates the values of a multi-valued attribute (used in messages).
+_DICOM_SEP = "\\"
 
 
 @dataclass
@@ -208,9 +224,9 @@ def write_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray,
 
 
 def _load_nifti(path: Path, return_source_affine: bool = False):
-    """Load, check dimensionality and spacing, canonicalise (header-level: no pixel data decoded
-    yet). Returns the canonical image, and with ``return_source_affine`` also the file's own
-    affine."""
+    """Load, check dimensionality and geometry, canonicalise (header-level: no pixel data
+    decoded yet). Trailing axes of length 1 (``(X, Y, Z, 1)``) are dropped. Returns the
+    canonical image, and with ``return_source_affine`` also the file's own affine."""
     try:
         with nib.imageglobals.LoggingOutputSuppressor():  # header fixes: checked below instead
             img = nib.load(path)
@@ -218,35 +234,71 @@ def _load_nifti(path: Path, return_source_affine: bool = False):
             nib.filebasedimages.ImageFileError) as exc:
         raise DataError(path, f"cannot read NIfTI file ({exc})") from exc
     shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = img.slicer[..., 0]
-    elif len(shape) != 3:
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
         raise DataError(path, f"expected a 3D volume, got shape {shape}")
-    _check_nifti_spacing(path, img)
+    if len(shape) > 3:
+        img = img.slicer[(..., *([0] * (len(shape) - 3)))]
+    _check_nifti_geometry(path, img)
     canonical = nib.as_closest_canonical(img)
     return (canonical, img.affine.astype(np.float64)) if return_source_affine else canonical
 
 
-def _check_nifti_spacing(path: Path, img) -> None:
-    """DataError for a zero (or non-finite) voxel size in the geometry nibabel will use.
-
-    Without an sform the geometry comes from pixdim, where nibabel silently turns 0 into 1 mm,
-    so the header is re-read as stored.
-    """
-    if int(img.header["sform_code"]) == 0:
-        with nib.openers.ImageOpener(path) as fh:
-            stored = type(img.header).from_fileobj(fh, check=False)
-        pixdim = [float(v) for v in stored["pixdim"][1:4]]
-        bad = [i for i, v in enumerate(pixdim) if not (np.isfinite(v) and v > 0)]
-        if bad:
-            raise DataError(path, f"voxel size pixdim[{bad[0] + 1}] = {pixdim[bad[0]]:g} and no "
-                                  "sform: zero or invalid spacing; fix the header (pixdim or "
-                                  "sform)")
-    columns = np.linalg.norm(img.affine[:3, :3], axis=0)
+def _check_nifti_geometry(path: Path, img) -> None:
+    """DataError for geometry nibabel would use silently although it is invalid: a non-finite
+    sform/qform, a zero (or negative) voxel size, voxel axes that do not span 3D; a warning
+    when the sform and qform place the voxels differently."""
+    header = img.header
+    for name in ("sform", "qform"):
+        matrix, code = getattr(header, f"get_{name}")(coded=True)
+        if code and not np.all(np.isfinite(matrix)):
+            raise DataError(path, f"the {name} (code {int(code)}) has NaN or infinite entries: no "
+                                  "valid geometry; fix the header")
+    if int(header["sform_code"]) == 0:
+        _check_stored_pixdim(path, img)
+    affine = img.affine
+    columns = np.linalg.norm(affine[:3, :3], axis=0)
     bad = [i for i, v in enumerate(columns) if not (np.isfinite(v) and v > 1e-6)]
     if bad:
         raise DataError(path, f"affine column {bad[0]} (voxel axis {'ijk'[bad[0]]}) is zero or "
                               "invalid: zero voxel spacing; fix the header's sform/qform")
+    volume = abs(float(np.linalg.det(affine[:3, :3] / columns)))
+    if volume < _DEGENERATE_DET:
+        raise DataError(path, f"the affine's voxel axes (nearly) lie in one plane (|det| of their "
+                              f"directions {volume:.2g}): not a 3D grid; fix the header's "
+                              "sform/qform")
+    _warn_sform_qform(path, img)
+
+
+def _check_stored_pixdim(path: Path, img) -> None:
+    """Without an sform the geometry comes from pixdim, where nibabel silently turns 0 into 1 mm
+    and a negative size into its absolute value, so the header is re-read as stored."""
+    with nib.openers.ImageOpener(path) as fh:
+        stored = type(img.header).from_fileobj(fh, check=False)
+    pixdim = [float(v) for v in stored["pixdim"][1:4]]
+    bad = [i for i, v in enumerate(pixdim) if not (np.isfinite(v) and v > 0)]
+    if bad:
+        raise DataError(path, f"voxel size pixdim[{bad[0] + 1}] = {pixdim[bad[0]]:g} and no "
+                              "sform: zero or invalid spacing; fix the header (pixdim or "
+                              "sform)")
+
+
+def _warn_sform_qform(path: Path, img) -> None:
+    """Warn when both the sform and the qform are set and put a corner voxel more than
+    ``_XFORM_AGREE_VOXELS`` voxels apart: nibabel (and lrcseg) use the sform, other tools the
+    qform. A sheared sform, which no qform can hold, is warned about as sheared instead."""
+    header = img.header
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    if not scode or not qcode or _shear_deg(sform) > _SHEAR_DEG:
+        return
+    corners = np.array([[i, j, k, 1.0] for i in (0, img.shape[0] - 1)
+                        for j in (0, img.shape[1] - 1) for k in (0, img.shape[2] - 1)])
+    apart = float(np.linalg.norm((corners @ (sform - qform).T)[:, :3], axis=1).max())
+    voxel = float(np.linalg.norm(sform[:3, :3], axis=0).min())
+    if apart > _XFORM_AGREE_VOXELS * voxel:
+        warn_data(path, f"sform and qform disagree: they place voxels up to {apart:.3g} mm apart "
+                        f"({apart / voxel:.2g} voxels); the sform is used (as nibabel does), "
+                        "tools that use the qform (ITK) see another grid")
 
 
 def _check_image(vol: Volume, shear_cause: str = "sheared affine", hint: str = "") -> None:
@@ -273,13 +325,19 @@ def _check_image(vol: Volume, shear_cause: str = "sheared affine", hint: str = "
     _warn_geometry(vol, shear_cause)
 
 
+def _shear_deg(affine: np.ndarray) -> float:
+    """How far (degrees) the affine's most skewed pair of voxel axes is from perpendicular."""
+    directions = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    cosines = np.abs(directions.T @ directions)[np.triu_indices(3, 1)]
+    return float(np.degrees(np.arcsin(np.clip(cosines.max(), 0, 1))))
+
+
 def _warn_geometry(vol: Volume, shear_cause: str) -> None:
     """DataWarnings for oblique axes, non-orthogonal (sheared) axes and absurd spacing."""
     affine = vol.affine
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     directions = affine[:3, :3] / spacing
-    cosines = np.abs(directions.T @ directions)[np.triu_indices(3, 1)]
-    shear = float(np.degrees(np.arcsin(np.clip(cosines.max(), 0, 1))))
+    shear = _shear_deg(affine)
     oblique = float(np.degrees(np.arccos(np.clip(np.abs(directions).max(axis=0), 0, 1))).max())
     if shear > _SHEAR_DEG:  # a sheared grid is oblique too; one warning says it
         warn_data(vol.path, f"{shear_cause}: voxel axes meet {shear:.1f} deg off 90 deg; slices "
@@ -315,24 +373,41 @@ def dicom_modality(path: Path) -> str:
     return str(ds.get("Modality", "") or "").upper()
 
 
+@dataclass(frozen=True)
+class _Slice:
+    """One file of a series with its checked geometry (DICOM LPS millimetres).
+
+    position: ImagePositionPatient (3,); orientation: ImageOrientationPatient (6,), row then
+    column direction cosines, normalised; spacing: PixelSpacing (2,), between rows then
+    between columns.
+    """
+
+    path: Path
+    header: pydicom.Dataset
+    position: np.ndarray
+    orientation: np.ndarray
+    spacing: np.ndarray
+
+
 def read_dicom_series(folder: str | os.PathLike) -> Volume:
     """Read one DICOM series folder into a RAS+ float32 HU :class:`Volume` (see module doc).
 
-    Series that are not CT images (RTSTRUCT, SEG, SR, an MR series...) beside the one CT series
-    are skipped with a warning naming them; a folder without a CT series is refused.
+    Series that are not CT images (RTSTRUCT, SEG, SR, an MR series, a CT localizer...) beside
+    the one CT series are skipped with a warning naming them; a folder without a CT series is
+    refused, and so is a series whose slices do not form one regular grid
+    (:func:`_check_series_grid`).
     """
     folder = Path(folder)
     headers = _ct_series(folder, _read_headers(folder))
-    _check_single_frame_slices(headers)
-    headers, positions, normal = _sort_along_normal(folder, headers)
-    no_rescale = [f for f, ds in headers
-                  if "RescaleSlope" not in ds or "RescaleIntercept" not in ds]
-    array = _stack_slices(folder, headers)
-    affine = _LPS_TO_RAS @ _affine_lps(headers, positions, normal)
+    slices = _check_series_grid(folder, [_parse_slice(f, ds) for f, ds in headers])
+    no_rescale = [s.path for s in slices
+                  if "RescaleSlope" not in s.header or "RescaleIntercept" not in s.header]
+    array = _stack_slices(slices)
+    affine = _LPS_TO_RAS @ _affine_lps(slices)
     img = nib.as_closest_canonical(nib.Nifti1Image(array, affine))
     array = np.asarray(img.dataobj, dtype=np.float32)
     vol = Volume(array, img.affine.astype(np.float64), folder)
-    tilt = headers[0][1].get("GantryDetectorTilt", None)
+    tilt = slices[0].header.get("GantryDetectorTilt", None)
     shear_cause = "gantry tilt (slices do not step along the slice normal" + (
         f"; GantryDetectorTilt {float(tilt):g} deg)" if tilt not in (None, "") else ")")
     which = _files_named(no_rescale)
@@ -361,91 +436,21 @@ def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
     return headers
 
 
-def _check_single_frame_slices(headers: list) -> None:
-    """Every file must be a single-frame slice with a position, an orientation and a pixel
-    spacing, all slices sharing the first one's orientation."""
-    for f, ds in headers:
-        for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if tag not in ds:
-                raise DataError(f, f"DICOM file lacks {tag}: cannot place it in a volume")
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise DataError(f, "multi-frame DICOM is not supported; export single-frame slices")
-    orient = _orientation(headers[0][1])
-    for f, ds in headers[1:]:
-        if not np.allclose(_orientation(ds), orient, atol=1e-4):
-            raise DataError(f, f"ImageOrientationPatient differs from {headers[0][0].name}: "
-                               "slices of one series must share one orientation")
-
-
-def _orientation(ds: pydicom.Dataset) -> np.ndarray:
-    """ImageOrientationPatient as (6,) float: row direction cosines, then column ones (LPS)."""
-    return np.array([float(v) for v in ds.ImageOrientationPatient])
-
-
-def _sort_along_normal(folder: Path, headers: list) -> tuple[list, np.ndarray, np.ndarray]:
-    """Headers ordered by position along the slice normal ``n = row_cos x col_cos`` (stable),
-    their ImagePositionPatient ``(Z, 3)`` in that order, and ``n`` (3,); checks the spacing."""
-    orient = _orientation(headers[0][1])
-    normal = np.cross(orient[:3], orient[3:])
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in headers])
-    along = positions @ normal
-    order = np.argsort(along, kind="stable")
-    headers = [headers[i] for i in order]
-    _check_slice_spacing(folder, headers, along[order])
-    return headers, positions[order], normal
-
-
-def _stack_slices(folder: Path, headers: list) -> np.ndarray:
-    """The sorted slices' HU as one float32 ``(X, Y, Z)`` array, indexed (column i, row j,
-    slice k): each slice's pixel_array is (Rows, Columns), hence the transpose."""
-    slices = [_slice_hu(f, pydicom.dcmread(f)) for f, _ in headers]
-    shapes = {s.shape for s in slices}
-    if len(shapes) > 1:
-        raise DataError(folder, f"slices of different sizes {sorted(shapes)} in one series")
-    return np.stack([s.T for s in slices], axis=-1)
-
-
-def _affine_lps(headers: list, positions: np.ndarray, normal: np.ndarray) -> np.ndarray:
-    """The (4, 4) voxel (column, row, slice) -> LPS mm affine of the sorted series (module doc);
-    one slice steps its SliceThickness (1 mm if absent) along the normal."""
-    first = headers[0][1]
-    orient = _orientation(first)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    affine = np.eye(4)
-    affine[:3, 0] = orient[:3] * col_spacing
-    affine[:3, 1] = orient[3:] * row_spacing
-    if len(headers) > 1:
-        affine[:3, 2] = (positions[-1] - positions[0]) / (len(headers) - 1)
-    else:
-        affine[:3, 2] = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-    affine[:3, 3] = positions[0]
-    return affine
-
-
-def _files_named(files: list[Path]) -> str:
-    """"a.dcm" or "a.dcm and N more file(s)" ("" for none)."""
-    if not files:
-        return ""
-    return files[0].name + (f" and {len(files) - 1} more file(s)" if len(files) > 1 else "")
-
-
 def _ct_series(folder: Path, headers: list) -> list:
     """The headers of the folder's one CT image series; others are skipped with a warning.
 
-    Files without a Modality count as CT (older exports omit it). DataError if there is no CT
+    A series is CT if any of its files is (files without a Modality count as CT: older exports
+    omit it), unless all of them are LOCALIZER images (the scout). DataError if there is no CT
     series or more than one.
     """
     by_series: dict[str, list] = {}
     for f, ds in headers:
-        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
-
-    def modality(items) -> str:
-        return str(items[0][1].get("Modality", "") or "").upper()
-
-    ct = {uid: items for uid, items in by_series.items() if modality(items) in ("CT", "")}
-    others = {uid: items for uid, items in by_series.items() if uid not in ct}
-    described = ", ".join(f"{modality(items)} series {uid} ({len(items)} file(s), e.g. "
-                          f"{items[0][0].name})" for uid, items in sorted(others.items()))
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "") or "(none)"), []).append((f, ds))
+    kinds = {uid: _series_kind(items) for uid, items in by_series.items()}
+    ct = {uid: items for uid, items in by_series.items() if kinds[uid] == "CT"}
+    described = ", ".join(f"{kinds[uid]} series {uid} ({len(items)} file(s), e.g. "
+                          f"{items[0][0].name})" for uid, items in sorted(by_series.items())
+                          if uid not in ct)
     if not ct:
         raise DataError(folder, f"no CT series in this folder, only {described}: lrcseg reads "
                                 "CT images")
@@ -454,12 +459,145 @@ def _ct_series(folder: Path, headers: list) -> list:
         shown = ", ".join(uids[:4]) + (" ..." if len(uids) > 4 else "")
         raise DataError(folder, f"{len(uids)} DICOM series mixed in one folder (all CT, "
                                 f"SeriesInstanceUID {shown}); put each series in its own folder")
-    if others:
+    if described:
         warn_data(folder, f"read the CT series, skipped {described}")
     return next(iter(ct.values()))
 
 
-def _check_slice_spacing(folder: Path, headers: list, along: np.ndarray) -> None:
+def _series_kind(items: list) -> str:
+    """"CT" for a CT image series, "CT LOCALIZER" for a scout series, else its Modality."""
+    modalities = {str(ds.get("Modality", "") or "").upper() for _, ds in items}
+    if not modalities & {"CT", ""}:
+        return ", ".join(sorted(modalities))
+    if all(is_localizer(ds) for _, ds in items):
+        return "CT LOCALIZER"
+    return "CT"
+
+
+def is_localizer(ds: pydicom.Dataset) -> bool:
+    """Whether the header's ImageType names a LOCALIZER (scout) image."""
+    value = ds.get("ImageType", None) or []
+    values = [value] if isinstance(value, str) else value
+    return "LOCALIZER" in [str(v).upper() for v in values]
+
+
+def _parse_slice(path: Path, ds: pydicom.Dataset) -> _Slice:
+    """The slice's geometry, checked: a single frame with a position, two perpendicular unit
+    direction cosines and a positive pixel spacing (DataError naming the file otherwise)."""
+    for tag in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+        if tag not in ds:
+            raise DataError(path, f"DICOM file lacks {tag}: cannot place it in a volume")
+    if ds.get("NumberOfFrames") not in (None, "") and _numbers(path, ds, "NumberOfFrames", 1)[0] > 1:
+        raise DataError(path, "multi-frame DICOM is not supported; export single-frame slices")
+    position = _numbers(path, ds, "ImagePositionPatient", 3)
+    cosines = _numbers(path, ds, "ImageOrientationPatient", 6)
+    spacing = _numbers(path, ds, "PixelSpacing", 2)
+    if np.any(spacing <= 0):
+        raise DataError(path, f"PixelSpacing {_shown(spacing, 'x')} is not positive: zero or "
+                              "negative pixel size; fix the header")
+    axes = cosines.reshape(2, 3)
+    lengths = np.linalg.norm(axes, axis=1)
+    cosine = float(axes[0] @ axes[1] / max(float(lengths.prod()), 1e-12))
+    if np.any(np.abs(lengths - 1) > _COSINE_TOL) or abs(cosine) > _COSINE_TOL:
+        raise DataError(path, f"ImageOrientationPatient {_shown(cosines, _DICOM_SEP)} is not two "
+                              f"perpendicular unit vectors (lengths {_shown(lengths, ', ')}, "
+                              f"cosine between them {cosine:.3g}): cannot place the slice")
+    return _Slice(path, ds, position, (axes / lengths[:, None]).ravel(), spacing)
+
+
+def _numbers(path: Path, ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray:
+    """``count`` finite numbers of a numeric DICOM attribute (DataError naming the file)."""
+    try:
+        raw = ds[keyword].value
+    except (TypeError, ValueError, OverflowError) as exc:  # pydicom converts when asked
+        raise DataError(path, f"{keyword} is not readable as numbers ({exc}): cannot place the "
+                              "slice in a volume; fix the header") from exc
+    values = raw if isinstance(raw, list | tuple | MultiValue) else [raw]
+    try:
+        numbers = np.array([float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        numbers = np.array([])
+    if numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+        shown = _DICOM_SEP.join(str(v) for v in values) if raw not in (None, "") else "(empty)"
+        raise DataError(path, f"{keyword} {shown} is not {count} finite number(s): cannot place "
+                              "the slice in a volume; fix the header")
+    return numbers
+
+
+def _shown(values: np.ndarray, sep: str) -> str:
+    """Numbers as written in messages: ``0.7x0.7``, ``1\\0\\0\\0\\1\\0``."""
+    return sep.join(f"{float(v) + 0.0:.6g}" for v in values)
+
+
+# What every slice of one series must share, as (name, value of a slice, tolerance of numeric
+# values, why). Per-slice RescaleSlope/RescaleIntercept values may differ (each slice is
+# rescaled by its own), but not their presence.
+_SHARED = (
+    ("PixelSpacing", lambda s: s.spacing, 1e-4, "the volume has one pixel size"),
+    ("Rows x Columns", lambda s: (s.header.get("Rows"), s.header.get("Columns")), 0,
+     "the volume has one slice size"),
+    ("ImageOrientationPatient", lambda s: s.orientation, 1e-4,
+     "the volume has one slice orientation"),
+    ("FrameOfReferenceUID", lambda s: str(s.header.get("FrameOfReferenceUID", "") or "(none)"), 0,
+     "positions in different frames of reference cannot be compared"),
+    ("Modality", lambda s: str(s.header.get("Modality", "") or "(none)").upper(), 0,
+     "one series is one kind of image"),
+    ("RescaleSlope/RescaleIntercept", lambda s: "present" if "RescaleSlope" in s.header
+     and "RescaleIntercept" in s.header else "missing", 0,
+     "slices without them cannot be converted to HU like the others; restore the tags"),
+)
+
+
+def _check_series_grid(folder: Path, slices: list[_Slice]) -> list[_Slice]:
+    """The slices of one series must form one regular grid: the attributes of ``_SHARED``
+    equal on every slice, positions along the slice normal distinct and evenly spaced, each
+    where the affine puts it (on one line: a gantry tilt steps in-plane too, evenly). Returns
+    the slices ordered along the normal ``n = row_cos x col_cos`` (stable). DataError naming
+    the folder and the offending files and values otherwise."""
+    for name, value, atol, why in _SHARED:
+        _check_shared(folder, slices, name, value, atol, why)
+    orient = slices[0].orientation
+    normal = np.cross(orient[:3], orient[3:])
+    along = np.array([s.position @ normal for s in slices])
+    order = np.argsort(along, kind="stable")
+    slices, along = [slices[i] for i in order], along[order]
+    _check_slice_spacing(folder, slices, along)
+    _check_even_grid(folder, slices, along, normal)
+    return slices
+
+
+def _check_shared(folder: Path, slices: list[_Slice], name: str, value, atol: float,
+                  why: str) -> None:
+    """DataError if ``value(slice)`` differs between slices, naming the values by count and the
+    files of all but the most common one."""
+    groups: list[tuple[object, list[Path]]] = []
+    for s in slices:
+        v = value(s)
+        for g in groups:
+            same = (np.allclose(g[0], v, rtol=0, atol=atol) if isinstance(v, np.ndarray)
+                    else g[0] == v)
+            if same:
+                g[1].append(s.path)
+                break
+        else:
+            groups.append((v, [s.path]))
+    if len(groups) == 1:
+        return
+    groups.sort(key=lambda g: -len(g[1]))  # stable: the most common value first
+
+    def shown(v) -> str:
+        if isinstance(v, np.ndarray):
+            return _shown(v, "x" if v.size == 2 else _DICOM_SEP)
+        return "x".join(str(x) for x in v) if isinstance(v, tuple) else str(v)
+
+    first, rest = groups[0], groups[1:]
+    parts = [f"{shown(first[0])} on {len(first[1])} slice{'s' * (len(first[1]) != 1)}"]
+    parts += [f"{shown(v)} on {len(files)} ({_files_named(files, shown=4)})" for v, files in rest]
+    raise DataError(folder, f"{name} {', '.join(parts)}: the slices of one series must share "
+                            f"one {name} ({why})")
+
+
+def _check_slice_spacing(folder: Path, slices: list[_Slice], along: np.ndarray) -> None:
     """Duplicate positions or a step that deviates from the median (a missing slice) -> error."""
     if len(along) < 2:
         return
@@ -467,16 +605,82 @@ def _check_slice_spacing(folder: Path, headers: list, along: np.ndarray) -> None
     dup = np.flatnonzero(steps < 1e-3)
     if dup.size:
         i = int(dup[0])
+        more = f"; {dup.size} such pairs" if dup.size > 1 else ""
         raise DataError(folder, f"two slices at the same position {along[i]:.3f} mm along the "
-                                f"slice normal ({headers[i][0].name}, {headers[i + 1][0].name})")
+                                f"slice normal ({slices[i].path.name}, "
+                                f"{slices[i + 1].path.name}){more}")
     step = float(np.median(steps))
     bad = np.flatnonzero(np.abs(steps - step) > _SPACING_RTOL * step + 1e-3)
     if bad.size:
         i = int(bad[0])
+        more = f" ({bad.size} uneven gaps in all)" if bad.size > 1 else ""
         raise DataError(folder, f"uneven slice spacing: gap of {steps[i]:.3f} mm between "
-                                f"{headers[i][0].name} and {headers[i + 1][0].name} (positions "
+                                f"{slices[i].path.name} and {slices[i + 1].path.name} (positions "
                                 f"{along[i]:.3f} and {along[i + 1]:.3f} mm along the normal) where "
-                                f"the series steps {step:.3f} mm; a slice may be missing")
+                                f"the series steps {step:.3f} mm{more}; a slice may be missing")
+
+
+def _check_even_grid(folder: Path, slices: list[_Slice], along: np.ndarray,
+                     normal: np.ndarray) -> None:
+    """DataError if a slice lies off the place the volume's affine gives it, ``P_first + k *
+    (P_last - P_first) / (Z - 1)``: along the normal by more than ``_SPACING_RTOL`` of the step
+    (steps that drift although each is near the median), or in-plane by more than
+    ``_IN_LINE_PIXELS`` pixels (a shifted slice; a gantry tilt shifts evenly and passes)."""
+    if len(slices) < 3:
+        return
+    positions = np.array([s.position for s in slices])
+    k = np.arange(len(slices))[:, None] / (len(slices) - 1)
+    deviation = positions - (positions[0] + k * (positions[-1] - positions[0]))
+    normal_off = np.abs(deviation @ normal)
+    in_plane = np.linalg.norm(deviation - np.outer(deviation @ normal, normal), axis=1)
+    step = (along[-1] - along[0]) / (len(slices) - 1)
+    i = int(np.argmax(normal_off))
+    if normal_off[i] > _SPACING_RTOL * step:
+        steps = np.diff(along)
+        raise DataError(folder, f"uneven slice spacing: {slices[i].path.name} lies "
+                                f"{normal_off[i]:.3f} mm along the slice normal from its place in "
+                                f"an evenly spaced series of step {step:.3f} mm (the steps drift "
+                                f"from {steps.min():.3f} to {steps.max():.3f} mm)")
+    tolerance = _IN_LINE_PIXELS * float(slices[0].spacing.min()) + 1e-3
+    bad = np.flatnonzero(in_plane > tolerance)
+    if bad.size:
+        i = int(bad[np.argmax(in_plane[bad])])
+        raise DataError(folder, f"ImagePositionPatient of {len(bad)} slice(s) off the line "
+                                f"through the first and last slice, e.g. "
+                                f"{slices[i].path.name} at {_shown(positions[i], _DICOM_SEP)} is "
+                                f"{in_plane[i]:.3f} mm off it (tolerance {tolerance:.3f} mm): the "
+                                "slices of one series must be stacked along one direction")
+
+
+def _stack_slices(slices: list[_Slice]) -> np.ndarray:
+    """The sorted slices' HU as one float32 ``(X, Y, Z)`` array, indexed (column i, row j,
+    slice k): each slice's pixel_array is (Rows, Columns), hence the transpose."""
+    return np.stack([_slice_hu(s.path, pydicom.dcmread(s.path)).T for s in slices], axis=-1)
+
+
+def _affine_lps(slices: list[_Slice]) -> np.ndarray:
+    """The (4, 4) voxel (column, row, slice) -> LPS mm affine of the sorted series (module doc);
+    one slice steps its SliceThickness (1 mm if absent) along the normal."""
+    first = slices[0]
+    orient = first.orientation
+    row_spacing, col_spacing = first.spacing
+    affine = np.eye(4)
+    affine[:3, 0] = orient[:3] * col_spacing
+    affine[:3, 1] = orient[3:] * row_spacing
+    if len(slices) > 1:
+        affine[:3, 2] = (slices[-1].position - first.position) / (len(slices) - 1)
+    else:
+        thickness = float(first.header.get("SliceThickness", 1.0) or 1.0)
+        affine[:3, 2] = np.cross(orient[:3], orient[3:]) * thickness
+    affine[:3, 3] = first.position
+    return affine
+
+
+def _files_named(files: list[Path], shown: int = 1) -> str:
+    """"a.dcm", "a.dcm and N more file(s)" or, with ``shown`` 3, "a.dcm, b.dcm, c.dcm and N
+    more file(s)" ("" for none)."""
+    names = ", ".join(f.name for f in files[:shown])
+    return names + (f" and {len(files) - shown} more file(s)" if len(files) > shown else "")
 
 
 def _slice_hu(path: Path, ds: pydicom.Dataset) -> np.ndarray:
