@@ -1,17 +1,23 @@
-"""Typed configs: validation, YAML round trip, overrides, stable keys; atomic writes."""
+"""Typed configs: validation, YAML round trip, overrides, stable keys, the methods' option
+sections; atomic writes."""
 
 from __future__ import annotations
 
 import pytest
 
 from lrcseg.config import (
+    BYOLConfig,
     FinetuneConfig,
     LRCConfig,
+    MocoConfig,
     PreprocessConfig,
     PretrainConfig,
+    SimCLRConfig,
     SuperpixelConfig,
+    from_dict,
     load_config,
     save_config,
+    to_dict,
 )
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_path, atomic_write_text
@@ -34,6 +40,30 @@ def test_unknown_key_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("lrc:\n  wieght: 2.0\n")
     with pytest.raises(ConfigError, match="wieght"):
         load_config(PretrainConfig, tmp_path / "c.yaml")
+    for cls in (PretrainConfig, FinetuneConfig):  # top level: not a key, not a method's section
+        with pytest.raises(ConfigError, match="unknown key.*optm"):
+            from_dict(cls, {"optm": {"lr": 0.1}})
+
+
+# config.yaml of a MoCo run as lrcseg wrote it before the methods declared their own options
+_OLD_METHOD_SECTIONS = """\
+method: simclr
+moco: {temperature: 0.2, momentum: 0.9, queue_size: 64, shuffle_bn: true, position_partitions: 0}
+simclr: {temperature: 0.1}
+byol: {base_momentum: 0.99, predictor_hidden: 512}
+"""
+
+
+def test_the_method_sections_of_older_config_files_load_and_are_written_as_before(tmp_path):
+    (tmp_path / "old.yaml").write_text(_OLD_METHOD_SECTIONS)
+    cfg = load_config(PretrainConfig, tmp_path / "old.yaml")
+    assert cfg.moco == MocoConfig(momentum=0.9, queue_size=64)
+    assert cfg.options() == SimCLRConfig(temperature=0.1) and cfg.byol == BYOLConfig()
+    assert cfg.method_sections == {}
+    keys = list(to_dict(cfg))  # the same sections in the same place, nothing added
+    assert keys[keys.index("lrc"):keys.index("lrc") + 5] == ["lrc", "moco", "simclr", "byol",
+                                                             "distributed"]
+    assert "method_sections" not in keys
 
 
 def test_non_mapping_yaml_is_refused(tmp_path):
@@ -49,6 +79,11 @@ def test_non_mapping_yaml_is_refused(tmp_path):
     (lambda: PreprocessConfig(context_slices=2), "context_slices"),
     (lambda: PretrainConfig(method="mocov9"), "method"),
     (lambda: PretrainConfig(method="none", lrc=LRCConfig(enabled=False)), "no loss"),
+    (lambda: MocoConfig(momentum=1.0), "momentum"),
+    (lambda: MocoConfig(queue_size=0), "queue_size"),
+    (lambda: SimCLRConfig(temperature=0.0), "temperature"),
+    (lambda: BYOLConfig(predictor_hidden=0), "predictor_hidden"),
+    (lambda: from_dict(PretrainConfig, {"byol": {"base_momentum": 1.5}}), "base_momentum"),
     (lambda: FinetuneConfig(labeled=1.5), "labeled"),
 ])
 def test_validation_names_the_field(build, message):

@@ -1,6 +1,8 @@
 """Global methods: each loss equals a plain reference; BYOL's EMA; supervised Dice + CE; the
-registry (names without torch, a toy method added by one registered class and run through
-``lrcseg pretrain``); old checkpoints' method state loads."""
+registry (names and options without torch, a toy method with its own options dataclass added
+by one registered class: read from YAML, validated, saved in config.yaml, fixed on --resume,
+run through ``lrcseg pretrain`` on an unnormalised global output); old checkpoints' method
+state loads."""
 
 from __future__ import annotations
 
@@ -9,27 +11,46 @@ import math
 import subprocess
 import sys
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from lrcseg.cli import main
-from lrcseg.config import InitSpec, ModelConfig, PretrainConfig, RunConfig
+from lrcseg.config import (
+    InitSpec,
+    ModelConfig,
+    PretrainConfig,
+    RunConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
 from lrcseg.errors import ConfigError
 from lrcseg.losses.byol import BYOLLoss, byol_regression
 from lrcseg.losses.simclr import SimCLRLoss, nt_xent
 from lrcseg.methods.base import GlobalMethod, Views, build_method
 from lrcseg.methods.byol import BYOL, cosine_momentum
 from lrcseg.methods.none import NoGlobal
-from lrcseg.methods.registry import method_class, method_names, register_method
+from lrcseg.methods.registry import (
+    FREE_ON_RESUME,
+    method_class,
+    method_names,
+    options_class,
+    options_fixed_on_resume,
+    register_method,
+)
 from lrcseg.methods.simclr import SimCLR
 from lrcseg.methods.supervised import Supervised
 from lrcseg.models.load import load_checkpoint, upgrade_checkpoint
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.phantoms.generate import write_phantom_dataset
+from lrcseg.train.resume import check_resume_compatible
 
 
 def unit(*shape, seed=0):
@@ -225,29 +246,55 @@ def test_every_registered_method_is_built():
         assert isinstance(build_method(small_cfg(method), net, 40, num_classes=4), nn.Module)
 
 
+@dataclass
+class ToyOptions:
+    """The toy method's options, its config section ``toy:``. weight: w > 0 of the gap;
+    log_norm: also log the mean norm of the global embeddings (free on --resume: it changes
+    nothing that is trained)."""
+
+    weight: float = 1.0
+    log_norm: bool = field(default=False, metadata=FREE_ON_RESUME)
+
+    def __post_init__(self):
+        if self.weight <= 0:  # a plain ValueError: the config reports it as a ConfigError
+            raise ValueError(f"Illegal toy.weight {self.weight}: need > 0")
+
+
 @register_method("toy")
 class ToyMethod(GlobalMethod):
-    """A toy global method, added by this one registered class: L = mean_b |z1_b - z2_b|^2 of
-    the global embeddings (B, P), scaled by a learned positive factor."""
+    """A toy global method, added by this one registered class: L = w mean_b |z1_b - z2_b|^2
+    of the raw (unnormalised) global projections (B, P), scaled by a learned positive factor."""
 
-    def __init__(self):
+    options = ToyOptions
+    normalized_global = False
+
+    def __init__(self, weight: float = 1.0, log_norm: bool = False):
         super().__init__()
+        self.weight, self.log_norm = weight, log_norm
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     @classmethod
     def from_config(cls, cfg, online, context):
-        return cls()
+        options = cfg.options()
+        return cls(options.weight, options.log_norm)
 
     def forward(self, out1, out2, views):
         gap = (out1["global"] - out2["global"]).pow(2).sum(dim=1).mean()
-        return self.log_scale.exp() * gap, {"toy_gap": gap.detach()}
+        stats = {"toy_gap": gap.detach()}
+        if self.log_norm:
+            stats["toy_norm"] = out1["global"].norm(dim=1).mean().detach()
+        return self.weight * self.log_scale.exp() * gap, stats
 
 
 def test_the_registry_names_the_built_in_methods_first_without_importing_torch():
     assert method_names()[:5] == ("moco", "simclr", "byol", "none", "supervised")
     assert "toy" in method_names()
-    code = ("import sys, lrcseg.config, lrcseg.methods; "
-            "print(lrcseg.methods.method_names()[:5], 'torch' in sys.modules)")
+    code = ("import sys, lrcseg.config as c, lrcseg.methods as m\n"
+            "cfg = c.from_dict(c.PretrainConfig, {'method': 'byol', 'moco': {'momentum': 0.9}})\n"
+            "assert cfg.options().predictor_hidden == 512 and cfg.moco.momentum == 0.9\n"
+            "assert [m.options_class(n) is not None for n in m.method_names()] == "
+            "[True, True, True, False, False]\n"
+            "print(m.method_names()[:5], 'torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["('moco',", "'simclr',", "'byol',", "'none',", "'supervised')",
                                    "False"]
@@ -267,6 +314,8 @@ def test_register_method_refuses_clashes_and_bad_classes():
         register_method("My-Method")
     with pytest.raises(TypeError, match="from_config"):
         register_method("plain")(object)
+    with pytest.raises(TypeError, match="options must be a dataclass"):
+        register_method("unclear")(type("Unclear", (ToyMethod,), {"options": dict}))
     assert register_method("toy")(ToyMethod) is ToyMethod  # the same class again is fine
     assert method_class("toy") is ToyMethod and method_class("moco").__name__ == "MoCo"
     with pytest.raises(ConfigError, match="one of moco, simclr"):
@@ -278,12 +327,79 @@ def test_a_registered_method_is_accepted_by_the_config_and_the_experiment():
     assert InitSpec(name="t", method="toy").pretrained
 
 
-def test_a_registered_method_runs_through_lrcseg_pretrain(tmp_path):
+def test_each_built_in_method_declares_the_options_its_config_section_holds():
+    cfg = PretrainConfig()
+    for name in method_names()[:5]:
+        options = options_class(name)
+        assert method_class(name).options is options
+        if options is not None:  # the built-in sections are PretrainConfig fields
+            assert type(getattr(cfg, name)) is options and cfg.options(name) is getattr(cfg, name)
+            assert all(options_fixed_on_resume(name).values())  # each changes the objective
+    assert cfg.options("none") is None and options_fixed_on_resume("supervised") == {}
+
+
+def test_a_method_reads_its_options_from_its_own_yaml_section(tmp_path):
+    """ToyOptions is declared beside the toy method only: the config reads the ``toy:``
+    section, validates it (the bad key is named), saves it, and fills in the defaults."""
+    path = tmp_path / "toy.yaml"
+    path.write_text("method: toy\ntoy: {weight: 2.5}\n")
+    cfg = load_config(PretrainConfig, path)
+    assert cfg.options() == ToyOptions(weight=2.5) and cfg.method_sections == {"toy": cfg.options()}
+    save_config(cfg, tmp_path / "saved.yaml")
+    saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
+    assert saved["toy"] == {"weight": 2.5, "log_norm": False} and "method_sections" not in saved
+    assert list(saved)[list(saved).index("byol") + 1] == "toy"  # beside the built-in sections
+    assert load_config(PretrainConfig, tmp_path / "saved.yaml") == cfg
+    assert to_dict(PretrainConfig(method="toy"))["toy"] == {"weight": 1.0, "log_norm": False}
+    # another method's section is kept too, as moco's is when the method is simclr
+    other = from_dict(PretrainConfig, {"method": "simclr", "toy": {"log_norm": True}})
+    assert other.options("toy") == ToyOptions(log_norm=True) and other.options().temperature == 0.2
+    for text, message in [("toy: {weight: -1.0}", r"toy\.weight -1\.0"),
+                          ("toy: {wieght: 2.0}", r"unknown key\(s\) \['wieght'\]"),
+                          ("toy: 3", "toy: a mapping of options"),
+                          ("vicreg: {sim_coeff: 25.0}", "no installed method is called 'vicreg'"),
+                          ("optm: {lr: 0.1}", "unknown key 'optm'"),
+                          ("none: {}", "method 'none' takes no options")]:
+        path.write_text(f"method: toy\n{text}\n")
+        with pytest.raises(ConfigError, match=message) as exc:
+            load_config(PretrainConfig, path)
+        assert str(path) in str(exc.value)
+
+
+def test_resume_keeps_a_methods_options_unless_its_dataclass_frees_them():
+    saved = to_dict(from_dict(PretrainConfig, {"method": "toy", "toy": {"weight": 2.0}}))
+    changed = to_dict(from_dict(PretrainConfig, {"method": "toy", "toy": {"weight": 3.0}}))
+    with pytest.raises(ConfigError, match=r"toy\.weight 2\.0 -> 3\.0 \(changes the objective\)"):
+        check_resume_compatible(saved, changed, "pretrain")
+    logging = to_dict(from_dict(PretrainConfig, {"method": "toy", "toy": {"weight": 2.0,
+                                                                          "log_norm": True}}))
+    assert check_resume_compatible(saved, logging, "pretrain") == []
+    moco = to_dict(from_dict(PretrainConfig, {"moco": {"momentum": 0.9}}))
+    with pytest.raises(ConfigError, match=r"moco\.momentum 0\.99 -> 0\.9 \(changes the objective\)"):
+        check_resume_compatible(to_dict(PretrainConfig()), moco, "pretrain")
+
+
+def test_the_network_leaves_the_global_output_unnormalised_when_the_method_asks():
+    model = small_cfg("toy").model
+    torch.manual_seed(0)
+    raw = PretrainNetwork(model, 1, normalize_global=ToyMethod.normalized_global).eval()
+    unit_net = PretrainNetwork(model, 1).eval()
+    unit_net.load_state_dict(raw.state_dict())  # the flag holds no weights
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        z, z_unit = raw(x)["global"], unit_net(x)["global"]
+        assert torch.allclose(F.normalize(z, dim=1), z_unit, atol=1e-6)
+        assert not torch.allclose(z.norm(dim=1), torch.ones(2))
+        assert torch.equal(raw.encode_global(x), z)
+
+
+def test_a_registered_method_runs_through_lrcseg_pretrain(tmp_path, capsys):
     data = write_phantom_dataset(tmp_path / "ph", cases=3, seed=0, spacing_mm=(4.0, 4.0, 8.0),
                                  montage=False)
     config = tmp_path / "tiny.yaml"
     config.write_text("model: {backbone: resnet10, decoder_channels: [32, 16, 16, 8, 8], proj_dim: 16}\n"
-                      "run: {log_every: 1, checkpoint_every: 100}\noptim: {warmup_steps: 0}\n")
+                      "run: {log_every: 1, checkpoint_every: 100}\noptim: {warmup_steps: 0}\n"
+                      "toy: {weight: 2.0, log_norm: true}\n")
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -300,9 +416,21 @@ def test_a_registered_method_runs_through_lrcseg_pretrain(tmp_path):
     for row in rows:
         assert row["loss/global"] == pytest.approx(row["loss/total"])
         assert row["loss/global"] > 0 and row["global/toy_gap"] > 0
+        assert abs(row["global/toy_norm"] - 1.0) > 1e-3  # the raw projection, as the toy asks
     state = load_checkpoint(out / "final.pt")
     assert state["config"]["method"] == "toy" and set(state["global_objective"]) == {"log_scale"}
     assert float(state["global_objective"]["log_scale"]) != 0.0  # the optimiser trained it
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["toy"] == state["config"]["toy"] == {"weight": 2.0, "log_norm": True}
+    # --resume with another weight would continue a different run: refused, nothing written
+    recorded["toy"]["weight"] = 3.0
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(yaml.safe_dump(recorded))
+    before = (out / "checkpoint.pt").stat().st_mtime_ns
+    assert main(["pretrain", "--out", str(out), "--resume", "--config", str(changed),
+                 "--no-progress"]) == 1
+    assert "toy.weight 2.0 -> 3.0 (changes the objective)" in capsys.readouterr().err
+    assert (out / "checkpoint.pt").stat().st_mtime_ns == before
 
 
 @pytest.mark.parametrize("method", ["moco", "byol"])
@@ -332,8 +460,13 @@ def test_an_installed_entry_point_method_is_listed_and_built_on_first_use(tmp_pa
     from lrcseg.methods import registry
 
     (tmp_path / "lrcseg_plugin_ep.py").write_text(
+        "from dataclasses import dataclass\n"
         "from lrcseg.methods.base import GlobalMethod\n"
+        "@dataclass\n"
+        "class PluggedOptions:\n"
+        "    alpha: float = 1.0\n"
         "class Plugged(GlobalMethod):\n"
+        "    options = PluggedOptions\n"
         "    @classmethod\n"
         "    def from_config(cls, cfg, online, context):\n"
         "        return cls()\n")
@@ -347,3 +480,6 @@ def test_an_installed_entry_point_method_is_listed_and_built_on_first_use(tmp_pa
     cls = method_class("plugged")
     assert cls.__name__ == "Plugged" and method_names().count("plugged") == 1
     assert method_class("moco").__module__ == "lrcseg.methods.moco"  # built-ins win
+    # its options come from YAML like a built-in method's (the entry point is loaded for them)
+    cfg = from_dict(PretrainConfig, {"method": "plugged", "plugged": {"alpha": 0.5}})
+    assert cfg.options().alpha == 0.5 and to_dict(cfg)["plugged"] == {"alpha": 0.5}

@@ -1,4 +1,5 @@
-"""MoCo v2 pieces: queue, momentum update, queue size rule, InfoNCE, shuffled BN, the method."""
+"""MoCo v2 pieces: queue, momentum update, queue size rule, InfoNCE, shuffled BN, the method
+and its options (the ``moco:`` section)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from lrcseg.config import ModelConfig
+from lrcseg.config import ModelConfig, PretrainConfig, from_dict
+from lrcseg.errors import ConfigError
 from lrcseg.losses.infonce import InfoNCELoss, infonce
-from lrcseg.methods.base import Views
+from lrcseg.methods.base import Views, build_method
 from lrcseg.methods.moco import MoCo, MoCoQueue, default_queue_size, shuffled_forward
+from lrcseg.methods.moco_options import MocoConfig
 from lrcseg.methods.momentum import momentum_update
 from lrcseg.models.pretrain_net import PretrainNetwork
 
@@ -187,3 +190,18 @@ def test_grouped_queue_stores_groups_and_moco_needs_them():
     loss, _ = moco(out, out, Views(x, x, g, g, groups=torch.tensor([0, 2])))
     assert torch.isfinite(loss)
     assert moco.queue.groups.tolist()[:4] == [0, 2, 0, 2]  # both views' keys, with their groups
+
+
+def test_moco_is_built_from_its_section_of_the_config():
+    cfg = from_dict(PretrainConfig, {
+        "method": "moco", "run": {"batch_size": 2},
+        "model": {"backbone": "resnet10", "proj_dim": 8, "local_levels": [1]},
+        "moco": {"momentum": 0.5, "temperature": 0.1, "queue_size": 12, "shuffle_bn": False,
+                 "position_partitions": 3}})
+    assert cfg.options() is cfg.moco and MoCo.options is MocoConfig
+    moco = build_method(cfg, PretrainNetwork(cfg.model, 1), num_slices=40)
+    assert (moco.momentum, moco.loss.temperature, moco.queue.size) == (0.5, 0.1, 12)
+    assert (moco.shuffle_splits, moco.position_partitions) == (1, 3)
+    cfg.moco.queue_size = 10  # not a multiple of 2 x batch_size = 4
+    with pytest.raises(ConfigError, match="moco.queue_size 10 must be a multiple"):
+        build_method(cfg, PretrainNetwork(cfg.model, 1), num_slices=40)

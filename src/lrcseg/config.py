@@ -20,7 +20,10 @@ import yaml
 
 from lrcseg.errors import ConfigError
 from lrcseg.io_utils import atomic_write_text
-from lrcseg.methods.registry import method_names
+from lrcseg.methods.byol_options import BYOLConfig
+from lrcseg.methods.moco_options import MocoConfig
+from lrcseg.methods.registry import method_names, options_class
+from lrcseg.methods.simclr_options import SimCLRConfig
 
 
 def _check(condition: bool, message: str) -> None:
@@ -32,6 +35,9 @@ def _check(condition: bool, message: str) -> None:
 # directory, so a run folder's config.yaml means the same from any directory (``--resume``).
 PATH = {"path": True}
 NOT_PATHS = ("", "scratch")  # values of path fields that name no file
+# Field metadata of a dict of sections: ``to_dict`` writes each entry as a key of the enclosing
+# mapping, ``from_dict`` gives the field every key that names no other field.
+SECTIONS = {"sections": True}
 
 
 @dataclass
@@ -371,53 +377,6 @@ class LRCConfig:
 
 
 @dataclass
-class MocoConfig:
-    """MoCo v2 global loss. queue_size None = auto (see docs/METHOD.md section 5).
-
-    position_partitions: 0 = instance discrimination (MoCo v2). P > 0: each volume's body
-        slices are cut into P equal bands of relative z, and the queue keys of slices in the
-        query's band (of any volume) are positives too (Chaitanya et al. 2020, "global"
-        strategy): neighbouring and same-level slices of other scans stop being negatives.
-        Assumes the volumes cover similar anatomical ranges.
-    """
-
-    temperature: float = 0.2
-    momentum: float = 0.99
-    queue_size: int | None = None
-    shuffle_bn: bool = True
-    position_partitions: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.position_partitions >= 0,
-               f"Illegal position_partitions {self.position_partitions}: need >= 0")
-        _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
-        _check(0 <= self.momentum < 1, f"Illegal momentum {self.momentum}: need 0 <= m < 1")
-        _check(self.queue_size is None or self.queue_size > 0, f"Illegal queue_size {self.queue_size}")
-
-
-@dataclass
-class SimCLRConfig:
-    """SimCLR's NT-Xent over the 2B embeddings of a batch (Chen et al. 2020)."""
-
-    temperature: float = 0.2
-
-    def __post_init__(self) -> None:
-        _check(abs(self.temperature) >= 1e-8, f"Illegal temperature: abs({self.temperature}) < 1e-8")
-
-
-@dataclass
-class BYOLConfig:
-    """BYOL (Grill et al. 2020): EMA target, momentum cosine-annealed from base_momentum to 1."""
-
-    base_momentum: float = 0.99
-    predictor_hidden: int = 512
-
-    def __post_init__(self) -> None:
-        _check(0 <= self.base_momentum < 1, f"Illegal base_momentum {self.base_momentum}")
-        _check(self.predictor_hidden > 0, f"Illegal predictor_hidden {self.predictor_hidden}")
-
-
-@dataclass
 class DistributedConfig:
     """Multi-process options, used when started by torchrun with WORLD_SIZE > 1.
 
@@ -505,7 +464,15 @@ class OnlineProbeConfig:
 
 @dataclass
 class PretrainConfig:
-    """A pre-training run: global method (+ LRC) on unlabelled slices."""
+    """A pre-training run: global method (+ LRC) on unlabelled slices.
+
+    A global method's options are a section named after it, an instance of the dataclass the
+    method declares (``lrcseg.methods.registry.options_class``): ``moco``, ``simclr`` and
+    ``byol`` are fields; any other method's section is an entry of ``method_sections``, read
+    and written as a top-level section all the same (``toy: {weight: 2.0}``), holding the
+    configured method's defaults unless given. A section of a method that is not installed is
+    a ConfigError. ``options()`` gives a method its section.
+    """
 
     data: list[str] = field(default_factory=list, metadata=PATH)
     method: str = "moco"
@@ -519,6 +486,7 @@ class PretrainConfig:
     moco: MocoConfig = field(default_factory=MocoConfig)
     simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
     byol: BYOLConfig = field(default_factory=BYOLConfig)
+    method_sections: dict[str, Any] = field(default_factory=dict, metadata=SECTIONS)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
@@ -529,6 +497,82 @@ class PretrainConfig:
         _check(self.method != "none" or self.lrc.enabled,
                "method 'none' without LRC has no loss: enable LRC or pick a global method")
         _check(self.run.steps is not None, "pre-training needs run.steps (no automatic budget)")
+        self.method_sections = _method_sections(self.method_sections, self.method)
+
+    def options(self, method: str | None = None) -> Any:
+        """The options of ``method`` (default: the configured one), an instance of the
+        dataclass it declares; None for a method that takes none."""
+        name = self.method if method is None else method
+        options = options_class(name)
+        if options is None:
+            return None
+        section = self.method_sections.get(name, getattr(self, name, None))
+        return section if isinstance(section, options) else options()
+
+
+def _method_sections(sections: dict[str, Any], method: str) -> dict[str, Any]:
+    """``PretrainConfig.method_sections`` checked: each entry the options dataclass of the
+    installed method it is named after (a mapping is converted), plus the configured method's
+    defaults when it is not a field and has options; ConfigError naming the bad section."""
+    fields = sorted(f.name for f in dataclasses.fields(PretrainConfig)
+                    if not f.metadata.get("sections"))
+    wanted = dict(sections)
+    if method not in fields and options_class(method) is not None:
+        wanted.setdefault(method, {})
+    checked = {}
+    for name, values in wanted.items():
+        _check(name not in fields and name in method_names(),
+               f"PretrainConfig: unknown key {name!r}: not a config key ({', '.join(fields)}), "
+               f"and no installed method is called {name!r} to take it as its options "
+               f"(methods: {', '.join(method_names())})")
+        options = options_class(name)
+        _check(options is not None, f"method {name!r} takes no options: drop the {name!r} section")
+        if not isinstance(values, options):
+            _check(isinstance(values, dict), f"{name}: a mapping of options, got {values!r}")
+            try:
+                values = from_dict(options, values)
+            except (TypeError, ValueError) as exc:  # a method's own check; ConfigError passes
+                raise ConfigError(f"{name}: {exc}") from exc
+        checked[name] = values
+    return checked
+
+
+@dataclass
+class FinetuneStrategyConfig:
+    """How fine-tuning treats the pre-trained layers (docs/METHOD.md, fine-tuning strategy).
+
+    encoder_lr_scale, decoder_lr_scale: multipliers of the learning rate for the pre-trained
+        encoder and decoder (> 0; 1 = the rate of the new segmentation head).
+    head_first_steps: the first N steps of the budget train only the segmentation head, the
+        encoder and decoder frozen with their BatchNorm in eval mode (the linear-probe phase of
+        LP-FT, Kumar et al. 2022); each phase has its own warm-up and cosine decay.
+    freeze_encoder: the encoder stays frozen (BatchNorm in eval mode) for the whole run.
+    The defaults train every layer at one rate from step 0: the fine-tuning of earlier versions.
+    """
+
+    encoder_lr_scale: float = 1.0
+    decoder_lr_scale: float = 1.0
+    head_first_steps: int = 0
+    freeze_encoder: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("encoder_lr_scale", "decoder_lr_scale"):
+            value = getattr(self, name)
+            _check(isinstance(value, (int, float)) and 0 < value < float("inf"),
+                   f"Illegal strategy.{name} {value!r}: need a finite number > 0 (to keep the "
+                   "encoder fixed, set strategy.freeze_encoder: true)")
+        _check(isinstance(self.head_first_steps, int) and self.head_first_steps >= 0,
+               f"Illegal strategy.head_first_steps {self.head_first_steps!r}: need an integer >= 0")
+        _check(not self.freeze_encoder or self.encoder_lr_scale == 1.0,
+               f"Illegal strategy: encoder_lr_scale {self.encoder_lr_scale} with freeze_encoder: "
+               "a frozen encoder has no learning rate; leave encoder_lr_scale at 1")
+
+    def changes(self) -> dict[str, Any]:
+        """The options set away from their defaults; empty for the plain fine-tuning of earlier
+        versions (every layer at one rate from step 0)."""
+        default = FinetuneStrategyConfig()
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if getattr(self, f.name) != getattr(default, f.name)}
 
 
 @dataclass
@@ -543,6 +587,8 @@ class FinetuneConfig:
     image_size, rotation_deg, hflip: the geometric augmentation (crop side, rotation, flips).
     intensity: the intensity augmentation (``IntensityAugmentConfig``; on by default,
         ``intensity: {enabled: false}`` = geometric only).
+    strategy: learning rates and freezing of the pre-trained layers
+        (``FinetuneStrategyConfig``); refused from scratch, which has no pre-trained layers.
     """
 
     dataset: str = field(default="", metadata=PATH)
@@ -560,6 +606,7 @@ class FinetuneConfig:
     rotation_deg: float = 10.0
     hflip: bool = False
     intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
+    strategy: FinetuneStrategyConfig = field(default_factory=FinetuneStrategyConfig)
 
     def __post_init__(self) -> None:
         _check(self.labeled > 0, f"Illegal labeled {self.labeled}: need > 0")
@@ -571,6 +618,14 @@ class FinetuneConfig:
                f"Illegal snapshots {self.snapshots}: distinct steps >= 1")
         _check(self.run.steps is None or not self.snapshots or self.snapshots[-1] < self.run.steps,
                f"Illegal snapshots {self.snapshots}: each must be < the budget {self.run.steps}")
+        changed = ", ".join(f"strategy.{k} {v}" for k, v in self.strategy.changes().items())
+        _check(self.init != "scratch" or not changed,
+               f"Illegal {changed} with init scratch: the strategy sets the learning rates and "
+               "freezing of pre-trained layers, and a run from scratch has none; leave strategy "
+               "at its defaults")
+        _check(self.run.steps is None or self.strategy.head_first_steps < self.run.steps,
+               f"Illegal strategy.head_first_steps {self.strategy.head_first_steps}: must be < "
+               f"the budget {self.run.steps} (the rest fine-tunes the network)")
 
 
 # --------------------------------------------------------------------------- experiments
@@ -791,9 +846,17 @@ class ExperimentConfig:
 
 
 def to_dict(obj: Any) -> Any:
-    """Nested dataclasses -> plain dicts/lists (tuples become lists)."""
+    """Nested dataclasses -> plain dicts/lists (tuples become lists); a ``SECTIONS`` field's
+    entries become keys of their own."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(obj):
+            value = to_dict(getattr(obj, f.name))
+            if f.metadata.get("sections"):
+                out.update(value)
+            else:
+                out[f.name] = value
+        return out
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
@@ -817,12 +880,17 @@ def from_dict(cls: type, data: dict[str, Any] | None) -> Any:
     """Build dataclass ``cls`` from a (partial) dict; unknown keys raise ConfigError.
 
     A partial section fills its missing keys from ``cls``'s own default for that field, so
-    ``{"run": {"steps": 20}}`` keeps FinetuneConfig's batch size 8, not RunConfig's 32.
+    ``{"run": {"steps": 20}}`` keeps FinetuneConfig's batch size 8, not RunConfig's 32. A
+    ``SECTIONS`` field takes the keys that name no field (``cls`` checks them).
     """
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
+    sections = [name for name, f in fields.items() if f.metadata.get("sections")]
+    if sections and unknown:
+        data[sections[0]] = {**(data.get(sections[0]) or {}), **{k: data.pop(k) for k in unknown}}
+        unknown = []
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown key(s) {unknown}; known: {sorted(fields)}")
     kwargs = {}

@@ -10,6 +10,10 @@ A method is an ``nn.Module`` (``GlobalMethod``) with
         views: ``Views`` (the augmented images, their labels if any, the step's generators);
         loss: a scalar; stats: detached scalars, logged as "global/<key>";
     after_step(step, total_steps): bookkeeping after the optimiser step (e.g. an EMA);
+    options: the dataclass of its options, the config section named after the method
+        (``cfg.options()`` in ``from_config``; see ``lrcseg.methods.registry``), or None;
+    normalized_global: whether out*["global"] (and the network's ``encode_global``) are unit
+        vectors (True) or the global head's raw output (False, e.g. for a variance term);
     logs_global: False if the method contributes nothing to log (method "none");
     needs_labels, position_partitions: what the loop must put into ``Views`` for it.
 Its state_dict holds everything a resume needs (momentum encoders, queue, predictor); the
@@ -85,6 +89,12 @@ class MethodContext:
 class GlobalMethod(nn.Module):
     """Base class of the global methods (see the module docstring for the interface)."""
 
+    #: the dataclass of the method's options (its config section, named after the method),
+    #: defined where importing it loads no torch; None = the method takes no options
+    options: type | None = None
+    #: False if forward needs the global head's output unnormalised: the pre-training network
+    #: then skips the L2 normalisation of out["global"] and ``encode_global``
+    normalized_global = True
     #: True if forward needs out["decoder"], the (B, C_0, H, W) full-resolution features
     full_decoder = False
     #: False if the method logs no global loss (its loss is always 0)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from lrcseg.losses.byol import BYOLLoss
 from lrcseg.methods.base import GlobalMethod, MethodContext, Views
+from lrcseg.methods.byol_options import BYOLConfig
 from lrcseg.methods.momentum import frozen_copy, momentum_update
 from lrcseg.methods.registry import register_method
 
@@ -29,9 +30,9 @@ if TYPE_CHECKING:
     from lrcseg.models.pretrain_net import PretrainNetwork
 
 #: tau_base, the target momentum at step 0 (annealed to 1 at the last step)
-DEFAULT_BASE_MOMENTUM = 0.99
+DEFAULT_BASE_MOMENTUM = BYOLConfig.base_momentum
 #: predictor hidden width (BYOL uses 4096 for P = 256; we keep 4 x P)
-DEFAULT_PREDICTOR_HIDDEN = 512
+DEFAULT_PREDICTOR_HIDDEN = BYOLConfig.predictor_hidden
 
 
 def cosine_momentum(step: int, total_steps: int, base: float) -> float:
@@ -70,7 +71,10 @@ class BYOL(GlobalMethod):
         views.view1, views.view2: (B, C, H, W), encoded by the target without gradient.
         stats: {"byol_cos": mean cos(q, t) over both directions}.
     after_step(step, total_steps): the EMA step with tau_step (``update_target``).
+    Options: ``BYOLConfig``, the config's ``byol:`` section.
     """
+
+    options = BYOLConfig
 
     def __init__(self, online: nn.Module, base_momentum: float = DEFAULT_BASE_MOMENTUM,
                  hidden_dim: int = DEFAULT_PREDICTOR_HIDDEN):
@@ -86,7 +90,8 @@ class BYOL(GlobalMethod):
     @classmethod
     def from_config(cls, cfg: PretrainConfig, online: PretrainNetwork,
                     context: MethodContext) -> BYOL:
-        return cls(online, cfg.byol.base_momentum, cfg.byol.predictor_hidden)
+        options: BYOLConfig = cfg.options()
+        return cls(online, options.base_momentum, options.predictor_hidden)
 
     def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
                 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -35,6 +35,7 @@ from lrcseg.distributed import (
 from lrcseg.errors import ConfigError
 from lrcseg.losses.infonce import DEFAULT_TEMPERATURE, InfoNCELoss
 from lrcseg.methods.base import GlobalMethod, MethodContext, Views
+from lrcseg.methods.moco_options import MocoConfig
 from lrcseg.methods.momentum import frozen_copy, momentum_update
 from lrcseg.methods.registry import register_method
 
@@ -161,7 +162,10 @@ class MoCo(GlobalMethod):
     global head only) after the momentum update; views.generator drives the one-process
     shuffle. The loss uses the queue *before* this step's keys are enqueued. stats:
     {"moco_acc": the share of queries whose positive beats every queue key}.
+    Options: ``MocoConfig``, the config's ``moco:`` section.
     """
+
+    options = MocoConfig
 
     def __init__(self, online: nn.Module, queue_size: int, temperature: float = DEFAULT_TEMPERATURE,
                  momentum: float = 0.99, shuffle_bn: bool = True, seed: int = 0,
@@ -189,17 +193,18 @@ class MoCo(GlobalMethod):
     @classmethod
     def from_config(cls, cfg: PretrainConfig, online: PretrainNetwork,
                     context: MethodContext) -> MoCo:
-        """K from ``cfg.moco.queue_size`` or ``default_queue_size``; ConfigError unless it is a
+        """K from ``moco.queue_size`` or ``default_queue_size``; ConfigError unless it is a
         multiple of the keys enqueued per step (2 x batch, 2 x global batch when gathering)."""
+        options: MocoConfig = cfg.options()
         per_step = 2 * cfg.run.batch_size * (context.world_size if context.gather else 1)
-        queue = cfg.moco.queue_size or default_queue_size(context.num_slices, per_step)
+        queue = options.queue_size or default_queue_size(context.num_slices, per_step)
         if queue % per_step:
             what = "2 x global batch" if context.gather else "2 x batch_size"
             raise ConfigError(f"moco.queue_size {queue} must be a multiple of {what} = {per_step} "
                               "(both views' keys are enqueued each step)")
-        return cls(online, queue, cfg.moco.temperature, cfg.moco.momentum, cfg.moco.shuffle_bn,
+        return cls(online, queue, options.temperature, options.momentum, options.shuffle_bn,
                    cfg.run.seed, gather_keys=context.gather,
-                   position_partitions=cfg.moco.position_partitions)
+                   position_partitions=options.position_partitions)
 
     def _key_forward(self, views: Views) -> KeyForward:
         if self.cross_rank_shuffle:

@@ -17,6 +17,7 @@ from lrcseg.distributed import gather_with_grad
 from lrcseg.losses.simclr import DEFAULT_TEMPERATURE, SimCLRLoss
 from lrcseg.methods.base import GlobalMethod, MethodContext, Views
 from lrcseg.methods.registry import register_method
+from lrcseg.methods.simclr_options import SimCLRConfig
 
 if TYPE_CHECKING:
     from lrcseg.config import PretrainConfig
@@ -30,7 +31,11 @@ class SimCLR(GlobalMethod):
     Args:
         temperature: t, abs(t) >= 1e-8.
         gather: contrast the embeddings of every rank (2 x global batch).
+
+    Options: ``SimCLRConfig``, the config's ``simclr:`` section.
     """
+
+    options = SimCLRConfig
 
     def __init__(self, temperature: float = DEFAULT_TEMPERATURE, gather: bool = False):
         super().__init__()
@@ -40,7 +45,8 @@ class SimCLR(GlobalMethod):
     @classmethod
     def from_config(cls, cfg: PretrainConfig, online: PretrainNetwork,
                     context: MethodContext) -> SimCLR:
-        return cls(cfg.simclr.temperature, gather=context.gather)
+        options: SimCLRConfig = cfg.options()
+        return cls(options.temperature, gather=context.gather)
 
     def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
                 ) -> tuple[Tensor, dict[str, Tensor]]:

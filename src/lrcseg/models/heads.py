@@ -1,7 +1,8 @@
 """Projection heads used only during pre-training (dropped before fine-tuning).
 
 - ``GlobalProjectionHead``: MoCo v2's MLP on the global-average-pooled bottleneck,
-  Linear(C, C_h) -> ReLU -> Linear(C_h, P), L2-normalised (He et al. / Chen et al. 2020).
+  Linear(C, C_h) -> ReLU -> Linear(C_h, P), L2-normalised (He et al. / Chen et al. 2020), or
+  left unnormalised (``normalize=False``) for a method that needs the raw projection.
 - ``LocalProjectionHead``: the per-pixel analogue on a decoder feature map,
   Conv1x1(C, C) -> ReLU -> Conv1x1(C, P), L2-normalised over channels at every pixel, or left
   unnormalised (``normalize=False``) for a loss that normalises only the pixels it samples.
@@ -28,14 +29,17 @@ class GlobalProjectionHead(nn.Module):
         in_dim: C, channels of the bottleneck feature map.
         hidden_dim: C_h, hidden width (MoCo v2 uses C_h = C).
         out_dim: P, projection width (128 by default in the configs).
+        normalize: L2-normalise every row (True); False returns W2 · relu(...) + b2 as it is.
 
     Input: a float tensor (B, C, h, w) (the deepest encoder feature map; averaged over h, w)
-    or an already pooled (B, C). Output: a float32 tensor (B, P) with unit L2 norm per row.
+    or an already pooled (B, C). Output: a float32 tensor (B, P), unit L2 norm per row when
+    ``normalize``.
     """
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, normalize: bool = True):
         super().__init__()
         _check_positive(in_dim=in_dim, hidden_dim=hidden_dim, out_dim=out_dim)
+        self.normalize = normalize
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)
         )
@@ -45,7 +49,8 @@ class GlobalProjectionHead(nn.Module):
             features = features.mean(dim=(2, 3))
         if features.ndim != 2:
             raise ValueError(f"GlobalProjectionHead expects (B, C, h, w) or (B, C), got {tuple(features.shape)}")
-        return F.normalize(self.mlp(features).float(), dim=1)
+        z = self.mlp(features).float()
+        return F.normalize(z, dim=1) if self.normalize else z
 
 
 class LocalProjectionHead(nn.Module):

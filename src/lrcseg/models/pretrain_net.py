@@ -11,7 +11,8 @@ coarser decoder stages before level 0, which run but are not levels).
 
 One forward pass gives both outputs the losses need (LRC_METHOD.md section 4):
 
-- ``global``: GAP(bottleneck) -> MLP -> L2-normalise, a float32 tensor (B, P).
+- ``global``: GAP(bottleneck) -> MLP -> L2-normalise (unless ``normalize_global=False``), a
+  float32 tensor (B, P).
 - ``local``: a list with one map per level of ``cfg.local_levels``: decoder level l -> its own
   1x1 conv head, a float32 tensor (B, P, H_l, W_l), *not* normalised: the LRC loss
   L2-normalises only the pixels it samples (``LRCLoss``), not the whole map.
@@ -71,7 +72,7 @@ class NnUNetLevels:
     through ``NnUNetInput`` (lrcseg's window channel -> CTNormalization) first."""
 
     def __init__(self, unet: nn.Module, cfg: ModelConfig, input_channel: int):
-        from lrcseg.models.nnunet import NnUNetInput
+        from lrcseg.nnunet.network import NnUNetInput
 
         self.unet = unet
         self.input = NnUNetInput(cfg.nnunet, input_channel)
@@ -109,14 +110,17 @@ class PretrainNetwork(nn.Module):
         cfg: the U-Net (FlexibleUNet backbone, or ``cfg.nnunet``), local levels, width P.
         in_channels: C, input channels (windows x context slices). An nnU-Net network takes
             the second window (the plans' CT clip range) of a single slice: C must be 2.
+        normalize_global: L2-normalise the global projection (the global method's
+            ``normalized_global``); it holds no weights, so checkpoints load either way.
 
     ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of the network's
     total stride, returns ``{"global": (B, P), "local": [(B, P, H_l, W_l) for l in
-    cfg.local_levels]}``, all float32 (global unit-norm, local unnormalised); the decoder runs only up to the finest
-    local level (finer blocks feed nothing in pre-training), unless ``full_decoder=True``.
+    cfg.local_levels]}``, all float32 (global unit-norm unless ``normalize_global=False``,
+    local unnormalised); the decoder runs only up to the finest local level (finer blocks feed
+    nothing in pre-training), unless ``full_decoder=True``.
     """
 
-    def __init__(self, cfg: ModelConfig, in_channels: int):
+    def __init__(self, cfg: ModelConfig, in_channels: int, normalize_global: bool = True):
         super().__init__()
         self.cfg = cfg
         self.in_channels = in_channels
@@ -124,7 +128,7 @@ class PretrainNetwork(nn.Module):
             self.unet = build_unet(cfg, in_channels, _PRETRAIN_OUT_CHANNELS)
             self.levels = FlexibleUNetLevels(self.unet, cfg)
         else:
-            from lrcseg.models.nnunet import build_nnunet
+            from lrcseg.nnunet.network import build_nnunet
 
             if in_channels != 2:
                 raise ValueError(f"an nnU-Net network takes 2 cached channels (soft-tissue window, "
@@ -136,7 +140,8 @@ class PretrainNetwork(nn.Module):
             raise ValueError(f"local level(s) {missing} do not exist in this network (too few "
                              "stages); use finer levels (3 = 1/2, 4 = 1/1)")
         bottleneck = self.levels.bottleneck_channels
-        self.global_head = GlobalProjectionHead(bottleneck, bottleneck, cfg.proj_dim)
+        self.global_head = GlobalProjectionHead(bottleneck, bottleneck, cfg.proj_dim,
+                                                normalize=normalize_global)
         self.local_heads = nn.ModuleList(
             LocalProjectionHead(self.levels.channels[level], cfg.proj_dim, normalize=False)
             for level in cfg.local_levels)
@@ -160,7 +165,8 @@ class PretrainNetwork(nn.Module):
         return out
 
     def encode_global(self, x: Tensor) -> Tensor:
-        """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P) unit vectors."""
+        """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P), unit vectors unless
+        ``normalize_global=False``."""
         return self.global_head(self.levels.encode(x)[-1])
 
     def backbone_state_dict(self) -> dict[str, Tensor]:

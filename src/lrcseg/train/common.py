@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -29,8 +29,11 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def make_optimizer(params, cfg, device: torch.device) -> torch.optim.Optimizer:
     """AdamW from an ``OptimConfig``: the fused kernel on CUDA, multi-tensor (foreach) on CPU.
 
-    Both give the same update as the plain loop; on CPU foreach measured ~1.5x faster for a
-    ResNet-18 U-Net step of AdamW (65 -> 44 ms).
+    params: the parameters, or parameter groups (dicts with "params", torch's convention) that
+    :func:`set_lr` can give learning rates of their own; lr and weight decay come from ``cfg``.
+    Both kernels give the same update as the plain loop, and splitting the parameters into
+    groups at one rate does not change it by a bit (each element's update is its own); on CPU
+    foreach measured ~1.5x faster for a ResNet-18 U-Net step of AdamW (65 -> 44 ms).
     """
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
@@ -86,10 +89,12 @@ class ResumableSampler(Sampler[int]):
         return 2**62
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of every parameter group."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def set_lr(optimizer: torch.optim.Optimizer, lr: float | Sequence[float]) -> None:
+    """Set the learning rate of every parameter group: one value for all, or one per group in
+    the optimiser's order."""
+    rates = [lr] * len(optimizer.param_groups) if isinstance(lr, (int, float)) else lr
+    for group, rate in zip(optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
 
 
 def make_loader(dataset: Dataset, batch_size: int, sampler: Sampler, workers: int,

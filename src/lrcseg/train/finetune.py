@@ -8,6 +8,11 @@ checkpoint is the result (no model selection on extra labelled cases).
     for step: random crop/rotate/scale (no left-right flip with lateral labels) -> intensity
               (noise, blur, brightness, contrast, low resolution, gamma; image only) -> U-Net
               -> Dice + cross-entropy -> backward, clip, step; log; checkpoint
+
+The strategy (``FinetuneStrategyConfig``) sets which parts of the U-Net train at each step
+and at what rate: the optimiser has one parameter group per part (``PARTS``), and the phase
+and the rates are pure functions of the step (:func:`frozen_parts`, :func:`group_lrs`), so
+``--resume`` continues a run at any step, in either phase, exactly.
 """
 
 from __future__ import annotations
@@ -26,7 +31,9 @@ from torch import Tensor
 from lrcseg.augment import IntensityAugment, augment_labelled
 from lrcseg.config import (
     FinetuneConfig,
+    FinetuneStrategyConfig,
     IntensityAugmentConfig,
+    OptimConfig,
     save_config,
     to_dict,
 )
@@ -59,6 +66,40 @@ from lrcseg.train.prefetch import DevicePrefetcher
 from lrcseg.train.resume import check_resume_compatible, load_resume_checkpoint, prepare_run_dir
 from lrcseg.train.runlog import RunLogger, write_run_card
 
+# The U-Net's parts in the order of its parameters (FlexibleUNet registers them so): the
+# optimiser's parameter groups, in this order.
+PARTS = ("encoder", "decoder", "segmentation_head")
+
+
+def frozen_parts(step: int, strategy: FinetuneStrategyConfig) -> tuple[str, ...]:
+    """The parts of ``PARTS`` that do not train at ``step``: the pre-trained encoder and decoder
+    during the head-first phase, the encoder all along with ``freeze_encoder``."""
+    if step < strategy.head_first_steps:
+        return PARTS[:2]
+    return PARTS[:1] if strategy.freeze_encoder else ()
+
+
+def group_lrs(step: int, steps: int, optim: OptimConfig,
+              strategy: FinetuneStrategyConfig) -> tuple[float, float, float]:
+    """Learning rates of the encoder, decoder and segmentation head at ``step`` of a
+    ``steps``-step budget (0 for a frozen part).
+
+    Each phase runs the usual schedule over its own steps (``warmup_cosine``): the head-first
+    phase, steps [0, H), trains the head alone, warming up over ``optim.warmup_steps`` and
+    decaying towards 0 at the switch (the linear probe of LP-FT, run to convergence); at step H
+    the schedule starts again for every part that trains, warming up from the switch (the
+    pre-trained layers, whose Adam moments start there, ramp up instead of starting at full
+    rate) and decaying to 0 at the budget. The pre-trained parts run at their scale of the
+    head's rate. With H = 0 and scales of 1 every part gets ``optim.lr * warmup_cosine(step,
+    steps, optim.warmup_steps)``, the one rate fine-tuning always used.
+    """
+    head_first = strategy.head_first_steps
+    if step < head_first:
+        return 0.0, 0.0, optim.lr * warmup_cosine(step, head_first, optim.warmup_steps)
+    head = optim.lr * warmup_cosine(step - head_first, steps - head_first, optim.warmup_steps)
+    encoder = 0.0 if strategy.freeze_encoder else head * strategy.encoder_lr_scale
+    return encoder, head * strategy.decoder_lr_scale, head
+
 
 def default_steps(num_slices: int, batch_size: int) -> int:
     """The default budget: 60 passes over the labelled slices, clamped to [600, 6000] steps.
@@ -84,8 +125,8 @@ def has_laterality(label_names: list[str]) -> bool:
 class Finetuning:
     """One fine-tuning run, built from its config in a fixed order (labelled cases, weights,
     run folder, seeds, slices, network, optimiser: the random draws depend on it) and then
-    stepped by ``TrainingLoop``: ``step`` (augment, forward, Dice + CE, backward, clip, step),
-    ``log``, ``snapshot``, ``save``.
+    stepped by ``TrainingLoop``: ``step`` (freeze or thaw parts per the strategy, augment,
+    forward, Dice + CE, backward, clip, step), ``log``, ``snapshot``, ``save``.
     """
 
     def __init__(self, cfg: FinetuneConfig, resume: bool):
@@ -103,16 +144,15 @@ class Finetuning:
         labels, self.data = self._labelled_slices(dataset)
         prepare_run_dir(cfg.run.out, resume)  # created only once the data has been read
         self.steps = cfg.run.steps or default_steps(len(self.data), cfg.run.batch_size)
-        warn_long_warmup(cfg.optim.warmup_steps, self.steps)
-        if cfg.snapshots and cfg.snapshots[-1] >= self.steps:
-            raise ConfigError(f"snapshots {cfg.snapshots}: each must be < the budget of "
-                              f"{self.steps} steps")
+        self._check_budget()
         self.hflip = cfg.hflip and not has_laterality(list(labels))
         self.intensity = self._intensity_augment()
         num_classes = max(labels.values()) + 1
         self.model = self._model(weights, num_classes)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-        self.optimizer = make_optimizer(self.model.parameters(), cfg.optim, self.device)
+        self.optimizer = make_optimizer(
+            [{"params": list(getattr(self.model, part).parameters())} for part in PARTS],
+            cfg.optim, self.device)
         self.forward = torch.compile(self.model) if cfg.run.compile else self.model
         self.model_meta = {
             "flexible_unet": flexible_unet_kwargs(cfg.model, cfg.preprocess.in_channels,
@@ -121,7 +161,29 @@ class Finetuning:
             "labels": labels}
         self.channel = (cfg.preprocess.context_slices // 2) * len(cfg.preprocess.windows)
         self.logger: RunLogger | None = None
-        self._last: tuple[Tensor, float] | None = None
+        self._frozen: tuple[str, ...] | None = None  # the parts frozen now (None: not yet set)
+        self._last: tuple[Tensor, tuple[float, float, float]] | None = None
+
+    def _check_budget(self) -> None:
+        """The budget against the snapshots and the head-first phase (ConfigError); a warning
+        for a warm-up that does not fit the run, or with a head-first phase either phase."""
+        cfg, steps = self.cfg, self.steps
+        if cfg.snapshots and cfg.snapshots[-1] >= steps:
+            raise ConfigError(f"snapshots {cfg.snapshots}: each must be < the budget of "
+                              f"{steps} steps")
+        head_first, warmup = cfg.strategy.head_first_steps, cfg.optim.warmup_steps
+        if head_first >= steps:
+            raise ConfigError(f"strategy.head_first_steps {head_first}: must be < the budget of "
+                              f"{steps} steps (the rest fine-tunes the network)")
+        if not head_first:
+            warn_long_warmup(warmup, steps)
+            return
+        for phase, length in (("head-first phase", head_first),
+                              ("fine-tuning after it", steps - head_first)):
+            if warmup >= length:
+                warn_data(None, f"warm-up of {warmup} steps >= the {length} steps of the {phase}: "
+                                "its learning rate never reaches its peak (--lr) nor decays; "
+                                "lower optim.warmup_steps or change strategy.head_first_steps")
 
     def _labelled_slices(self, dataset) -> tuple[dict[str, int], LabelledSlices]:
         """The model's labels and the padded slices of the K labelled cases (label values
@@ -160,7 +222,8 @@ class Finetuning:
         """Load the checkpoint to resume from; returns (step, the logger's clock).
 
         A run begun before fine-tuning had intensity augmentation (no ``intensity`` in its
-        checkpoint's config) continues without it, as it began.
+        checkpoint's config) continues without it, as it began; one begun before it had a
+        strategy continues with the default strategy, its optimiser state split into groups.
         """
         state = load_resume_checkpoint(self.run_dir)
         if "intensity" not in state["config"]:
@@ -173,9 +236,21 @@ class Finetuning:
             warn_data(self.run_dir, note)
         save_config(self.cfg, self.run_dir / "config.yaml")  # the run as it now continues
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(self._grouped(state["optimizer"]))
         torch.set_rng_state(state["torch_rng"])
         return state["step"], state.get("clock")
+
+    def _grouped(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """An optimiser state in this run's parameter groups. A run begun before fine-tuning
+        had a strategy saved one group of every parameter, in the order the groups (``PARTS``)
+        list them, so it splits into them unchanged."""
+        if len(saved["param_groups"]) == len(self.optimizer.param_groups):
+            return saved
+        (group,) = saved["param_groups"]
+        ids = iter(group["params"])
+        groups = [{**group, "params": [next(ids) for _ in part["params"]]}
+                  for part in self.optimizer.param_groups]
+        return {**saved, "param_groups": groups}
 
     def describe(self) -> None:
         """A new run's folder: its config, labelled split and run card."""
@@ -204,6 +279,20 @@ class Finetuning:
         self.autocast = autocast_context(self.device, cfg.run.amp)
         self.batches = DevicePrefetcher(iter(loader), self.device)  # float16 -> float32
         self.model.train()
+        self._frozen = None  # every part trains; step() freezes what the strategy says
+
+    def _freeze(self, step: int) -> None:
+        """Freeze the parts the strategy leaves fixed at ``step`` and thaw the others: a frozen
+        part gets no gradient (AdamW skips it: no update, no weight decay, no moments) and its
+        BatchNorm runs in eval mode, so its running statistics do not move either."""
+        frozen = frozen_parts(step, self.cfg.strategy)
+        if frozen == self._frozen:
+            return
+        for part in PARTS:
+            module = getattr(self.model, part)
+            module.train(part not in frozen)
+            module.requires_grad_(part not in frozen)
+        self._frozen = frozen
 
     def step(self, step: int) -> tuple[Tensor, int]:
         """One optimiser step; returns the loss and the number of slices."""
@@ -216,8 +305,9 @@ class Finetuning:
             images = self.intensity(images, generator)
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        lr = cfg.optim.lr * warmup_cosine(step, self.steps, cfg.optim.warmup_steps)
-        set_lr(self.optimizer, lr)
+        self._freeze(step)
+        lrs = group_lrs(step, self.steps, cfg.optim, cfg.strategy)
+        set_lr(self.optimizer, lrs)
         with self.autocast:
             logits = self.forward(images)
         loss = self.loss_fn(logits.float(), targets[:, None])
@@ -228,13 +318,18 @@ class Finetuning:
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
         self.optimizer.step()
-        self._last = (loss, lr)
+        self._last = (loss, lrs)
         return loss, images.shape[0]
 
     def log(self, step: int, slices_per_s: float) -> float:
-        loss, lr = self._last
+        """Log the loss and the head's learning rate, and with a strategy the pre-trained
+        parts' rates ("lr/encoder", "lr/decoder")."""
+        loss, (encoder_lr, decoder_lr, head_lr) = self._last
         value = loss.item()
-        self.logger.log(step, {"loss/seg": value, "lr": lr, "slices_per_s": slices_per_s})
+        rates = {"lr": head_lr}
+        if self.cfg.strategy.changes():
+            rates.update({"lr/encoder": encoder_lr, "lr/decoder": decoder_lr})
+        self.logger.log(step, {"loss/seg": value, **rates, "slices_per_s": slices_per_s})
         return value
 
     def save(self, step: int, final: bool) -> None:

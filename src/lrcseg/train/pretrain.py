@@ -38,6 +38,7 @@ from lrcseg.distributed import (
 from lrcseg.errors import ConfigError, warn_data
 from lrcseg.losses.lrc import LRCLoss, ViewMaps
 from lrcseg.methods.base import GlobalMethod, Views, build_method
+from lrcseg.methods.registry import method_class
 from lrcseg.models.pretrain_net import PretrainNetwork
 from lrcseg.runtime import resolve_device, seed_everything
 from lrcseg.train.checkpoint import save_checkpoint
@@ -175,7 +176,8 @@ class Pretraining:
         if ctx.is_main:
             warn_long_warmup(cfg.optim.warmup_steps, cfg.run.steps)
         self.data, self.probe = self._data(resume)
-        self.net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels).to(ctx.device)
+        self.net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels,
+                                   method_class(cfg.method).normalized_global).to(ctx.device)
         if cfg.run.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.method = build_method(

@@ -11,6 +11,7 @@ from typing import Any
 from lrcseg.config import flatten_dict
 from lrcseg.errors import ConfigError
 from lrcseg.locking import LOCK_NAME
+from lrcseg.methods.registry import method_names, options_fixed_on_resume
 from lrcseg.models.load import FINAL, LATEST, find_checkpoint, load_checkpoint
 
 # What a run writes before its first checkpoint; a folder holding only these (and temporary
@@ -107,11 +108,12 @@ def load_resume_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 # --resume and the configuration: which changes would continue a different run. Keys are
 # dotted config paths; an entry also covers the keys below it ("model" -> "model.backbone").
+# A pre-training config's method sections (moco, simclr, byol, an added method's) are fixed
+# as each method's options dataclass says (``_method_rules``).
 _RESUME_FIXED: dict[str, dict[str, str]] = {
     "pretrain": {
         "data": "the training data", "labels": "the training data",
-        "method": "the objective", "lrc": "the objective", "moco": "the objective",
-        "simclr": "the objective", "byol": "the objective",
+        "method": "the objective", "lrc": "the objective",
         "model": "the network's shape", "preprocess": "the input slices",
         "superpixels": "the LRC regions", "augment": "the augmentation",
         "distributed": "the multi-process setup",
@@ -123,7 +125,7 @@ _RESUME_FIXED: dict[str, dict[str, str]] = {
         "label_map": "the label ids", "model": "the network's shape",
         "preprocess": "the input slices", "image_size": "the augmentation",
         "rotation_deg": "the augmentation", "hflip": "the augmentation",
-        "intensity": "the augmentation",
+        "intensity": "the augmentation", "strategy": "the fine-tuning schedule",
         "run.batch_size": "the sample order", "run.seed": "the per-step randomness",
     },
 }
@@ -150,24 +152,29 @@ def check_resume_compatible(saved_config: dict, new_config: dict, kind: str) -> 
     saved_config, new_config: ``to_dict`` of the configs (the checkpoint's "config" or the
     run's config.yaml, and the resolved config of this invocation); kind: "pretrain" or
     "finetune". Raises ConfigError listing every change that would continue a different run
-    (data, objective/method, network shape, preprocessing, regions, augmentation, batch size,
-    seed). Returns one warning per notable change: the step budget (``run.steps`` or
-    ``steps``: the LR schedule spans it, so a new budget bends the schedule; the caller
-    rewrites config.yaml with the new value), optimiser settings, AMP, snapshots, and keys this
-    function does not know. Device, workers, paths, logging cadence and compile are ignored,
-    as are keys present on one side only (configs written by an older lrcseg).
+    (data, objective/method and the methods' options, network shape, preprocessing, regions,
+    augmentation, batch size, seed). Returns one warning per notable change: the step budget
+    (``run.steps`` or ``steps``: the LR schedule spans it, so a new budget bends the schedule;
+    the caller rewrites config.yaml with the new value), optimiser settings, AMP, snapshots,
+    and keys this function does not know. Device, workers, paths, logging cadence, compile and
+    method options marked ``FREE_ON_RESUME`` are ignored, as are keys present on one side only
+    (configs written by an older lrcseg).
     """
     if kind not in _RESUME_FIXED:
         raise ValueError(f"Illegal kind {kind!r}: 'pretrain' or 'finetune'")
+    fixed, free = dict(_RESUME_FIXED[kind]), _RESUME_FREE
+    if kind == "pretrain":
+        method_fixed, method_free = _method_rules(saved_config.keys() | new_config.keys())
+        fixed, free = {**fixed, **method_fixed}, (*free, *method_free)
     saved, new = ({k: _as_lists(v) for k, v in flatten_dict(c).items()}
                   for c in (saved_config, new_config))
     refused, notes = [], []
     for key in sorted(saved.keys() & new.keys()):
         old_value, new_value = saved[key], new[key]
-        if old_value == new_value or _covered(key, _RESUME_FREE):
+        if old_value == new_value or _covered(key, free):
             continue
         change = f"{key} {old_value!r} -> {new_value!r}"
-        reason = _covering(key, _RESUME_FIXED[kind])
+        reason = _covering(key, fixed)
         if reason is not None:
             refused.append(f"{change} (changes {reason})")
         elif key in ("run.steps", "steps"):
@@ -183,6 +190,18 @@ def check_resume_compatible(saved_config: dict, new_config: dict, kind: str) -> 
                           + ". Resume without these changes, or start a new run with another "
                           "--out")
     return notes
+
+
+def _method_rules(sections) -> tuple[dict[str, str], list[str]]:
+    """The resume rules of the method sections among the top-level keys ``sections``: each
+    section is fixed (it configures the objective) but for the options its dataclass marks
+    ``FREE_ON_RESUME``, which are free."""
+    fixed, free = {}, []
+    for name in sorted(set(sections) & set(method_names())):
+        fixed[name] = "the objective"
+        free += [f"{name}.{option}" for option, kept in options_fixed_on_resume(name).items()
+                 if not kept]
+    return fixed, free
 
 
 def _as_lists(value: Any) -> Any:
