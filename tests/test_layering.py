@@ -1,7 +1,8 @@
 """The import layering of issue 16: inference and evaluation never need the training code,
 losses are tensors in and a scalar out, and data reading knows nothing of superpixels. And of
 issue 26: the command line sits on top; ``lrcseg.cli`` loads the commands, so no command
-imports it back, and no library module imports either."""
+imports it back, and no library module imports either; the nnU-Net bridge (``lrcseg.nnunet``)
+is one package, reached from a few named places, importable without nnunetv2."""
 
 from __future__ import annotations
 
@@ -63,7 +64,26 @@ RULES = [
     ("data", "lrcseg.phantoms"),
     ("superpixels", "lrcseg.train"),
     ("commands", "lrcseg.cli"),
+    # the nnU-Net bridge (issue 26) sits beside train/: it may import models/, data/, evaluate/
+    ("nnunet", "lrcseg.train"),
+    ("nnunet", "lrcseg.experiment"),
+    ("nnunet", "lrcseg.methods"),
+    ("nnunet", "lrcseg.losses"),
+    ("nnunet", "lrcseg.superpixels"),
+    ("nnunet", "lrcseg.phantoms"),
+    ("nnunet/network.py", "lrcseg.models"),  # models/pretrain_net.py builds its network there
 ]
+
+#: the only modules outside lrcseg/nnunet/ that import it, and what of it each may import: the
+#: commands that read plans or export for nnU-Net, the experiment's fine-tuning back-ends (the
+#: one place an experiment meets nnU-Net) and ``PretrainNetwork``, which builds the plans'
+#: network through ``nnunet/network.py`` alone (a leaf: no models/ import back)
+NNUNET_IMPORTERS = {
+    "commands/export.py": "lrcseg.nnunet",
+    "commands/pretrain.py": "lrcseg.nnunet",
+    "experiment/backends.py": "lrcseg.nnunet",
+    "models/pretrain_net.py": "lrcseg.nnunet.network",
+}
 
 
 @pytest.mark.parametrize(("where", "forbidden"), RULES)
@@ -86,6 +106,31 @@ def test_the_library_never_imports_the_command_line():
                         for path in library for module in imported_modules(path)
                         if any(_is_within(module, m) for m in ("lrcseg.cli", "lrcseg.commands"))})
     assert not offending, "\n".join(offending)
+
+
+def test_only_the_bridge_points_import_nnunet():
+    offending = sorted({f"{path.relative_to(PACKAGE)} imports {module}"
+                        for path in _files(".") if path.relative_to(PACKAGE).parts[0] != "nnunet"
+                        for module in imported_modules(path)
+                        if _is_within(module, "lrcseg.nnunet")
+                        and not _is_within(module, NNUNET_IMPORTERS.get(
+                            path.relative_to(PACKAGE).as_posix(), "lrcseg.nnunet.<none>"))})
+    assert not offending, "\n".join(offending)
+
+
+def test_nnunet_bridge_imports_without_nnunet_or_torch():
+    """nnunetv2 is the optional extra ``[nnunet]``: the bridge's modules (but the export, which
+    holds torch weights), the experiment's back-ends and its cells import without it and without
+    torch; nnU-Net is imported where a network is built and in the child processes."""
+    modules = sorted({"lrcseg.nnunet." + p.stem for p in _files("nnunet")
+                      if p.stem not in ("__init__", "export")}
+                     | {"lrcseg.nnunet", "lrcseg.experiment.backends", "lrcseg.experiment.cells"})
+    code = ("import importlib, sys\n"
+            "for blocked in ('torch', 'nnunetv2'): sys.modules[blocked] = None\n"
+            f"for m in {modules!r}: importlib.import_module(m)\n")
+    env = {**os.environ, "PYTHONPATH": str(PACKAGE.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 def test_imported_modules_sees_every_form(tmp_path):

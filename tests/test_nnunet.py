@@ -23,8 +23,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans  # 
 from lrcseg.cli import main  # noqa: E402
 from lrcseg.config import ModelConfig  # noqa: E402
 from lrcseg.errors import ConfigError, DataError  # noqa: E402
-from lrcseg.models.nnunet import network_from_plans  # noqa: E402
 from lrcseg.models.pretrain_net import PretrainNetwork  # noqa: E402
+from lrcseg.nnunet.plans import network_from_plans  # noqa: E402
 from lrcseg.phantoms.generate import write_phantom_dataset  # noqa: E402
 
 DATASET_ID = 987
@@ -160,7 +160,7 @@ def test_export_refuses_other_plans_network(pretrained, nnunet_dataset, tmp_path
 
 
 def test_flexible_unet_run_is_not_exported_for_nnunet(tmp_path):
-    from lrcseg.models.export import export_nnunet
+    from lrcseg.nnunet.export import export_nnunet
 
     net = PretrainNetwork(ModelConfig(backbone="resnet10"), in_channels=1)
     with pytest.raises(ConfigError, match="--nnunet-plans"):

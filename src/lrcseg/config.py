@@ -253,7 +253,7 @@ class IntensityAugmentConfig:
 class NnUNetNetworkConfig:
     """An nnU-Net plans file's 2D network, recorded whole so a checkpoint rebuilds it alone.
 
-    Filled by ``lrcseg.models.nnunet.network_from_plans`` from ``nnUNetPlans.json`` (and the
+    Filled by ``lrcseg.nnunet.plans.network_from_plans`` from ``nnUNetPlans.json`` (and the
     ``dataset.json`` beside it); a user never writes these fields by hand.
     plans / configuration: the plans file it came from and its configuration ("2d").
     network_class_name, arch_kwargs, kw_requires_import: the plans' "architecture" entry,

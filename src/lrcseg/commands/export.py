@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from lrcseg.config import to_dict
     from lrcseg.errors import ConfigError
-    from lrcseg.models.export import export_nnunet, export_weights
+    from lrcseg.models.export import export_weights
     from lrcseg.models.load import load_pretrain_network
+    from lrcseg.nnunet.export import export_nnunet
 
     if Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: --out is a folder; name the .pt file to write")

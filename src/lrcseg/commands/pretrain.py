@@ -127,7 +127,7 @@ def build_config(args: argparse.Namespace) -> PretrainConfig:
 
             raise ConfigError("--nnunet-plans with --resume: the run folder's config.yaml already "
                               "holds the plans' network; drop --nnunet-plans")
-        from lrcseg.models.nnunet import apply_plans, network_from_plans
+        from lrcseg.nnunet.plans import apply_plans, network_from_plans
 
         cfg = apply_plans(cfg, network_from_plans(args.nnunet_plans, args.nnunet_configuration),
                           image_size=args.image_size)

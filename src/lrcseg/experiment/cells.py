@@ -9,7 +9,8 @@ A cell is one fine-tuning run (initialisation, K, draw, seed); the pre-training 
     runs/finetune/<init>/K<k>_d<draw>_s<seed>/   fine-tuning runs, each with metrics.json
                                     (and metrics_step<N>.json for learning-curve snapshots)
     runs/probe/<init>/K<k>_d<draw>_s<seed>/metrics.json   probes (seed = pre-training seed)
-    nnunet/                         nnU-Net's raw / preprocessed folders (finetune_with nnunet)
+    nnunet/                         nnU-Net's raw / preprocessed folders (finetune_with nnunet,
+                                    ``backends.NnUNetBackend``)
     locks/                          the flock files of parallel invocations (``locks.py``)
     results.csv, probe_results.csv, report.md, figures/, timings.json
 
@@ -49,10 +50,9 @@ from lrcseg.config import (
     update_dict,
 )
 from lrcseg.errors import ConfigError
+from lrcseg.experiment.backends import finetune_backend
 from lrcseg.experiment.locks import exclusive_lock, lock_path
 from lrcseg.io_utils import atomic_write_text
-from lrcseg.models.nnunet import apply_plans, network_from_plans
-from lrcseg.train.nnunet_finetune import dataset_folder_name
 
 #: left in a pre-training folder whose weights were deleted (keep_checkpoints: false)
 RELEASED = "weights_released.txt"
@@ -155,16 +155,6 @@ def dataset_path(cfg: ExperimentConfig, out_dir: Path) -> Path:
     return path if path.is_absolute() else out_dir / path
 
 
-def nnunet_work_dir(out_dir: Path) -> Path:
-    """nnU-Net's raw / preprocessed folders of the experiment (finetune_with nnunet)."""
-    return out_dir / "nnunet"
-
-
-def nnunet_plans_path(cfg: ExperimentConfig, data: Path, out_dir: Path) -> Path:
-    return (nnunet_work_dir(out_dir) / "preprocessed"
-            / dataset_folder_name(cfg.nnunet_dataset_id, data) / "nnUNetPlans.json")
-
-
 # --------------------------------------------------------------------------- derived runs
 
 
@@ -198,7 +188,8 @@ def _check_overrides(spec: InitSpec, base: PretrainConfig, merged: dict) -> None
 
 def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path,
                     out_dir: Path) -> PretrainConfig:
-    """The pre-training run of ``spec`` with ``seed`` (shared by every K and draw)."""
+    """The pre-training run of ``spec`` with ``seed`` (shared by every K and draw), of the
+    network the fine-tuning back-end fine-tunes (``backends.FinetuneBackend.pretrain_network``)."""
     lrc = _lrc_config(spec)
     supervised = spec.method == "supervised"
     base = PretrainConfig(
@@ -211,8 +202,7 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
         augment=AugmentConfig(image_size=cfg.image_size),
         model=ModelConfig(backbone=cfg.backbone), lrc=lrc,
         optim=OptimConfig(lr=cfg.pretrain_lr, warmup_steps=cfg.warmup_steps))
-    if cfg.finetune_with == "nnunet":
-        base = apply_plans(base, network_from_plans(nnunet_plans_path(cfg, data, out_dir)))
+    base = finetune_backend(cfg).pretrain_network(base, data, out_dir)
     if not cfg.pretrain_overrides and not spec.overrides:
         return base
     merged = update_dict(update_dict(to_dict(base), cfg.pretrain_overrides), spec.overrides)

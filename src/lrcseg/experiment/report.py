@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 
 from lrcseg.config import ExperimentConfig, to_dict
+from lrcseg.experiment.backends import finetune_backend
 from lrcseg.experiment.statistics import SummaryTable, comparisons, seed_agreement, summary
 from lrcseg.io_utils import atomic_write_text
 from lrcseg.viz import new_figure, overlay_labels, save_figure, show_image
@@ -250,17 +251,6 @@ def _lines(markdown: str) -> list[str]:
     return markdown.removesuffix("\n").split("\n")
 
 
-def _network(cfg: ExperimentConfig) -> str:
-    """The network and input every fine-tune used, in words."""
-    if getattr(cfg, "finetune_with", "lrcseg") == "nnunet":
-        return ("nnU-Net's 2d plans network (its patch, spacing and CTNormalization; "
-                "pre-training views of the patch's shorter side), fine-tuned by nnU-Net's "
-                f"trainer: {cfg.finetune_steps} iterations, batch "
-                f"{cfg.nnunet_batch_size or 'of the plans'}")
-    return (f"backbone {cfg.backbone}, {cfg.image_size} px crops, {cfg.spacing_mm} mm "
-            "in-plane spacing")
-
-
 def _title_section(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]],
                    inits: Sequence[str], ks: Sequence[int]) -> list[str]:
     """Title, how many cells finished of the matrix, the budgets and the network."""
@@ -270,7 +260,7 @@ def _title_section(cfg: ExperimentConfig, rows: Sequence[Mapping[str, Any]],
             f"{finished} of {expected} cells finished ({len(inits)} initialisations × K ∈ {ks} ×",
             f"{len(cfg.draws)} draws × {len(cfg.seeds)} seeds), evaluated on the `{cfg.eval_split}` split.",
             f"Every fine-tune: {cfg.finetune_steps} steps; every pre-training: {cfg.pretrain_steps} steps;",
-            f"{_network(cfg)}.", "",
+            f"{finetune_backend(cfg).describe()}.", "",
             f"**Configurations tried before this one: {cfg.configurations_tried}.**", ""]
 
 

@@ -6,14 +6,16 @@
         -> for each cell (initialisation, K, draw, seed): fine-tune on the K cases drawn by
            ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget ->
            evaluate on the test split (and, for the ``learning_curve`` initialisations, the
-           snapshots at 1/4 and 1/2 of the budget)
+           snapshots at 1/4 and 1/2 of the budget), both by the fine-tuning back-end
+           (``finetune_with``: lrcseg's own or nnU-Net's trainer)
         -> without ``keep_checkpoints``: the block's weights are deleted once its metrics
            are written, so a long run only ever holds one block's checkpoints
     -> results.csv, probe_results.csv, report.md, figures
 
 The folder layout, the derived run configs and what may change between invocations are in
-``cells.py``; parallel invocations of one folder in ``locks.py``; the rows the report reads in
-``results.py``; the statistics, tables and figures in ``report.py``.
+``cells.py``; the fine-tuning back-ends in ``backends.py``; parallel invocations of one folder
+in ``locks.py``; the rows the report reads in ``results.py``; the statistics, tables and
+figures in ``report.py``.
 
 Resuming: a cell whose ``metrics.json`` exists is never rerun; a run folder with a
 ``checkpoint.pt`` continues with ``resume=True``; a run folder that crashed before its first
@@ -35,13 +37,12 @@ from typing import Any
 
 import torch
 
-from lrcseg.config import ExperimentConfig, InitSpec, to_dict
-from lrcseg.data.layouts import load_dataset
-from lrcseg.data.splits import choose_labelled, split_cases
+from lrcseg.config import ExperimentConfig, FinetuneConfig, InitSpec
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate.metrics import write_metrics
 from lrcseg.evaluate.probe import evaluate_probe
 from lrcseg.evaluate.run import evaluate_model
+from lrcseg.experiment.backends import CellRun, FinetuneBackend, delete_weights, finetune_backend
 from lrcseg.experiment.cells import (
     RELEASED,
     Cell,
@@ -50,7 +51,6 @@ from lrcseg.experiment.cells import (
     curve_metrics_path,
     dataset_path,
     finetune_config,
-    nnunet_work_dir,
     pretrain_config,
     pretrain_dir,
     probe_dir,
@@ -68,12 +68,9 @@ from lrcseg.experiment.results import (
     write_results_csv,
 )
 from lrcseg.io_utils import append_invocation, atomic_write_text
-from lrcseg.models.export import export_nnunet
-from lrcseg.models.load import load_pretrain_network
 from lrcseg.phantoms.generate import write_phantom_dataset
 from lrcseg.runtime import cpu_model, resolve_device
-from lrcseg.train import nnunet_finetune
-from lrcseg.train.finetune import finetune, snapshot_name
+from lrcseg.train.finetune import finetune
 from lrcseg.train.pretrain import pretrain
 
 _say = partial(say, "experiment")
@@ -95,15 +92,15 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     whole = register(cfg, out_dir)
     data = _prepare_dataset(cfg, out_dir)
-    if cfg.finetune_with == "nnunet":
-        _plan_nnunet(cfg, data, out_dir)
+    backend = finetune_backend(cfg)
+    backend.prepare(data, out_dir)
 
     tasks = block_tasks(cfg)
     for spec in cfg.initialisations:  # a bad override fails now, not after other blocks trained
         if spec.pretrained:
             pretrain_config(cfg, spec, cfg.seeds[0], data, out_dir)
     matrix = _MatrixRun(cfg, whole, data, out_dir, resolve_device(cfg.device), progress,
-                        len(tasks))
+                        len(tasks), backend)
     _run_tasks(matrix, tasks, _TimeBudget(t0, max_seconds, len(tasks)))
 
     seconds = time.time() - t0
@@ -133,14 +130,6 @@ def _prepare_dataset(cfg: ExperimentConfig, out_dir: Path) -> Path:
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
     return data
-
-
-def _plan_nnunet(cfg: ExperimentConfig, data: Path, out_dir: Path) -> None:
-    """nnU-Net's plans and preprocessing of the dataset, made once for every cell."""
-    with exclusive_lock(lock_path(out_dir, "nnunet_plans"), wait=True):
-        plans = nnunet_finetune.plan_and_preprocess(data, nnunet_work_dir(out_dir),
-                                                    cfg.nnunet_dataset_id)
-    _say(f"nnU-Net plans: {plans}")
 
 
 @dataclass
@@ -188,7 +177,8 @@ class _MatrixRun:
 
     cfg: this invocation's matrix; whole: the folder's (every initialisation it has seen);
     data: the dataset; device: where the networks run; total: how many tasks ``cfg`` has
-    (for the messages); trained: the runs trained in this invocation, by kind.
+    (for the messages); backend: what fine-tunes and scores the cells
+    (``backends.finetune_backend``); trained: the runs trained in this invocation, by kind.
     """
 
     cfg: ExperimentConfig
@@ -198,6 +188,7 @@ class _MatrixRun:
     device: torch.device
     progress: bool
     total: int
+    backend: FinetuneBackend
     trained: dict[str, int] = field(default_factory=lambda: {"pretrain": 0, "finetune": 0})
     release_tasks: list[tuple[str, Cell]] = field(init=False)
 
@@ -251,33 +242,28 @@ class _MatrixRun:
             return held
 
     def _finetune(self, i: int, cell: Cell) -> None:
-        """Fine-tune ``cell`` (or resume it), evaluate it and its learning-curve snapshots."""
-        cfg = self.cfg
-        ft_cfg = finetune_config(cfg, cell, self.data, self.out_dir)
-        ft_dir = Path(ft_cfg.run.out)
-        _say(f"cell {i}/{self.total}: {cell.folder} ({cfg.finetune_steps} steps)")
-        if cfg.finetune_with == "nnunet":
-            write_metrics(_finetune_with_nnunet(cfg, cell, self.data, self.out_dir, ft_dir,
-                                                self.device), ft_dir / "metrics.json")
-            self.trained["finetune"] += 1
-            if not cfg.keep_checkpoints:  # nnU-Net's checkpoints and the exported init
-                for weights in [*ft_dir.rglob("checkpoint_*.pth"), ft_dir / "init_nnunet.pth"]:
-                    weights.unlink(missing_ok=True)
-            return
-        self.trained["finetune"] += _ensure_run(finetune, ft_cfg, ft_dir / "final.pt", self.progress)
-        for step in ft_cfg.snapshots:  # learning-curve points first: metrics.json = done
-            snapshot = ft_dir / snapshot_name(step)
-            if not snapshot.is_file():  # a run started without it: the curve skips the run
-                _say(f"{cell.folder}: no {snapshot.name}, its learning-curve point is skipped")
-                continue
-            result = evaluate_model(snapshot, self.data, cfg.eval_split, self.device,
-                                    progress=self.progress)
+        """Fine-tune ``cell`` (or resume it) with the back-end, then score it and its
+        learning-curve snapshots."""
+        run = CellRun(self.cfg, finetune_config(self.cfg, cell, self.data, self.out_dir),
+                      self.data, self.out_dir, self.device, self.progress,
+                      train_lrcseg=self._train_finetune, evaluate_lrcseg=self._evaluate)
+        _say(f"cell {i}/{self.total}: {cell.folder} ({self.cfg.finetune_steps} steps)")
+        self.trained["finetune"] += self.backend.finetune(run)
+        for step, result in self.backend.learning_curve(run):  # first: metrics.json = done
             write_metrics(result, curve_metrics_path(self.out_dir, cell, step))
-        result = evaluate_model(ft_dir, self.data, cfg.eval_split, self.device,
-                                progress=self.progress)
-        write_metrics(result, ft_dir / "metrics.json")
-        if not cfg.keep_checkpoints:
-            _delete_weights(ft_dir)
+        write_metrics(self.backend.evaluate(run), run.folder / "metrics.json")
+        if not self.cfg.keep_checkpoints:
+            self.backend.release(run)
+
+    def _train_finetune(self, ft_cfg: FinetuneConfig) -> bool:
+        """lrcseg's fine-tuning of ``ft_cfg`` to its final.pt (``CellRun.train_lrcseg``)."""
+        return _ensure_run(finetune, ft_cfg, Path(ft_cfg.run.out) / "final.pt", self.progress)
+
+    def _evaluate(self, model: Path) -> dict[str, Any]:
+        """lrcseg's evaluation of a fine-tuned run or snapshot on ``eval_split``
+        (``CellRun.evaluate_lrcseg``)."""
+        return evaluate_model(model, self.data, self.cfg.eval_split, self.device,
+                              progress=self.progress)
 
     def _probe(self, i: int, cell: Cell, spec: InitSpec) -> None:
         """Probe ``cell.init``'s pre-training (or, for scratch, a random network) at (K, draw)."""
@@ -306,7 +292,7 @@ class _MatrixRun:
             if (run_dir / "final.pt").is_file():
                 atomic_write_text(run_dir / RELEASED, "weights deleted: every probe and "
                                   "fine-tune of this block has its metrics.json\n")
-                _delete_weights(run_dir)
+                delete_weights(run_dir)
 
     def _pretrain_lock(self, init: str, seed: int) -> Path:
         return lock_path(self.out_dir, f"pretrain_{init}_s{seed}")
@@ -326,40 +312,6 @@ def _ensure_run(train, run_cfg: Any, final: Path, progress: bool) -> bool:
         shutil.rmtree(run_dir)
     train(run_cfg, resume=resume, progress=progress)
     return True
-
-
-def _delete_weights(run_dir: Path) -> None:
-    """Remove a finished run's weights (*.pt); its config, logs and metrics stay."""
-    for path in run_dir.glob("*.pt"):
-        path.unlink(missing_ok=True)
-
-
-def _finetune_with_nnunet(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path,
-                          ft_dir: Path, device: torch.device) -> dict[str, Any]:
-    """One cell through nnU-Net: export the pre-training for nnU-Net (not for scratch), train
-    nnU-Net's trainer on the cell's K labelled cases, predict ``eval_split``, score it."""
-    dataset = load_dataset(data)
-    labelled = choose_labelled(dataset, cell.labeled, cell.draw)["labeled"]
-    spec = cfg.init(cell.init)
-    weights = None
-    if spec.pretrained:
-        weights = ft_dir / "init_nnunet.pth"
-        net, pt_cfg, _ = load_pretrain_network(pretrain_dir(out_dir, spec.name, cell.seed))
-        export_nnunet(net, pt_cfg.model, to_dict(pt_cfg.preprocess), to_dict(pt_cfg.superpixels),
-                      weights)
-    work = nnunet_work_dir(out_dir)
-    kind = str(device.type)
-    model = nnunet_finetune.train(work, cfg.nnunet_dataset_id, data, labelled, weights,
-                                  cfg.finetune_steps, cfg.nnunet_iterations_per_epoch, cell.seed,
-                                  ft_dir / "nnunet", device=kind,
-                                  batch_size=cfg.nnunet_batch_size)
-    cases = split_cases(dataset, cfg.eval_split)
-    predictions = nnunet_finetune.predict(work, model, {c.id: str(c.image) for c in cases},
-                                          ft_dir / "predictions", device=kind,
-                                          mirroring=cfg.nnunet_mirroring)
-    result = nnunet_finetune.score(dataset, predictions, dataset.labels)
-    result["labelled_cases"] = labelled
-    return result
 
 
 def _record_time(out_dir: Path, seconds: float, trained: dict[str, int]) -> dict[str, Any]:

@@ -9,6 +9,9 @@ Two files, both written atomically:
   and the superpixel settings used in pre-training, and ``weights_sha256``, the SHA-256 of
   ``model.pt`` (``sha256sum model.pt`` shows the same), checked by :func:`load_exported`.
 
+The export for nnU-Net (``lrcseg export --format nnunet``) is ``lrcseg.nnunet.export``; it
+writes through ``backbone_weights`` and ``write_export`` too.
+
 Loading without lrcseg::
 
     meta = json.load(open("model.json"))
@@ -57,7 +60,9 @@ def nonfinite_tensors(weights: Any) -> list[str]:
             and not bool(torch.isfinite(value).all())]
 
 
-def _backbone_weights(network: PretrainNetwork | FlexibleUNet) -> dict[str, Tensor]:
+def backbone_weights(network: PretrainNetwork | FlexibleUNet) -> dict[str, Tensor]:
+    """The U-Net's weights to export (``PretrainNetwork.backbone_state_dict``, or a
+    FlexibleUNet's without its segmentation head): detached, contiguous CPU copies."""
     if isinstance(network, PretrainNetwork):
         state = network.backbone_state_dict()
     elif isinstance(network, FlexibleUNet):
@@ -99,7 +104,7 @@ def export_weights(network: PretrainNetwork | FlexibleUNet, model_cfg: ModelConf
         raise ConfigError("this run pre-trained an nnU-Net network: export it with --format nnunet")
     kwargs = flexible_unet_kwargs(model_cfg, in_channels, out_channels=1)
     kwargs.pop("out_channels")
-    weights = _backbone_weights(network)
+    weights = backbone_weights(network)
     _check_against_flexible_unet(weights, kwargs)
     meta = {
         "format": EXPORT_FORMAT,
@@ -109,10 +114,10 @@ def export_weights(network: PretrainNetwork | FlexibleUNet, model_cfg: ModelConf
         "preprocess": preprocess,
         "superpixels": superpixels,
     }
-    return _write_export(out_path, weights, meta)
+    return write_export(out_path, weights, meta)
 
 
-def _write_export(out_path: Path, obj: Any, meta: dict[str, Any]) -> tuple[Path, Path]:
+def write_export(out_path: Path, obj: Any, meta: dict[str, Any]) -> tuple[Path, Path]:
     """``torch.save(obj)`` to ``out_path``, then ``meta`` (its "format" first, then "weights"
     and "weights_sha256" naming and fingerprinting the file) to the JSON beside it; both
     atomic, and never weights without their description. Returns (weights, JSON) paths."""
@@ -174,39 +179,3 @@ def _check_weights_file(path: Path, sha256: Any, json_path: Path) -> None:
     fault = zip_archive_fault(path)
     if fault is not None:
         raise DataError(path, f"exported weights are damaged ({fault}): export them again")
-
-
-NNUNET_EXPORT_FORMAT = "lrcseg-nnunet-v1"
-
-
-def export_nnunet(network: PretrainNetwork, model_cfg: ModelConfig, preprocess: dict[str, Any],
-                  superpixels: dict[str, Any] | None, out_path: str | os.PathLike,
-                  plans: str | os.PathLike | None = None) -> tuple[Path, Path]:
-    """Write ``{"network_weights": state_dict}`` for nnU-Net's ``-pretrained_weights`` and a
-    JSON description beside it. ``plans``: another plans file the weights must load into
-    (e.g. the fine-tuning dataset's); by default the plans the run was pre-trained with.
-    ConfigError when the run was not pre-trained for an nnU-Net network or does not fit.
-    """
-    from lrcseg.models.nnunet import NNUNET_WEIGHTS_KEY, check_loads_into, network_from_plans
-
-    out_path = Path(out_path)
-    if model_cfg.nnunet is None:
-        raise ConfigError("this run pre-trained a FlexibleUNet, not an nnU-Net network: pre-train "
-                          "with --nnunet-plans to export for nnU-Net")
-    if out_path.suffix == ".json":
-        raise ConfigError(f"{out_path}: the weights file must not end in .json (the metadata goes there)")
-    arch = model_cfg.nnunet
-    target = network_from_plans(plans, arch.configuration) if plans else arch
-    weights = _backbone_weights(network)
-    check_loads_into(weights, target, "the pre-training run")
-    meta = {
-        "format": NNUNET_EXPORT_FORMAT,
-        "load_with": "nnUNetv2_train DATASET CONFIGURATION FOLD -pretrained_weights "
-                     f"{out_path.name}",
-        "plans": arch.plans, "configuration": arch.configuration, "plans_name": arch.plans_name,
-        "dataset_name": arch.dataset_name, "network_class_name": arch.network_class_name,
-        "checked_against_plans": str(target.plans),
-        "preprocess": preprocess,
-        "superpixels": superpixels,
-    }
-    return _write_export(out_path, {NNUNET_WEIGHTS_KEY: weights}, meta)

@@ -1,13 +1,14 @@
-"""nnU-Net's own 2D network, built from a plans file, for LRC pre-training and export.
+"""nnU-Net's plans file -> the network lrcseg pre-trains, and a pre-training set up for it.
 
-Needs the optional extra ``lrcseg[nnunet]`` (nnunetv2 and dynamic-network-architectures).
-The network is built by nnU-Net's ``get_network_from_plans`` from the plans' "architecture"
-entry, exactly as nnU-Net's trainer builds it, so the exported state dict has nnU-Net's own
-keys (``PlainConvUNet`` / ``ResidualEncoderUNet``: InstanceNorm, LeakyReLU, no BatchNorm).
+``network_from_plans`` reads ``nnUNetPlans.json`` (``nnUNetv2_plan_and_preprocess``'s output
+folder) and the ``dataset.json`` beside it into an ``NnUNetNetworkConfig``: the plans'
+"architecture" entry, recorded whole, so ``network.build_nnunet`` builds the network exactly
+as nnU-Net's trainer builds it; ``apply_plans`` sets a ``PretrainConfig`` to that network.
+Reading plans needs neither torch nor nnunetv2.
 
 Intensities: lrcseg's slice cache holds HU windows mapped to [0, 1]. For an nnU-Net network
 the cache gets the plans' CTNormalization clip range as a second window, and
-``NnUNetInput`` maps that channel back to nnU-Net's input, (clip(HU) - mean) / std, an
+``network.NnUNetInput`` maps that channel back to nnU-Net's input, (clip(HU) - mean) / std, an
 affine map of the window channel. Channel 0 stays the soft-tissue window the superpixels are
 computed on. nnU-Net's own preprocessing also crops to the non-zero region and resamples with
 third-order splines; lrcseg resamples linearly. Both are at the plans' spacing.
@@ -23,27 +24,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lrcseg.config import NnUNetNetworkConfig, PretrainConfig
 from lrcseg.errors import ConfigError, DataError
-
-if TYPE_CHECKING:  # torch is imported where a network is built, not to read a plans file
-    from torch import Tensor, nn
-
-#: the key nnU-Net's ``load_pretrained_weights`` reads
-NNUNET_WEIGHTS_KEY = "network_weights"
-#: key fragment of the segmentation layers, which nnU-Net's loader skips
-SEG_LAYERS = ".seg_layers."
-
-
-def _require_nnunet() -> None:
-    try:
-        import nnunetv2  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError("nnU-Net networks need the optional extra: pip install -c "
-                          "constraints.txt 'lrcseg[nnunet]' (constraints.txt pinning your torch "
-                          f"version, so pip does not replace it) ({exc})") from exc
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -128,52 +112,6 @@ def _num_segmentation_outputs(labels: dict[str, Any]) -> int:
     if any(isinstance(v, (list, tuple)) for v in values):  # region-based training
         return len([k for k in labels if k != "background"])
     return len({int(v) for v in values})
-
-
-def build_nnunet(arch: NnUNetNetworkConfig) -> nn.Module:
-    """The plans' network, freshly initialised as nnU-Net initialises it (one input channel)."""
-    _require_nnunet()
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    return get_network_from_plans(arch.network_class_name, arch.arch_kwargs,
-                                  arch.kw_requires_import, input_channels=1,
-                                  output_channels=arch.num_classes, allow_init=True,
-                                  deep_supervision=False)
-
-
-class NnUNetInput:
-    """lrcseg's window channel -> nnU-Net's CTNormalization, (clip(HU) - mean) / std.
-
-    The cached channel ``channel`` holds ``w = (clip(HU, lo, hi) - lo) / (hi - lo)`` with
-    (lo, hi) = ``arch.clip_hu``, so nnU-Net's input is ``w * (hi - lo) / std + (lo - mean) / std``.
-    Input (B, C, H, W) float, output (B, 1, H, W).
-    """
-
-    def __init__(self, arch: NnUNetNetworkConfig, channel: int):
-        lo, hi = arch.clip_hu
-        self.channel = channel
-        self.scale = (hi - lo) / arch.std
-        self.offset = (lo - arch.mean) / arch.std
-
-    def __call__(self, x: Tensor) -> Tensor:
-        return x[:, self.channel:self.channel + 1] * self.scale + self.offset
-
-
-def check_loads_into(weights: dict[str, Tensor], arch: NnUNetNetworkConfig, source: str) -> None:
-    """What nnU-Net's ``load_pretrained_weights`` asserts: every key of the plans' network but
-    the segmentation layers is present with the same shape. ConfigError otherwise."""
-    import torch
-
-    with torch.device("meta"):
-        reference = build_nnunet(arch).state_dict()
-    expected = {k: tuple(v.shape) for k, v in reference.items() if SEG_LAYERS not in k}
-    got = {k: tuple(v.shape) for k, v in weights.items() if SEG_LAYERS not in k}
-    missing = sorted(set(expected) - set(got))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or wrong:
-        raise ConfigError(f"{source}: the weights do not fit the network of {arch.plans} "
-                          f"({arch.configuration}): missing {missing[:3]}, wrong shape {wrong[:3]}; "
-                          "pre-train with --nnunet-plans of these plans")
 
 
 def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int | None = None

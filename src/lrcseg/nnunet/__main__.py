@@ -1,0 +1,32 @@
+"""The child process of an nnU-Net step: ``python -m lrcseg.nnunet plan|train|predict ARG``.
+
+Started by ``workspace.run_child`` with nnU-Net's folders in its environment; ARG is the
+dataset id (plan) or the step's JSON spec (train, predict).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lrcseg.nnunet.planning import run_planner
+from lrcseg.nnunet.prediction import run_predictor
+from lrcseg.nnunet.training import run_trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lrcseg.nnunet")
+    parser.add_argument("step", choices=["plan", "train", "predict"])
+    parser.add_argument("arg", help="dataset id (plan) or the step's JSON spec")
+    args = parser.parse_args(argv)
+    if args.step == "plan":
+        run_planner(int(args.arg))
+    elif args.step == "train":
+        run_trainer(args.arg)
+    else:
+        run_predictor(args.arg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
