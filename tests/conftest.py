@@ -26,3 +26,30 @@ def chest_ct_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"real chest CT not found at {path} (set LRCSEG_TEST_CT to a DICOM series folder)")
     return path
+
+
+def write_finetuned_run(run: Path, model_cfg, labels: dict[str, int], spacing_mm: float) -> Path:
+    """A fine-tuning run folder holding an untrained U-Net of ``model_cfg`` as ``final.pt``, as
+    ``lrcseg finetune`` writes it (for tests of what reads fine-tuned models)."""
+    from lrcseg.config import PreprocessConfig, to_dict
+    from lrcseg.models.unet import build_unet, flexible_unet_kwargs
+    from lrcseg.train.checkpoint import save_checkpoint
+
+    preprocess = PreprocessConfig(spacing_mm=spacing_mm)
+    model = build_unet(model_cfg, preprocess.in_channels, len(labels))
+    run.mkdir(parents=True)
+    save_checkpoint(run, {
+        "step": 1, "kind": "finetune", "model": model.state_dict(),
+        "flexible_unet": flexible_unet_kwargs(model_cfg, preprocess.in_channels, len(labels)),
+        "model_config": to_dict(model_cfg), "preprocess": to_dict(preprocess), "labels": labels,
+    }, final=True)
+    return run
+
+
+def paired_result_rows() -> list[dict]:
+    """results.csv-like rows: inits A and B at K = 1, draws 0/1, one seed, two cases; A has no
+    value at (draw 1, c2) and B no row there."""
+    values = {("A", 0, "c1"): 0.5, ("A", 0, "c2"): 0.7, ("A", 1, "c1"): 0.9, ("A", 1, "c2"): None,
+              ("B", 0, "c1"): 0.4, ("B", 0, "c2"): 0.6, ("B", 1, "c1"): 0.6}
+    return [{"init": init, "K": 1, "draw": draw, "seed": 0, "case": case, "liver": v, "mean": v}
+            for (init, draw, case), v in values.items()]

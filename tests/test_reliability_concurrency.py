@@ -18,13 +18,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import write_finetuned_run
 
 import lrcseg
 import lrcseg.evaluate.predict as predict_module
 import lrcseg.io_utils as io_utils
 from lrcseg.cli import main
 from lrcseg.commands.predict import UNFINISHED
-from lrcseg.config import ModelConfig, PreprocessConfig, to_dict
+from lrcseg.config import ModelConfig
 from lrcseg.data.readers import write_nifti
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate.predict import is_complete_prediction
@@ -276,18 +277,7 @@ def test_a_second_signal_during_a_checkpoint_write_abandons_it_and_says_so(tmp_p
 @pytest.fixture
 def finetuned(tmp_path) -> Path:
     """A fine-tuning run folder with a tiny untrained U-Net (final.pt as finetune writes it)."""
-    from lrcseg.models.unet import build_unet, flexible_unet_kwargs
-
-    preprocess = PreprocessConfig(spacing_mm=4.0)
-    model = build_unet(TINY, preprocess.in_channels, len(LABELS))
-    run = tmp_path / "ft"
-    run.mkdir()
-    save_checkpoint(run, {
-        "step": 1, "kind": "finetune", "model": model.state_dict(),
-        "flexible_unet": flexible_unet_kwargs(TINY, preprocess.in_channels, len(LABELS)),
-        "model_config": to_dict(TINY), "preprocess": to_dict(preprocess), "labels": LABELS,
-    }, final=True)
-    return run
+    return write_finetuned_run(tmp_path / "ft", TINY, LABELS, spacing_mm=4.0)
 
 
 @pytest.fixture

@@ -19,9 +19,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import write_finetuned_run
 
 from lrcseg.cli import main
-from lrcseg.config import ModelConfig, PreprocessConfig, PretrainConfig, to_dict
+from lrcseg.config import ModelConfig, PretrainConfig, to_dict
 from lrcseg.data.readers import write_nifti
 from lrcseg.io_utils import atomic_dir, atomic_save, atomic_write_json, atomic_write_text
 from lrcseg.train.checkpoint import save_checkpoint
@@ -67,18 +68,7 @@ def pretrain_run(tmp_path) -> Path:
 @pytest.fixture
 def finetuned(tmp_path) -> Path:
     """A fine-tuning run folder with a tiny untrained U-Net (final.pt as finetune writes it)."""
-    from lrcseg.models.unet import build_unet, flexible_unet_kwargs
-
-    preprocess = PreprocessConfig(spacing_mm=4.0)
-    model = build_unet(TINY, preprocess.in_channels, len(LABELS))
-    run = tmp_path / "ft"
-    run.mkdir()
-    save_checkpoint(run, {
-        "step": 1, "kind": "finetune", "model": model.state_dict(),
-        "flexible_unet": flexible_unet_kwargs(TINY, preprocess.in_channels, len(LABELS)),
-        "model_config": to_dict(TINY), "preprocess": to_dict(preprocess), "labels": LABELS,
-    }, final=True)
-    return run
+    return write_finetuned_run(tmp_path / "ft", TINY, LABELS, spacing_mm=4.0)
 
 
 @pytest.fixture

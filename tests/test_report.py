@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from conftest import paired_result_rows
+
 from lrcseg.config import ExperimentConfig
 from lrcseg.experiment.report import (
     comparisons_markdown,
@@ -16,14 +18,7 @@ from lrcseg.experiment.statistics import comparisons, pooled_hd95, seed_agreemen
 
 
 def _rows():
-    rows = []
-    # init A and B at K=1, draws 0/1, one seed, two cases; B lacks (draw 1, case c2).
-    values = {("A", 0, "c1"): 0.5, ("A", 0, "c2"): 0.7, ("A", 1, "c1"): 0.9, ("A", 1, "c2"): None,
-              ("B", 0, "c1"): 0.4, ("B", 0, "c2"): 0.6, ("B", 1, "c1"): 0.6}
-    for (init, draw, case), v in values.items():
-        rows.append({"init": init, "K": 1, "draw": draw, "seed": 0, "case": case,
-                     "liver": v, "mean": v})
-    return rows
+    return paired_result_rows()
 
 
 def test_summary_markdown_shows_mean_and_sample_std():
