@@ -189,7 +189,7 @@ def _fake_training(monkeypatch, calls: list[str]):
                                      "evaluated": 1}}}
 
     def probe(model, data, labeled, split_seed, split, seed, backbone, spacing_mm, pixels,
-              device, cache_dir, progress):
+              levels, batchnorm, device, cache_dir, progress):
         calls.append(f"probe {Path(model).name} K{labeled}_d{split_seed}_s{seed}")
         score = 0.2 + 0.05 * ("lrc" in str(model))
         return {"organs": ["liver"], "cases": {"phantom_003": {"liver": {"dice": score}}}}

@@ -1,5 +1,6 @@
-"""An experiment folder recorded before fine-tuning had intensity augmentation holds cells
-fine-tuned without it: continuing it with the new default is refused, with it off accepted."""
+"""An experiment folder recorded before fine-tuning had intensity augmentation (or before the
+probe read enc32 and re-estimated BatchNorm) holds cells made the old way: continuing it with
+the new defaults is refused, with the old settings accepted."""
 
 from __future__ import annotations
 
@@ -32,3 +33,30 @@ def test_cells_fine_tune_with_the_experiment_setting(tmp_path, enabled):
     cell = Cell(init="scratch", labeled=1, draw=0, seed=0)
     assert finetune_config(cfg, cell, tmp_path / "data", tmp_path).intensity.enabled is enabled
 
+
+
+def test_an_old_record_counts_as_probed_the_legacy_way(tmp_path):
+    legacy = {"probe": True, "probe_levels": "enc4,enc8,enc16,dec4,dec2,dec1",
+              "probe_batchnorm": "stored", "finetune_intensity": False}
+    register(_cfg(**legacy), tmp_path)
+    record = tmp_path / "experiment.yaml"
+    old = yaml.safe_load(record.read_text())
+    for key in ("probe_levels", "probe_batchnorm", "finetune_intensity"):
+        del old[key]
+    record.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="probe_batchnorm, probe_levels"):
+        register(_cfg(probe=True, finetune_intensity=False), tmp_path)
+    register(_cfg(**legacy), tmp_path)
+
+
+def test_probe_settings_are_validated_against_the_probes_own_tables():
+    from lrcseg.config import PROBE_LEVEL_SETS, PROBE_LEVELS
+    from lrcseg.evaluate.probe import LEVEL_SETS, LEVELS
+
+    assert set(PROBE_LEVEL_SETS) == set(LEVEL_SETS)
+    assert set(PROBE_LEVELS) == {v for levels in LEVEL_SETS.values() for v in levels}
+    assert set(PROBE_LEVELS) <= set(LEVELS)
+    with pytest.raises(ConfigError, match="probe_levels"):
+        _cfg(probe_levels="enc4,dec3")
+    with pytest.raises(ConfigError, match="probe_batchnorm"):
+        _cfg(probe_batchnorm="frozen")

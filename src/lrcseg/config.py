@@ -34,6 +34,10 @@ def _check(condition: bool, message: str) -> None:
 # Field metadata of a file or folder path: ``absolute_paths`` resolves it against the working
 # directory, so a run folder's config.yaml means the same from any directory (``--resume``).
 PATH = {"path": True}
+# the linear probe's feature levels and named sets, for validation without torch (the probe's
+# own tables in ``lrcseg.evaluate.probe``; tests/test_experiment_record.py checks they agree)
+PROBE_LEVELS = ("enc4", "enc8", "enc16", "enc32", "dec4", "dec2", "dec1")
+PROBE_LEVEL_SETS = ("all", "encoder", "decoder")
 NOT_PATHS = ("", "scratch")  # values of path fields that name no file
 # Field metadata of a dict of sections: ``to_dict`` writes each entry as a key of the enclosing
 # mapping, ``from_dict`` gives the field every key that names no other field.
@@ -712,6 +716,13 @@ class ExperimentConfig:
     probe: also run the frozen-feature linear probe (``lrcseg.evaluate.probe.evaluate_probe``) of
         every (initialisation, seed) at each (K, draw), scored on ``eval_split``;
         probe_pixels is its pixel budget. Scratch is probed as a random network per seed.
+        probe_levels: the probe's feature levels, a set ("all": encoder and decoder, "encoder":
+        what every initialisation pre-trains, MoCo's decoder being random, "decoder") or a
+        comma list of enc4/enc8/enc16/enc32/dec4/dec2/dec1 (``lrcseg.evaluate.probe``).
+        probe_batchnorm: "reestimate" (BatchNorm statistics recomputed on the probe's fitting
+        slices for every arm alike) or "stored". A folder recorded before these two existed
+        probed enc4,enc8,enc16,dec4,dec2,dec1 with stored statistics: its experiment.yaml counts
+        as that.
     finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
     learning_curve: initialisations whose cells are also evaluated after 1/4 and 1/2 of the
         fine-tuning budget (the report states the change over the last doubling).
@@ -762,6 +773,8 @@ class ExperimentConfig:
     pretrain_overrides: dict[str, Any] = field(default_factory=dict)
     probe: bool = False
     probe_pixels: int = 20000
+    probe_levels: str = "all"
+    probe_batchnorm: str = "reestimate"
     finetune: bool = True
     learning_curve: list[str] = field(default_factory=list)
     keep_checkpoints: bool = True
@@ -808,6 +821,13 @@ class ExperimentConfig:
         _check(not unknown, f"learning_curve {unknown} are not initialisations ({names})")
         _check(self.finetune or self.probe, "finetune: false needs probe: true (nothing to run)")
         _check(self.probe_pixels >= 100, f"Illegal probe_pixels {self.probe_pixels}: need >= 100")
+        levels = self.probe_levels.split(",")
+        _check(self.probe_levels in PROBE_LEVEL_SETS
+               or (levels and all(v in PROBE_LEVELS for v in levels)),
+               f"Illegal probe_levels {self.probe_levels!r}: one of {', '.join(PROBE_LEVEL_SETS)} "
+               f"or a comma list of {', '.join(PROBE_LEVELS)}")
+        _check(self.probe_batchnorm in ("reestimate", "stored"),
+               f"Illegal probe_batchnorm {self.probe_batchnorm!r}: reestimate or stored")
         _check(isinstance(self.pretrain_overrides, dict),
                "pretrain_overrides must be a mapping of pre-training config keys")
         _check(self.finetune_with in ("lrcseg", "nnunet"),

@@ -4,12 +4,14 @@ features, the network itself untouched.
 Examples:
   lrcseg probe --model runs/pretrain/moco_lrc --dataset DATASET --labeled 1 --out probe.json
   lrcseg probe --model scratch --backbone resnet10 --spacing 3 --dataset DATASET --out probe.json
-  lrcseg probe --model export/model.pt --dataset DATASET --levels enc4,enc8,enc16 --out enc.json
+  lrcseg probe --model export/model.pt --dataset DATASET --levels encoder --out enc.json
 The K labelled cases are drawn as fine-tuning draws them (--labeled, --split-seed); a
 class-balanced sample of --pixels labelled pixels trains a softmax classifier on the
 standardised features of --levels (encN: encoder at stride N in 2..32, decN: decoder block at
-stride N in 16..1); --split is scored on each case's original grid. metrics.json has the shape
-of ``lrcseg evaluate``'s plus a "probe" record of what was fitted.
+stride N in 16..1; or a named set: all, encoder, decoder), after the network's BatchNorm
+statistics are re-estimated on the fitting slices (--batchnorm reestimate; "stored" keeps the
+network's own); --split is scored on each case's original grid. metrics.json has the shape
+of ``lrcseg evaluate``'s plus a "probe" record of what was fitted and how.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pixels", type=int, default=None,
                         help="labelled pixels to fit on, class-balanced (default 20000)")
     parser.add_argument("--levels", default=None,
-                        help="comma list of feature levels (default enc4,enc8,enc16,dec4,dec2,dec1)")
+                        help="feature levels: 'encoder' (enc4,enc8,enc16,enc32), 'decoder' "
+                             "(dec4,dec2,dec1), 'all' (both) or a comma list of encN / decN "
+                             "(default enc4,enc8,enc16,enc32,dec4,dec2,dec1)")
+    parser.add_argument("--batchnorm", choices=("reestimate", "stored"), default="reestimate",
+                        help="BatchNorm running statistics: re-estimated on the fitting slices "
+                             "(default; every network alike) or as stored in the model")
     parser.add_argument("--cache-dir", default=None, help="cache folder (default $LRCSEG_CACHE or ~/.cache/lrcseg)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(parser)
@@ -57,11 +64,13 @@ def run(args: argparse.Namespace) -> int:
                             backbone=args.backbone, spacing_mm=args.spacing,
                             pixels=DEFAULT_PIXELS if args.pixels is None else args.pixels,
                             levels=levels, device=resolve_device(args.device),
-                            cache_dir=args.cache_dir, progress=not args.no_progress)
+                            cache_dir=args.cache_dir, progress=not args.no_progress,
+                            batchnorm=args.batchnorm)
     write_metrics(result, out)
     print(markdown_table(result))
     probe = result["probe"]
-    print(f"\nprobe of {probe['model']} ({probe['kind']}) on {', '.join(probe['levels'])}: "
+    print(f"\nprobe of {probe['model']} ({probe['kind']}) on {', '.join(probe['levels'])} "
+          f"({probe['level_set']}), BatchNorm {probe['batchnorm']}: "
           f"{probe['pixels_used']} pixels from {', '.join(probe['labelled_cases'])}, "
           f"train accuracy {probe['train_accuracy']:.3f}, {probe['lbfgs_iterations']} L-BFGS "
           f"iterations, {probe['fit_seconds']:.1f} s")

@@ -6,15 +6,30 @@ probe").
 
     K labelled cases (``choose_labelled``, as fine-tuning draws them) -> slice cache
     -> class-balanced pixel draw from the labels (``choose_pixels``)
-    -> features of the slices holding those pixels, sampled at the pixels (``gather_features``)
+    -> BatchNorm running statistics re-estimated on the slices holding those pixels
+       (``reestimate_batchnorm``; ``batchnorm="stored"`` keeps the network's own)
+    -> features of those slices, sampled at the pixels (``gather_features``)
     -> standardise, multinomial logistic regression by full-batch L-BFGS (``fit_linear_probe``)
     -> ``ProbeModel`` (B, C, H, W) -> (B, K, H, W) logits -> ``predict_labels`` and
        ``SegmentationMetrics`` on each test case's original grid (``evaluate_probe``).
 
 **Levels** (``DenseFeatures``). ``encN``: encoder map at stride N (N in 2, 4, 8, 16, 32),
-``decN``: output of the decoder block at stride N (N in 16, 8, 4, 2, 1). Default: enc4, enc8,
-enc16, dec4, dec2, dec1. MoCo trains only the encoder, so its decoder levels are those of a
-random network; LRC and fine-tuning train the decoder too.
+``decN``: output of the decoder block at stride N (N in 16, 8, 4, 2, 1). Named sets
+(:data:`LEVEL_SETS`): "encoder" = enc4, enc8, enc16, enc32 (what every pre-training trains,
+the bottleneck included); "decoder" = dec4, dec2, dec1; "all" (the default) = both. MoCo
+trains only the encoder, so its decoder levels are those of a random network; LRC and
+fine-tuning train the decoder too: "encoder" compares initialisations on what they all train.
+
+**BatchNorm** (``reestimate_batchnorm``). A block that never ran in train mode (all of a
+random network; the decoder blocks a pre-training never runs) holds BatchNorm's initial
+running statistics (mean 0, variance 1): an identity, not the normalisation fine-tuning
+starts from. By default every BatchNorm layer on the probe's path (the encoder, and the
+decoder down to the finest decoder level probed: with "all", every layer of the network) is
+re-estimated first: its running statistics are reset and recomputed from forward passes over
+the probe's own fitting slices that normalise by batch statistics and average them
+cumulatively, as train mode with ``momentum=None`` does; no gradients, weights and every other
+module untouched. Every network is then probed with its BatchNorm in the same defined state,
+whatever its training ran.
 
 **Features at a pixel.** Level l with map ``f_l`` (C_l, h, w) at stride s is upsampled
 bilinearly (``align_corners=False``) to the input size; at the chosen pixels that equals
@@ -40,7 +55,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -72,7 +87,17 @@ from lrcseg.models.unet import build_unet
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
 LEVELS = tuple(f"enc{s}" for s in ENCODER_STRIDES) + tuple(f"dec{s}" for s in DECODER_STRIDES)
-DEFAULT_LEVELS = ("enc4", "enc8", "enc16", "dec4", "dec2", "dec1")
+LevelSet = Literal["all", "encoder", "decoder"]
+_ENCODER_SET = ("enc4", "enc8", "enc16", "enc32")
+_DECODER_SET = ("dec4", "dec2", "dec1")
+#: the named level sets :func:`parse_levels` accepts besides explicit lists
+LEVEL_SETS: dict[str, tuple[str, ...]] = {"all": _ENCODER_SET + _DECODER_SET,
+                                          "encoder": _ENCODER_SET, "decoder": _DECODER_SET}
+DEFAULT_LEVELS = LEVEL_SETS["all"]
+#: "reestimate": BatchNorm statistics recomputed on the fitting slices; "stored": as loaded
+BatchNormMode = Literal["reestimate", "stored"]
+BATCHNORM_MODES: tuple[str, ...] = get_args(BatchNormMode)
+DEFAULT_BATCHNORM: BatchNormMode = "reestimate"
 DEFAULT_PIXELS = 20000
 DEFAULT_L2 = 1e-3
 DEFAULT_MAX_ITER = 500
@@ -80,24 +105,41 @@ DEFAULT_MAX_ITER = 500
 _ABSENT_LOGIT = -1e4
 
 
-def parse_levels(levels: str | Sequence[str]) -> tuple[str, ...]:
+def parse_levels(levels: LevelSet | str | Sequence[str]) -> tuple[str, ...]:
     """Validated level names in the canonical order of :data:`LEVELS`.
 
-    levels: a comma list ("enc4,dec1") or a sequence of names. ConfigError for an empty list,
-    an unknown name or a repeated one.
+    levels: a set name of :data:`LEVEL_SETS` ("all", "encoder", "decoder"), a comma list
+    ("enc4,dec1") or a sequence of names. ConfigError for an empty list, an unknown name or a
+    repeated one.
     """
+    if isinstance(levels, str) and levels.strip() in LEVEL_SETS:
+        return LEVEL_SETS[levels.strip()]
     names = [s.strip() for s in levels.split(",")] if isinstance(levels, str) else list(levels)
     names = [n for n in names if n]
+    choices = f"{', '.join(LEVEL_SETS)} or a list of {', '.join(LEVELS)}"
     if not names:
-        raise ConfigError(f"no probe levels given; choose from {', '.join(LEVELS)}")
+        raise ConfigError(f"no probe levels given; choose {choices}")
     unknown = [n for n in names if n not in LEVELS]
     if unknown:
-        raise ConfigError(f"unknown probe level(s) {', '.join(unknown)}; choose from "
-                          f"{', '.join(LEVELS)} (encN: encoder at stride N, decN: decoder block "
-                          "at stride N)")
+        raise ConfigError(f"unknown probe level(s) {', '.join(unknown)}; choose {choices} "
+                          "(encN: encoder at stride N, decN: decoder block at stride N)")
     if len(set(names)) != len(names):
         raise ConfigError(f"probe levels repeated: {','.join(names)}")
     return tuple(n for n in LEVELS if n in names)
+
+
+def level_set_name(levels: Sequence[str]) -> str:
+    """The name of the :data:`LEVEL_SETS` entry equal to ``levels``, else "custom"."""
+    return next((name for name, members in LEVEL_SETS.items() if tuple(levels) == members),
+                "custom")
+
+
+def check_batchnorm_mode(mode: str) -> BatchNormMode:
+    """``mode`` if it is one of :data:`BATCHNORM_MODES`, else ConfigError."""
+    if mode not in BATCHNORM_MODES:
+        raise ConfigError(f"unknown probe BatchNorm mode {mode!r}; choose from "
+                          f"{', '.join(BATCHNORM_MODES)}")
+    return cast(BatchNormMode, mode)
 
 
 class DenseFeatures(nn.Module):
@@ -111,10 +153,12 @@ class DenseFeatures(nn.Module):
             its mode.
 
     The U-Net is put in eval mode (BatchNorm uses its running statistics) and stays there
-    whatever ``train()`` is called with. ``forward(x)`` with x a float tensor (B, C, H, W), H
-    and W multiples of 32, returns one tensor per level, in ``self.levels`` order, of shape
-    (B, C_l, H / s_l, W / s_l) for the level's stride s_l; no gradients flow into the U-Net.
-    The decoder runs only as deep as the finest decoder level asked for.
+    whatever ``train()`` is called with (:func:`reestimate_batchnorm` makes its BatchNorm
+    layers use batch statistics through forward hooks). ``forward(x)`` with x a float tensor
+    (B, C, H, W), H and W multiples of 32, returns one tensor per level, in ``self.levels``
+    order, of shape (B, C_l, H / s_l, W / s_l) for the level's stride s_l; no gradients flow
+    into the U-Net. The whole encoder runs; the decoder only as deep as the finest decoder
+    level asked for (``path()``: the modules a forward pass runs).
     """
 
     def __init__(self, unet: FlexibleUNet, levels: str | Sequence[str] = DEFAULT_LEVELS,
@@ -134,6 +178,11 @@ class DenseFeatures(nn.Module):
         super().train(mode)
         self.unet.eval()
         return self
+
+    def path(self) -> list[nn.Module]:
+        """The U-Net's modules that ``forward`` runs: the encoder and the decoder blocks down to
+        the finest decoder level asked for."""
+        return [self.unet.encoder, *self.unet.decoder.blocks[:self._last_block + 1]]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         out: dict[str, Tensor] = {}
@@ -233,6 +282,59 @@ def _padded_slices(volume: CachedVolume, zs: Sequence[int], context_slices: int,
         yield batch, F.pad(x, (left, right, top, bottom), value=0.0), (top, left)
 
 
+def _pick_slices(volume: CachedVolume, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(z, in-plane flat index) of flat indices into the volume's (Z, H, W)."""
+    return np.divmod(flat, int(np.prod(volume.image.shape[2:])))
+
+
+def _batchnorm_layers(features: DenseFeatures) -> list[nn.Module]:
+    """The BatchNorm layers (with running statistics) on the features' path, in order."""
+    return [m for part in features.path() for m in part.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def _train_mode_batchnorm(module: nn.Module, inputs: tuple[Tensor, ...], _output: Tensor) -> Tensor:
+    """Forward hook: the layer's train-mode output with ``momentum=None``, i.e. normalised by
+    the batch's statistics, its running statistics updated to the cumulative average."""
+    module.num_batches_tracked.add_(1)
+    return F.batch_norm(inputs[0], module.running_mean, module.running_var, module.weight,
+                        module.bias, True, 1.0 / float(module.num_batches_tracked), module.eps)
+
+
+def reestimate_batchnorm(features: DenseFeatures, volumes: Sequence[CachedVolume],
+                         picks: Sequence[np.ndarray], context_slices: int,
+                         batch_size: int = 8) -> dict[str, int]:
+    """Recompute the running statistics of every BatchNorm layer on the features' path from
+    the slices holding ``picks`` (module docstring, "BatchNorm").
+
+    Each layer's running mean and variance are reset, then set to the cumulative average
+    over batches of the batch statistics (unbiased variance) seen by forward passes in which
+    every one of these layers normalises by its batch's statistics: what train mode with
+    ``momentum=None`` computes. It is done by a forward hook, so no module changes mode or
+    momentum (a ``SyncBatchNorm`` in train mode would synchronise across ranks, and only one
+    rank probes). No gradients; weights untouched; deterministic for given inputs. The slices
+    run in the order ``gather_features`` runs them, padded alike. Returns {"layers", "slices"}.
+    """
+    layers = _batchnorm_layers(features)
+    device = next(features.unet.parameters()).device
+    slices = 0
+    for layer in layers:
+        layer.reset_running_stats()
+    hooks = [layer.register_forward_hook(_train_mode_batchnorm) for layer in layers]
+    try:
+        for volume, flat in zip(volumes, picks, strict=True):
+            zs = np.unique(_pick_slices(volume, flat)[0])
+            for batch, x, _ in _padded_slices(volume, zs, context_slices, batch_size):
+                features(x.to(device))
+                slices += len(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if layers and not slices:
+        raise ConfigError("no slice to re-estimate the probe's BatchNorm statistics on")
+    return {"layers": len(layers), "slices": slices}
+
+
 def gather_features(features: DenseFeatures, volumes: Sequence[CachedVolume],
                     picks: Sequence[np.ndarray], context_slices: int, batch_size: int = 8,
                     progress: bool = False) -> list[Tensor]:
@@ -245,8 +347,7 @@ def gather_features(features: DenseFeatures, volumes: Sequence[CachedVolume],
     """
     device = next(features.unet.parameters()).device
     rows: list[list[Tensor]] = [[] for _ in features.levels]
-    slices = [np.divmod(flat, int(np.prod(v.image.shape[2:]))) for v, flat in zip(volumes, picks,
-                                                                                    strict=True)]
+    slices = [_pick_slices(v, flat) for v, flat in zip(volumes, picks, strict=True)]
     bar = tqdm(total=sum(len(np.unique(z_of)) for z_of, _ in slices), desc="probe features",
                unit="slice", disable=not progress)
     for volume, (z_of, yx) in zip(volumes, slices, strict=True):
@@ -319,15 +420,22 @@ def fit_linear_probe(x: Tensor, y: Tensor, num_classes: int, l2: float = DEFAULT
 
 def fit_probe(features: DenseFeatures, volumes: Sequence[CachedVolume], picks: Sequence[np.ndarray],
               num_classes: int, context_slices: int, l2: float = DEFAULT_L2,
-              max_iter: int = DEFAULT_MAX_ITER, batch_size: int = 8,
-              progress: bool = False) -> tuple[ProbeModel, dict[str, Any]]:
-    """Gather features at ``picks`` (labels from ``volumes[i].label``), standardise, fit.
+              max_iter: int = DEFAULT_MAX_ITER, batch_size: int = 8, progress: bool = False,
+              batchnorm: BatchNormMode = DEFAULT_BATCHNORM) -> tuple[ProbeModel, dict[str, Any]]:
+    """Re-estimate BatchNorm (``batchnorm="reestimate"``: :func:`reestimate_batchnorm` on the
+    same slices; this changes the network's running statistics), gather features at ``picks``
+    (labels from ``volumes[i].label``), standardise, fit.
 
     Returns the :class:`ProbeModel` (on the features' device) and {"iterations", "loss",
     "train_accuracy", "pixels", "channels" (level -> C_l), "pixels_per_class" (list over class
-    ids), "fit_seconds"}; fit_seconds covers feature extraction and the L-BFGS fit.
+    ids), "batchnorm" (the mode), "batchnorm_layers", "batchnorm_slices" (0, 0 when
+    "stored"), "fit_seconds"}; fit_seconds covers the re-estimation, feature extraction and
+    the L-BFGS fit.
     """
     start = time.perf_counter()
+    bn = {"layers": 0, "slices": 0}
+    if check_batchnorm_mode(batchnorm) == "reestimate":
+        bn = reestimate_batchnorm(features, volumes, picks, context_slices, batch_size)
     per_level = gather_features(features, volumes, picks, context_slices, batch_size, progress)
     y = torch.from_numpy(np.concatenate([np.asarray(v.label).reshape(-1)[p].astype(np.int64)
                                          for v, p in zip(volumes, picks, strict=True)]))
@@ -341,6 +449,7 @@ def fit_probe(features: DenseFeatures, volumes: Sequence[CachedVolume], picks: S
     model.to(next(features.unet.parameters()).device)
     info.update(pixels=int(len(y)), channels=dict(zip(features.levels, channels, strict=True)),
                 pixels_per_class=np.bincount(y.numpy(), minlength=num_classes).tolist(),
+                batchnorm=batchnorm, batchnorm_layers=bn["layers"], batchnorm_slices=bn["slices"],
                 fit_seconds=time.perf_counter() - start)
     return model, info
 
@@ -420,20 +529,24 @@ def _probe_labels(dataset, dataset_path: str | Path) -> dict[str, int]:
 def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, split_seed: int = 0,
                    split: str = "test", seed: int = 0, backbone: str | None = None,
                    spacing_mm: float | None = None, pixels: int = DEFAULT_PIXELS,
-                   levels: str | Sequence[str] = DEFAULT_LEVELS,
+                   levels: LevelSet | str | Sequence[str] = DEFAULT_LEVELS,
                    device: str | torch.device = "cpu", cache_dir: str | None = None,
                    progress: bool = True, batch_size: int = 8,
-                   l2: float = DEFAULT_L2) -> dict[str, Any]:
+                   l2: float = DEFAULT_L2,
+                   batchnorm: BatchNormMode = DEFAULT_BATCHNORM) -> dict[str, Any]:
     """Fit a linear probe on K labelled cases and score it on ``split``.
 
     model: see :func:`load_probe_network`. The K cases are ``choose_labelled(dataset, labeled,
     split_seed)["labeled"]``, read through the slice cache at the model's preprocessing; the
     pixel draw uses ``np.random.default_rng(seed)`` (seed also initialises scratch).
+    levels: :func:`parse_levels` ("all", "encoder", "decoder" or a list); batchnorm:
+    "reestimate" (default) or "stored" (:func:`fit_probe`).
     Returns the ``lrcseg evaluate`` metrics dict (:meth:`SegmentationMetrics.result`) plus
-    "probe": the provenance (model, kind, levels, pixels, K, split seed, labelled case ids,
-    fit seconds, L-BFGS iterations, train accuracy, ...).
+    "probe": the provenance (model, kind, levels and their set name, BatchNorm mode, pixels,
+    K, split seed, labelled case ids, fit seconds, L-BFGS iterations, train accuracy, ...).
     """
     levels = parse_levels(levels)
+    check_batchnorm_mode(batchnorm)
     if pixels < 1:
         raise ConfigError(f"Illegal --pixels {pixels}: must be >= 1")
     device = torch.device(device)
@@ -450,7 +563,8 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
                           np.random.default_rng(seed))
     features = DenseFeatures(unet.to(device), levels)
     probe, fit_info = fit_probe(features, volumes, picks, num_classes, preprocess.context_slices,
-                                l2=l2, batch_size=batch_size, progress=progress)
+                                l2=l2, batch_size=batch_size, progress=progress,
+                                batchnorm=batchnorm)
 
     metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})
     for case in tqdm(eval_cases, desc="probe evaluate", disable=not progress):
@@ -466,7 +580,11 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
         "dataset": str(Path(dataset_path).resolve()),
         "split": split,
         "levels": list(levels),
+        "level_set": level_set_name(levels),
         "channels": fit_info["channels"],
+        "batchnorm": batchnorm,
+        "batchnorm_layers": fit_info["batchnorm_layers"],
+        "batchnorm_slices": fit_info["batchnorm_slices"],
         "pixels": int(pixels),
         "pixels_used": fit_info["pixels"],
         "pixels_per_class": {n: int(per_class[i]) for n, i in labels.items()},
@@ -496,6 +614,8 @@ class OnlineProbe:
             never the test split).
         pixels, seed, levels, l2: the pixel budget, the seed of its draw (made once, here),
             the feature levels and the L2 penalty.
+        batchnorm: "reestimate" (default; the network's own statistics are put back after
+            each score) or "stored".
         cache_dir: the slice cache root (None = ``$LRCSEG_CACHE`` or ~/.cache/lrcseg).
 
     ``score(unet)`` fits a fresh classifier on the network's current features and returns
@@ -503,19 +623,21 @@ class OnlineProbe:
     both prediction and reference of every case)}. Dice is computed on the network grid of the
     slice cache (a monitoring signal; ``lrcseg probe`` scores on the original grids). The
     network is put in eval mode and every submodule's mode is restored afterwards; its
-    features are computed under ``torch.no_grad``; torch's global RNG state (CPU and the
-    network's CUDA device) is left unchanged, so a run with the probe is bit-identical to one
-    without.
+    features are computed under ``torch.no_grad``; its buffers (the BatchNorm statistics the
+    probe re-estimates) are restored to their values before the call; torch's global RNG
+    state (CPU and the network's CUDA device) is left unchanged, so a run with the probe is
+    bit-identical to one without.
     """
 
     def __init__(self, dataset: str | Path, preprocess: PreprocessConfig, labeled: float = 1,
                  split_seed: int = 0, max_cases: int = 3, pixels: int = DEFAULT_PIXELS,
                  cache_dir: str | None = None, seed: int = 0,
-                 levels: str | Sequence[str] = DEFAULT_LEVELS, l2: float = DEFAULT_L2,
-                 batch_size: int = 8):
+                 levels: LevelSet | str | Sequence[str] = DEFAULT_LEVELS, l2: float = DEFAULT_L2,
+                 batch_size: int = 8, batchnorm: BatchNormMode = DEFAULT_BATCHNORM):
         if max_cases < 1:
             raise ValueError(f"Illegal max_cases {max_cases}: must be >= 1")
         self.levels = parse_levels(levels)
+        self.batchnorm = check_batchnorm_mode(batchnorm)
         self.preprocess = preprocess
         self.l2 = l2
         self.batch_size = batch_size
@@ -537,17 +659,21 @@ class OnlineProbe:
     def score(self, unet: FlexibleUNet) -> dict[str, float]:
         device = next(unet.parameters()).device
         modes = {m: m.training for m in unet.modules()}
+        buffers = [b.clone() for b in unet.buffers()]
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     torch.no_grad():
                 features = DenseFeatures(unet, self.levels, freeze=False)
                 probe, _ = fit_probe(features, self.fit_volumes, self.picks, self.num_classes,
                                      self.preprocess.context_slices, l2=self.l2,
-                                     batch_size=self.batch_size)
+                                     batch_size=self.batch_size, batchnorm=self.batchnorm)
                 result = self._dice(probe)
         finally:
             for module, mode in modes.items():
                 module.training = mode
+            with torch.no_grad():
+                for buffer, saved in zip(unet.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
         return result
 
     def _dice(self, probe: ProbeModel) -> dict[str, float]:

@@ -265,11 +265,18 @@ def register(cfg: ExperimentConfig, out_dir: Path) -> ExperimentConfig:
     return dataclasses.replace(cfg, initialisations=union)
 
 
+#: what the probe read before ``probe_levels`` existed (no enc32)
+LEGACY_PROBE_LEVELS = "enc4,enc8,enc16,dec4,dec2,dec1"
+
+
 def _recorded(path: Path) -> ExperimentConfig:
     """The experiment.yaml of a folder; one written before ``finetune_intensity`` existed
-    fine-tuned its cells without intensity augmentation."""
+    fine-tuned its cells without intensity augmentation, and one written before
+    ``probe_levels``/``probe_batchnorm`` probed the legacy levels with stored BatchNorm."""
     data = read_config_file(path)
     data.setdefault("finetune_intensity", False)
+    data.setdefault("probe_levels", LEGACY_PROBE_LEVELS)
+    data.setdefault("probe_batchnorm", "stored")
     return load_config(ExperimentConfig, None, data)
 
 

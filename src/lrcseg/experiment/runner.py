@@ -275,6 +275,7 @@ class _MatrixRun:
             self.data, labeled=cell.labeled, split_seed=cell.draw, split=cfg.eval_split,
             seed=cell.seed, backbone=cfg.backbone if scratch else None,
             spacing_mm=cfg.spacing_mm if scratch else None, pixels=cfg.probe_pixels,
+            levels=cfg.probe_levels, batchnorm=cfg.probe_batchnorm,
             device=self.device, cache_dir=cfg.cache_dir, progress=self.progress)
         write_metrics(result, probe_dir(self.out_dir, cell) / "metrics.json")
 
