@@ -139,3 +139,32 @@ def test_bad_arguments():
     acc.add("c", np.zeros((3, 3, 3)), np.zeros((3, 3, 3)), (1, 1, 1))
     with pytest.raises(ValueError, match="already"):
         acc.add("c", np.zeros((3, 3, 3)), np.zeros((3, 3, 3)), (1, 1, 1))
+
+
+def test_score_cases_relabels_the_reference_and_calls_back_in_order(tmp_path):
+    from lrcseg.data.layouts import Case
+    from lrcseg.data.readers import write_nifti
+    from lrcseg.evaluate.run import score_cases
+
+    affine = np.diag([*SPACING, 1.0])
+    cases = []
+    for case_id in ("b", "a"):
+        image = tmp_path / f"{case_id}_0000.nii.gz"
+        label = tmp_path / f"{case_id}.nii.gz"
+        write_nifti(image, np.zeros(SHAPE, np.float32), affine)
+        write_nifti(label, _cube() + _cube(label=2, start=25, size=4), affine, np.int16)
+        cases.append(Case(case_id, image, label))
+    seen = []
+
+    def predict(case, image):
+        assert image.array.shape == SHAPE
+        return _cube()
+
+    result = score_cases(cases, predict, {"background": 0, "organ": 1},
+                         {"background": 0, "liver": 1, "spleen": 2}, {"liver": "organ"},
+                         on_case=lambda case, image, ref, pred, scores: seen.append(
+                             (case.id, sorted(np.unique(ref).tolist()), scores["organ"]["dice"])))
+    assert seen == [("b", [0, 1], 1.0), ("a", [0, 1], 1.0)]  # spleen mapped to background
+    assert result["mean"]["organ"]["dice"] == pytest.approx(1.0)
+    as_read = score_cases(cases[:1], predict, {"background": 0, "liver": 1, "spleen": 2})
+    assert as_read["cases"]["b"]["spleen"]["dice"] == 0.0  # reference ids scored as read

@@ -269,7 +269,7 @@ def test_label_map_merges_classes(workspace, tmp_path):
                    progress=False)
     _, meta = load_finetuned(run)
     assert meta["labels"] == {"background": 0, "kidney": 1, "liver": 2}
-    from lrcseg.data.layouts import model_labels
+    from lrcseg.data.labels import model_labels
 
     labels, lut = model_labels(json.loads((workspace["data"] / "dataset.json").read_text())["labels"],
                                str(label_map))

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from dicom_fixtures import write_dicom_series
 
-from lrcseg.data.layouts import (
+from lrcseg.data.labels import (
     apply_label_map,
     check_label_values,
-    load_dataset,
+    labelled_volumes,
     load_label_map,
 )
+from lrcseg.data.layouts import Case, load_dataset
 from lrcseg.data.readers import write_nifti
 from lrcseg.errors import ConfigError, DataError
 
@@ -186,3 +188,16 @@ def test_undeclared_label_values_named():
         check_label_values(np.array([0, 1, 7]), LABELS, "labelsTr/a.nii.gz")
     assert exc.value.path == "labelsTr/a.nii.gz"
     check_label_values(np.array([0, 2]), LABELS, "ok.nii.gz")
+
+
+def test_labelled_volumes_checks_every_case_in_order():
+    class Cache:  # SliceCache's get(case), with the label volume as the case's "image"
+        def get(self, case):
+            return SimpleNamespace(label=case.image, case_id=case.id)
+
+    good = [Case("a", np.array([0, 1])), Case("b", np.array([2, 0]))]
+    assert [v.case_id for v in labelled_volumes(Cache(), good, LABELS)] == ["a", "b"]
+    bad = Case("c", np.array([0, 3]), label=Path("labelsTr/c.nii.gz"))
+    with pytest.raises(DataError, match=r"label values \[3\]") as exc:
+        labelled_volumes(Cache(), [*good, bad], LABELS)
+    assert exc.value.path == str(Path("labelsTr/c.nii.gz"))

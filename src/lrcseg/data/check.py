@@ -31,7 +31,8 @@ import nibabel as nib
 import numpy as np
 import pydicom
 
-from lrcseg.data.layouts import Case, check_label_values, load_dataset
+from lrcseg.data.labels import check_label_values
+from lrcseg.data.layouts import Case, load_dataset
 from lrcseg.data.readers import Volume, is_localizer, list_dicom_files, read_image, read_label
 from lrcseg.errors import DataError, DataWarning, handle_data_warnings
 

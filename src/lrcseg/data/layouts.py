@@ -12,7 +12,8 @@ Accepted (``load_dataset`` picks by what it finds):
 
 ``<root>/splits.json`` (``{"train": [ids], "val": [ids], ...}``), if present, becomes
 ``Dataset.splits``; a case may be listed in one split only. Which cases each stage uses is
-decided in :mod:`lrcseg.data.splits`; label maps are applied with :func:`apply_label_map`.
+decided in :mod:`lrcseg.data.splits`; label maps and the checks of label values are in
+:mod:`lrcseg.data.labels`.
 
 Refused (DataError): a folder with ``imagesTr/`` or ``labelsTr/`` but no ``dataset.json`` (it
 would be read as a plain folder, label maps as images), a case in two splits, and two files
@@ -35,10 +36,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from lrcseg.data.readers import dicom_modality, is_dicom_file, is_nifti, list_dicom_files
-from lrcseg.errors import ConfigError, DataError, warn_data
+from lrcseg.errors import DataError, warn_data
 
 
 @dataclass
@@ -83,7 +82,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         raise DataError(path, "dataset path not found")
     if path.is_file():
         if path.suffix.lower() == ".json":
-            data = _read_json(path)
+            data = read_json(path)
             if isinstance(data, dict) and "training" in data:
                 return _finish(_load_datalist(path, data), path.parent)
             if path.name == "dataset.json":
@@ -96,7 +95,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
                               "or a DICOM series folder")
     dataset_json = path / "dataset.json"
     if dataset_json.is_file():
-        data = _read_json(dataset_json)
+        data = read_json(dataset_json)
         if isinstance(data, dict) and "training" in data:
             return _finish(_load_datalist(dataset_json, data), path)
         return _finish(_load_nnunet(path), path)
@@ -115,7 +114,7 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
 
 def _load_nnunet(root: Path) -> Dataset:
     meta_path = root / "dataset.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path)
     if not isinstance(meta, dict) or "labels" not in meta:
         raise DataError(meta_path, "dataset.json has no 'labels' (name -> id) entry")
     labels = _parse_labels(meta["labels"], meta_path)
@@ -317,7 +316,8 @@ def _finish(ds: Dataset, root: Path) -> Dataset:
     return ds
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
+    """The parsed JSON file at ``path``; DataError naming it if it cannot be read or parsed."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -362,22 +362,13 @@ def _relative_id(path: Path, root: Path) -> str:
     return rel.replace("/", "__") if rel != "." else root.name
 
 
-def check_label_values(label: np.ndarray, labels: dict[str, int], path: str | os.PathLike) -> None:
-    """DataError naming ``path`` if ``label`` holds ids not declared in ``labels``."""
-    present = np.unique(label)
-    undeclared = sorted(set(int(v) for v in present) - set(labels.values()))
-    if undeclared:
-        raise DataError(path, f"label values {undeclared} are not declared in dataset.json "
-                              f"(declared: {sorted(labels.values())})")
-
-
 # --------------------------------------------------------------------------- splits
 
 
 def load_splits(path: str | os.PathLike, known_ids: set[str] | None = None) -> dict[str, list[str]]:
     """Read ``splits.json``; with ``known_ids``, every listed id must be a case of the dataset."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not all(
             isinstance(v, list) and all(isinstance(i, str) for i in v) for v in data.values()):
         raise DataError(path, "splits.json must map split names to lists of case ids")
@@ -398,81 +389,3 @@ def load_splits(path: str | os.PathLike, known_ids: set[str] | None = None) -> d
                               "belongs to one split only (a training case in a test split "
                               "inflates the test metrics)")
     return {str(k): list(v) for k, v in data.items()}
-
-
-# --------------------------------------------------------------------------- label maps
-
-
-def load_label_map(path: str | os.PathLike) -> dict[str, str]:
-    """Parse a ``--label-map`` JSON file: ``{dataset name or id: model name}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "label map file not found")
-    data = _read_json(path)
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise DataError(path, "a label map must be a JSON object {dataset name or id: model name}")
-    return {str(k): v for k, v in data.items()}
-
-
-def label_lookup(dataset_labels: dict[str, int], model_labels: dict[str, int],
-                 mapping: dict[str, str] | None = None) -> dict[int, int]:
-    """Dataset id -> model id.
-
-    A dataset label goes to ``mapping[name]`` or ``mapping[str(id)]`` if given, else to the
-    model label of the same name, else to background 0. Raises ConfigError for mapping keys
-    that are not dataset labels or targets that are not model labels.
-    """
-    mapping = dict(mapping or {})
-    by_key = {**{n: i for n, i in dataset_labels.items()},
-              **{str(i): i for i in dataset_labels.values()}}
-    for key, target in mapping.items():
-        if key not in by_key:
-            raise ConfigError(f"label map: {key!r} is not a dataset label "
-                              f"(known: {sorted(dataset_labels)})")
-        if target not in model_labels:
-            raise ConfigError(f"label map: {target!r} is not a model label "
-                              f"(known: {sorted(model_labels)})")
-    lut = {}
-    for name, did in dataset_labels.items():
-        target = mapping.get(name, mapping.get(str(did), name))
-        lut[did] = model_labels.get(target, 0)
-    lut[0] = 0
-    return lut
-
-
-def apply_label_map(label_array: np.ndarray, dataset_labels: dict[str, int],
-                    model_labels: dict[str, int], mapping: dict[str, str] | None = None) -> np.ndarray:
-    """Relabel ``label_array`` (any shape, dataset ids) to model ids via :func:`label_lookup`.
-
-    Returns an int16 array of the same shape. Values not declared in ``dataset_labels`` raise
-    ValueError.
-    """
-    lut = label_lookup(dataset_labels, model_labels, mapping)
-    present = set(int(v) for v in np.unique(label_array))
-    undeclared = sorted(present - set(lut))
-    if undeclared:
-        raise ValueError(f"label values {undeclared} are not dataset labels")
-    table = np.zeros(max(lut) + 1, dtype=np.int16)
-    for did, mid in lut.items():
-        table[did] = mid
-    return table[np.asarray(label_array, dtype=np.int64)]
-
-
-def model_labels(dataset_labels: dict[str, int], label_map: str | None
-                 ) -> tuple[dict[str, int], np.ndarray | None]:
-    """The model's label names -> ids, and the dataset -> model id table (None = identity).
-
-    Without a label map the model predicts the dataset's labels. With one (a JSON file
-    ``{dataset name or id: model name}``) the model's classes are background plus the mapped
-    names in sorted order; dataset labels that are not mapped become background.
-    """
-    if not label_map:
-        return dict(sorted(dataset_labels.items(), key=lambda kv: kv[1])), None
-    mapping = load_label_map(label_map)
-    names = sorted(set(mapping.values()) - {"background"})
-    labels = {"background": 0, **{name: i + 1 for i, name in enumerate(names)}}
-    lut = label_lookup(dataset_labels, labels, mapping)
-    table = np.zeros(max(lut) + 1, dtype=np.int64)
-    for dataset_id, model_id in lut.items():
-        table[dataset_id] = model_id
-    return labels, table

@@ -65,15 +65,16 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from lrcseg.config import ModelConfig, PreprocessConfig, from_dict, to_dict
-from lrcseg.data.layouts import apply_label_map, check_label_values, load_dataset, model_labels
+from lrcseg.data.labels import labelled_volumes, model_labels
+from lrcseg.data.layouts import Case, load_dataset
 from lrcseg.data.preprocess import stack_context
-from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.readers import Volume
 from lrcseg.data.slice_cache import CachedVolume, SliceCache
 from lrcseg.data.splits import choose_labelled, split_cases
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate.metrics import SegmentationMetrics
 from lrcseg.evaluate.predict import pad_amounts, predict_labels
-from lrcseg.evaluate.run import check_label_names
+from lrcseg.evaluate.run import check_label_names, score_cases
 from lrcseg.models.export import load_exported
 from lrcseg.models.load import (
     load_backbone,
@@ -82,7 +83,7 @@ from lrcseg.models.load import (
     pretrained_unet_weights,
     resolve_checkpoint,
 )
-from lrcseg.models.unet import build_unet
+from lrcseg.models.unet import build_unet, decoder_outputs
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
@@ -190,10 +191,7 @@ class DenseFeatures(nn.Module):
             features = self.unet.encoder(x)
             for stride, f in zip(ENCODER_STRIDES, features, strict=True):
                 out[f"enc{stride}"] = f
-            # the same skips as MONAI's UNetDecoder.forward (and PretrainNetwork.forward)
-            skips, y = features[:-1][::-1], features[-1]
-            for i in range(self._last_block + 1):
-                y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
+            for i, y in enumerate(decoder_outputs(self.unet, features, self._last_block)):
                 out[f"dec{DECODER_STRIDES[i]}"] = y
         return [out[name] for name in self.levels]
 
@@ -507,17 +505,6 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
     return unet, preprocess, info
 
 
-def _labelled_volumes(dataset, case_ids: Sequence[str], cache: SliceCache) -> list[CachedVolume]:
-    """Cached volumes of ``case_ids`` with their labels checked against dataset.json."""
-    volumes = []
-    for case_id in case_ids:
-        case = dataset.case(case_id)
-        volume = cache.get(case)
-        check_label_values(np.asarray(volume.label), dataset.labels, case.label)
-        volumes.append(volume)
-    return volumes
-
-
 def _probe_labels(dataset, dataset_path: str | Path) -> dict[str, int]:
     if not dataset.labels:
         raise ConfigError(f"{dataset_path}: the probe needs a labelled dataset with label names "
@@ -558,7 +545,8 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
     chosen = choose_labelled(dataset, labeled, split_seed)
     eval_cases = split_cases(dataset, split)
     num_classes = max(labels.values()) + 1
-    volumes = _labelled_volumes(dataset, chosen["labeled"], SliceCache(preprocess, cache_dir))
+    volumes = labelled_volumes(SliceCache(preprocess, cache_dir),
+                               [dataset.case(i) for i in chosen["labeled"]], dataset.labels)
     picks = choose_pixels([v.label for v in volumes], num_classes, pixels,
                           np.random.default_rng(seed))
     features = DenseFeatures(unet.to(device), levels)
@@ -566,14 +554,12 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
                                 l2=l2, batch_size=batch_size, progress=progress,
                                 batchnorm=batchnorm)
 
-    metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})
-    for case in tqdm(eval_cases, desc="probe evaluate", disable=not progress):
-        image = read_image(case.image)
-        ref = apply_label_map(read_label(case.label, image).array, dataset.labels, labels)
-        pred = predict_labels(probe, image, preprocess, device=device, batch_size=batch_size,
+    def predict(case: Case, image: Volume) -> np.ndarray:
+        return predict_labels(probe, image, preprocess, device=device, batch_size=batch_size,
                               num_classes=num_classes)
-        metrics.add(case.id, pred, ref, image.spacing)
-    result = metrics.result()
+
+    result = score_cases(eval_cases, predict, labels, dataset.labels, progress=progress,
+                         desc="probe evaluate")
     per_class = fit_info["pixels_per_class"]
     result["probe"] = {
         **{k: v for k, v in info.items() if k != "labels"},
@@ -651,8 +637,10 @@ class OnlineProbe:
             raise ConfigError(f"{dataset}: all {len(chosen['candidates'])} training candidates "
                               "are fitting cases; none is left to score the online probe on")
         cache = SliceCache(preprocess, cache_dir)
-        self.fit_volumes = _labelled_volumes(data, self.fit_ids, cache)
-        self.score_volumes = _labelled_volumes(data, self.score_ids, cache)
+        self.fit_volumes = labelled_volumes(cache, [data.case(i) for i in self.fit_ids],
+                                            data.labels)
+        self.score_volumes = labelled_volumes(cache, [data.case(i) for i in self.score_ids],
+                                              data.labels)
         self.picks = choose_pixels([v.label for v in self.fit_volumes], self.num_classes, pixels,
                                    np.random.default_rng(seed))
 

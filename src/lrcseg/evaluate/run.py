@@ -1,11 +1,14 @@
 """Evaluate a fine-tuned model on a dataset split: predictions, metrics, figures.
 
 Kept apart from ``metrics.py`` (pure metrics) and ``predict.py`` (one volume through the
-network) because it reads the dataset and orchestrates both.
+network) because it reads the dataset and orchestrates both. :func:`score_cases` is the one
+loop that scores a predictor on a split's cases: ``lrcseg evaluate``, ``lrcseg probe`` and the
+nnU-Net back-end's label files all go through it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +16,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from lrcseg.data.layouts import apply_label_map, load_dataset, load_label_map
-from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.labels import apply_label_map, load_label_map
+from lrcseg.data.layouts import Case, load_dataset
+from lrcseg.data.readers import Volume, read_image, read_label
 from lrcseg.data.splits import split_cases
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate.metrics import SegmentationMetrics
@@ -34,6 +38,37 @@ def check_label_names(model_labels: dict[str, int], dataset_labels: dict[str, in
                           f"{only_data}; only in the model: {only_model}); pass --label-map")
 
 
+#: a predictor: (case, its image read into RAS+) -> (X, Y, Z) model label ids on the image's grid
+Predictor = Callable[[Case, Volume], np.ndarray]
+#: called after each case with (case, image, reference ids, prediction, its case_metrics)
+CaseHook = Callable[[Case, Volume, np.ndarray, np.ndarray, dict[str, dict]], None]
+
+
+def score_cases(cases: Iterable[Case], predict: Predictor, labels: dict[str, int],
+                dataset_labels: dict[str, int] | None = None,
+                label_map: dict[str, str] | None = None, progress: bool = False,
+                desc: str = "evaluate", on_case: CaseHook | None = None) -> dict[str, Any]:
+    """Per-case, per-organ Dice/HD95 of ``predict`` on labelled ``cases``, in their order.
+
+    Each case's image and reference are read on the original grid (``read_image``,
+    ``read_label``); the reference is relabelled from ``dataset_labels`` to the model's
+    ``labels`` (name -> id, background 0) with ``label_map`` (:func:`apply_label_map`), or
+    scored as read when ``dataset_labels`` is None. Returns
+    :meth:`SegmentationMetrics.result` over the organs of ``labels``.
+    """
+    metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})
+    for case in tqdm(cases, desc=desc, disable=not progress):
+        image = read_image(case.image)
+        ref = read_label(case.label, image).array
+        if dataset_labels is not None:
+            ref = apply_label_map(ref, dataset_labels, labels, label_map)
+        pred = predict(case, image)
+        scores = metrics.add(case.id, pred, ref, image.spacing)
+        if on_case is not None:
+            on_case(case, image, ref, pred, scores)
+    return metrics.result()
+
+
 def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str = "test",
                    device: str | torch.device = "cpu", label_map_path: str | None = None,
                    figures_dir: Path | None = None, progress: bool = True,
@@ -47,21 +82,19 @@ def evaluate_model(model_path: str | Path, dataset_path: str | Path, split: str 
     dataset = load_dataset(dataset_path)
     label_map = load_label_map(label_map_path) if label_map_path else None
     check_label_names(meta["labels"], dataset.labels, label_map, Path(dataset_path))
-    organs = {n: i for n, i in meta["labels"].items() if i != 0}
-    metrics = SegmentationMetrics(organs)
     num_classes = max(meta["labels"].values()) + 1
-    for case in tqdm(split_cases(dataset, split), desc="evaluate", disable=not progress):
-        image = read_image(case.image)
-        ref = read_label(case.label, image)
-        ref_ids = apply_label_map(ref.array, dataset.labels, meta["labels"], label_map)
-        pred = predict_labels(model, image, meta["preprocess"], device=device,
+
+    def predict(case: Case, image: Volume) -> np.ndarray:
+        return predict_labels(model, image, meta["preprocess"], device=device,
                               batch_size=batch_size, num_classes=num_classes)
-        scores = metrics.add(case.id, pred, ref_ids, image.spacing)
-        if figures_dir is not None:
-            write_case_figure(figures_dir / f"{case.id}.png", image, ref_ids, pred,
-                              meta["labels"], case.id, meta["preprocess"].window_hu,
-                              case_dice(scores))
-    return metrics.result()
+
+    def figure(case: Case, image: Volume, ref: np.ndarray, pred: np.ndarray,
+               scores: dict[str, dict]) -> None:
+        write_case_figure(figures_dir / f"{case.id}.png", image, ref, pred, meta["labels"],
+                          case.id, meta["preprocess"].window_hu, case_dice(scores))
+
+    return score_cases(split_cases(dataset, split), predict, meta["labels"], dataset.labels,
+                       label_map, progress, on_case=None if figures_dir is None else figure)
 
 
 def case_dice(scores: dict[str, dict]) -> float | None:

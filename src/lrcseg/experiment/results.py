@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg.config import ExperimentConfig
-from lrcseg.data.layouts import apply_label_map, load_dataset
+from lrcseg.data.labels import apply_label_map
+from lrcseg.data.layouts import load_dataset
 from lrcseg.data.readers import read_image, read_label
 from lrcseg.data.splits import split_cases
 from lrcseg.evaluate.predict import predict_labels

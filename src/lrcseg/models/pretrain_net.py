@@ -31,7 +31,12 @@ from torch import Tensor, nn
 
 from lrcseg.config import ModelConfig
 from lrcseg.models.heads import GlobalProjectionHead, LocalProjectionHead
-from lrcseg.models.unet import SEGMENTATION_HEAD_PREFIX, build_unet, encoder_channels
+from lrcseg.models.unet import (
+    SEGMENTATION_HEAD_PREFIX,
+    build_unet,
+    decoder_outputs,
+    encoder_channels,
+)
 
 # Pre-training never uses the segmentation head; it must still exist for FlexibleUNet's keys.
 _PRETRAIN_OUT_CHANNELS = 2
@@ -53,12 +58,7 @@ class FlexibleUNetLevels:
 
     def decode(self, features: list[Tensor], last: int) -> dict[int, Tensor]:
         """Decoder levels 0..last from the encoder maps, with MONAI ``UNetDecoder``'s skips."""
-        skips = features[:-1][::-1]
-        y, out = features[-1], {}
-        for i in range(last + 1):
-            y = self.unet.decoder.blocks[i](y, skips[i] if i < self.unet.skip_connect else None)
-            out[i] = y
-        return out
+        return dict(enumerate(decoder_outputs(self.unet, features, last)))
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """Encoder + decoder weights keyed as in ``FlexibleUNet`` (no segmentation head)."""

@@ -16,10 +16,12 @@ Layout of a ``FlexibleUNet`` built here, for an input of shape (B, C, H, W) (3D:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from monai.networks.nets import FlexibleUNet
 from monai.networks.nets.flexible_unet import FLEXUNET_BACKBONE
+from torch import Tensor, nn
 
 from lrcseg.config import ModelConfig
 
@@ -61,3 +63,19 @@ def encoder_channels(backbone: str) -> tuple[int, ...]:
     if backbone not in FLEXUNET_BACKBONE.register_dict:
         raise ValueError(f"Unknown FlexibleUNet backbone {backbone!r}")
     return tuple(int(c) for c in FLEXUNET_BACKBONE.register_dict[backbone]["feature_channel"])
+
+
+def decoder_outputs(unet: nn.Module, features: Sequence[Tensor], last: int) -> Iterator[Tensor]:
+    """The outputs of a ``FlexibleUNet``'s decoder blocks 0..last, coarsest first.
+
+    features: the 5 encoder maps ``unet.encoder(x)`` (strides 2 .. 32). Block i gets the
+    previous output and, while ``i < unet.skip_connect``, the encoder map of the same stride,
+    as MONAI's ``UNetDecoder.forward`` does; it yields (B, decoder_channels[i], H / s, W / s)
+    at stride s = 16 / 2**i. The one walk of the decoder: the pre-training network and the
+    probe run the decoder only as deep as they need.
+    """
+    skips = list(features[:-1])[::-1]
+    y = features[-1]
+    for i in range(last + 1):
+        y = unet.decoder.blocks[i](y, skips[i] if i < unet.skip_connect else None)
+        yield y

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lrcseg.data.layouts import Dataset
-from lrcseg.data.readers import read_image, read_label
+from lrcseg.data.readers import read_label
 from lrcseg.io_utils import atomic_write_json
 from lrcseg.nnunet.workspace import nnunet_env, run_child
 
@@ -69,15 +69,10 @@ def run_predictor(spec_path: str) -> None:
 
 def score(dataset: Dataset, predictions: dict[str, Path], labels: dict[str, int]) -> dict[str, Any]:
     """lrcseg's per-case, per-organ Dice / HD95 of nnU-Net's predicted label files (read into
-    RAS+ like the references, on the original grid)."""
-    from lrcseg.evaluate.metrics import SegmentationMetrics  # torch, loaded when scoring
+    RAS+ like the references, on the original grid; the references' ids as read: nnU-Net
+    trains on the dataset's own), through ``evaluate.run.score_cases``."""
+    from lrcseg.evaluate.run import score_cases  # torch, loaded when scoring
 
     by_id = {c.id: c for c in dataset.all_cases}
-    metrics = SegmentationMetrics({n: i for n, i in labels.items() if i != 0})
-    for case_id, path in sorted(predictions.items()):
-        case = by_id[case_id]
-        image = read_image(case.image)
-        ref = read_label(case.label, image)
-        pred = read_label(path, image)
-        metrics.add(case_id, pred.array, ref.array, image.spacing)
-    return metrics.result()
+    return score_cases([by_id[case_id] for case_id in sorted(predictions)],
+                       lambda case, image: read_label(predictions[case.id], image).array, labels)

@@ -23,7 +23,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import Tensor
@@ -37,11 +36,8 @@ from lrcseg.config import (
     save_config,
     to_dict,
 )
-from lrcseg.data.layouts import (
-    check_label_values,
-    load_dataset,
-    model_labels,
-)
+from lrcseg.data.labels import labelled_volumes, model_labels
+from lrcseg.data.layouts import load_dataset
 from lrcseg.data.slice_cache import SliceCache
 from lrcseg.data.slices import LabelledSlices
 from lrcseg.data.splits import choose_labelled
@@ -191,10 +187,8 @@ class Finetuning:
         cfg = self.cfg
         labels, label_lut = model_labels(dataset.labels, cfg.label_map)
         by_id = {c.id: c for c in dataset.cases}
-        slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
-        volumes = [slice_cache.get(by_id[i]) for i in self.split["labeled"]]
-        for case_id, vol in zip(self.split["labeled"], volumes, strict=True):
-            check_label_values(np.asarray(vol.label), dataset.labels, by_id[case_id].label)
+        volumes = labelled_volumes(SliceCache(cfg.preprocess, root=cfg.run.cache_dir),
+                                   [by_id[i] for i in self.split["labeled"]], dataset.labels)
         return labels, LabelledSlices(volumes, cfg.preprocess.context_slices, label_lut=label_lut)
 
     def _model(self, weights: dict[str, Tensor] | None, num_classes: int) -> torch.nn.Module:

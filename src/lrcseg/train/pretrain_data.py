@@ -12,14 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from lrcseg.config import PretrainConfig
+from lrcseg.data.labels import labelled_volumes
 from lrcseg.data.layouts import Case
 from lrcseg.data.slice_cache import SliceCache
 from lrcseg.data.slices import PretrainSlices
 from lrcseg.data.splits import pretraining_cases, supervised_cases
-from lrcseg.errors import ConfigError, DataError
+from lrcseg.errors import ConfigError
 from lrcseg.superpixels.region_cache import RegionCache
 
 
@@ -38,7 +37,8 @@ class PretrainData:
 
 def _supervised_pool(cfg: PretrainConfig) -> tuple[list[Case], list[dict[str, Any]], int, int]:
     """Labelled cases of ``cfg.labels``, then the pre-training pool of any other ``cfg.data``
-    (LRC only); returns (cases, sources, num_classes, number of labelled cases)."""
+    (LRC only); returns (cases, sources, num_classes, number of labelled cases). sources[0]
+    is the labelled dataset's, with its "labels"."""
     if not cfg.labels:
         raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
     cases, sources, num_classes = supervised_cases(cfg.labels)
@@ -54,14 +54,6 @@ def _supervised_pool(cfg: PretrainConfig) -> tuple[list[Case], list[dict[str, An
         cases += [c for c in more if str(Path(c.image).resolve()) not in seen]
         sources += more_sources
     return cases, sources, num_classes, labelled
-
-
-def _check_label_ids(cases: list[Case], volumes: list, num_classes: int) -> None:
-    for case, vol in zip(cases, volumes, strict=True):
-        largest = int(np.max(vol.label))
-        if largest >= num_classes:
-            raise DataError(case.label, f"label id {largest} is not among the dataset's "
-                            f"labels (ids 0..{num_classes - 1})")
 
 
 def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainData:
@@ -81,9 +73,9 @@ def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainD
         cases, sources = pretraining_cases(cfg.data)
         labelled = 0
     slice_cache = SliceCache(cfg.preprocess, root=cfg.run.cache_dir)
-    volumes = [slice_cache.get(c) for c in cases]
-    if num_classes is not None:
-        _check_label_ids(cases[:labelled], volumes[:labelled], num_classes)
+    volumes = (labelled_volumes(slice_cache, cases[:labelled], sources[0]["labels"])
+               if labelled else [])
+    volumes += [slice_cache.get(c) for c in cases[labelled:]]
     region_cache = RegionCache(slice_cache, cfg.superpixels)
     region_cache.build(cases, workers=cfg.run.workers, progress=progress)
     regions = [region_cache.get(c) for c in cases]
