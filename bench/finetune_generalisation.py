@@ -9,9 +9,11 @@ between the two variants, so their difference is the augmentation's effect in on
   (dataset.json records each phantom's phase); then the same from one unenhanced case.
   Reported: mean Dice per phase and the gap between the phases.
 - ``real``: the one labelled real CT (``../shared/data/real_abdomen_ct``, or
-  ``$LRCSEG_REAL_CT``) split at its middle axial slice: fine-tuned on the upper half, scored
-  on the lower half, and the reverse. The two halves share the organs that cross the cut
-  (liver, kidneys, aorta, IVC, ...); organs on one side only are not scored. Labels are
+  ``$LRCSEG_REAL_CT``) split at the middle of its labelled slab (the axial slices that hold
+  any label; the scan reaches further, into the pelvis, unlabelled): fine-tuned on the upper
+  half of the slab, scored on the lower half, and the reverse. The halves share the organs
+  that cross the cut (liver, kidneys, aorta, IVC, ...); an organ in neither the reference nor
+  the prediction of a half is not scored. Labels are
   TotalSegmentator predictions: Dice is agreement with it.
 
 Each fine-tune runs in its own process (peak memory = that process's maximum RSS) and prints
@@ -100,7 +102,8 @@ def _write_half(image, label, z: slice, dst: Path, case_id: str) -> None:
 
 
 def real_tasks(work: Path) -> list[dict]:
-    """The real case's upper and lower halves (RAS: +z superior), each training once."""
+    """The real case's labelled slab split in an upper and a lower half (RAS: +z superior),
+    each half training once."""
     if not REAL_CT.is_dir():
         print(f"real check skipped: {REAL_CT} not found (set LRCSEG_REAL_CT)", file=sys.stderr)
         return []
@@ -108,8 +111,10 @@ def real_tasks(work: Path) -> list[dict]:
     case = sorted(p.name[: -len("_0000.nii.gz")] for p in (REAL_CT / "imagesTr").iterdir())[0]
     image = nib.as_closest_canonical(nib.load(REAL_CT / "imagesTr" / f"{case}_0000.nii.gz"))
     label = nib.as_closest_canonical(nib.load(REAL_CT / "labelsTr" / f"{case}.nii.gz"))
-    mid = image.shape[2] // 2
-    halves = {"lower": slice(0, mid), "upper": slice(mid, image.shape[2])}
+    labelled = np.flatnonzero(np.asanyarray(label.dataobj).any(axis=(0, 1)))
+    low, high = int(labelled[0]), int(labelled[-1]) + 1
+    mid = (low + high) // 2
+    halves = {"lower": slice(low, mid), "upper": slice(mid, high)}
     tasks = []
     for train, test in (("upper", "lower"), ("lower", "upper")):
         dst = work / f"real_from_{train}"
