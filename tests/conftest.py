@@ -7,6 +7,7 @@ folder named by the environment variable ``LRCSEG_TEST_CT``.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,14 @@ def paired_result_rows() -> list[dict]:
               ("B", 0, "c1"): 0.4, ("B", 0, "c2"): 0.6, ("B", 1, "c1"): 0.6}
     return [{"init": init, "K": 1, "draw": draw, "seed": 0, "case": case, "liver": v, "mean": v}
             for (init, draw, case), v in values.items()]
+
+
+@pytest.fixture
+def default_sigint():
+    """SIGINT raises KeyboardInterrupt during the test, as in a Python started from a terminal.
+
+    A runner started in the background by a non-interactive shell (``cmd &``) inherits SIGINT
+    ignored, and Python then keeps it ignored: a test that sends itself SIGINT needs this."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

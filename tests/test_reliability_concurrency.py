@@ -296,7 +296,7 @@ def predict_args(model: Path, scans: Path, out: Path) -> list[str]:
 
 
 def test_an_interrupted_prediction_continues_when_rerun(finetuned, scans, tmp_path, capsys,
-                                                        monkeypatch):
+                                                        monkeypatch, default_sigint):
     out = tmp_path / "masks"
     real = predict_module.predict_labels
     calls = []
