@@ -23,6 +23,19 @@ def min_size_pixels(min_size_mm2: float, spacing_mm: float) -> int:
     return int(round(min_size_mm2 / (spacing_mm * spacing_mm)))
 
 
+def windowed_float32(image: np.ndarray, what: str) -> np.ndarray:
+    """``image`` as float32 after checking it is a windowed image: finite, values in [0, 1]
+    (within a small tolerance). ValueError naming ``what`` ("slice", "volume") otherwise."""
+    image = np.asarray(image).astype(np.float32, copy=False)
+    if not np.isfinite(image).all():
+        raise ValueError(f"{what} holds {int((~np.isfinite(image)).sum())} NaN/inf values")
+    lo, hi = float(image.min()), float(image.max())
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise ValueError(f"{what} values span [{lo:.4g}, {hi:.4g}]: expected a windowed {what} in "
+                         "[0, 1]")
+    return image
+
+
 def compute_regions(image: np.ndarray, body: np.ndarray, spacing_mm: float,
                     cfg: SuperpixelConfig) -> np.ndarray:
     """Region map of one slice: 0 outside the body, contiguous ids 1..R inside.
@@ -54,12 +67,7 @@ def compute_regions(image: np.ndarray, body: np.ndarray, spacing_mm: float,
         raise ValueError(f"slice of shape {image.shape} is too small: need H, W >= 2")
     if not (np.isfinite(spacing_mm) and spacing_mm > 0):
         raise ValueError(f"Illegal spacing_mm {spacing_mm}: must be finite and > 0")
-    image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise ValueError(f"slice holds {int((~np.isfinite(image)).sum())} NaN/inf values")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise ValueError(f"slice values span [{lo:.4g}, {hi:.4g}]: expected a windowed slice in [0, 1]")
+    image = windowed_float32(image, "slice")
     body = body.astype(bool, copy=False)
 
     if cfg.method == "grid":

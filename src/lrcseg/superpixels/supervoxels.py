@@ -12,9 +12,7 @@ import numpy as np
 
 from lrcseg.config import SuperpixelConfig
 from lrcseg.superpixels.felzenszwalb import felzenszwalb_3d
-from lrcseg.superpixels.regions import relabel_inside
-
-_RANGE_TOLERANCE = 1e-3
+from lrcseg.superpixels.regions import relabel_inside, windowed_float32
 
 
 def supervoxel_sigma(sigma_px: float, spacing_mm: tuple[float, float, float]) -> tuple[float, float, float]:
@@ -88,10 +86,4 @@ def _check_volume(image: np.ndarray, body: np.ndarray,
         raise ValueError(f"volume of shape {image.shape} is too small: need Z >= 1 and H, W >= 2")
     if len(spacing_mm) != 3 or not all(np.isfinite(s) and s > 0 for s in spacing_mm):
         raise ValueError(f"Illegal spacing_mm {spacing_mm}: need (s_h, s_w, s_z), finite and > 0")
-    image = image.astype(np.float32, copy=False)
-    if not np.isfinite(image).all():
-        raise ValueError(f"volume holds {int((~np.isfinite(image)).sum())} NaN/inf values")
-    lo, hi = float(image.min()), float(image.max())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise ValueError(f"volume values span [{lo:.4g}, {hi:.4g}]: expected a windowed volume in [0, 1]")
-    return image, body.astype(bool, copy=False)
+    return windowed_float32(image, "volume"), body.astype(bool, copy=False)
