@@ -10,7 +10,7 @@ organ fit on the first case (Dice fit / applied to the others) and Felzenszwalb 
     demo     3 x 3 x 6 mm phantoms, slices at 3 mm (the demo's PreprocessConfig(spacing_mm=3.0))
 
     python bench/phantom_realism.py [--presets default small demo] [--cases 4] [--seed 0]
-                                    [--json bench_phantom_realism.json]
+                                    [--anatomy 1] [--json bench_phantom_realism.json]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from lrcseg.io_utils import atomic_write_json
-from lrcseg.phantoms.generate import PRESETS, default_shape, write_phantom_dataset
+from lrcseg.phantoms.generate import ANATOMY_VERSIONS, PRESETS, default_shape, write_phantom_dataset
 from lrcseg.phantoms.realism import format_realism_table, realism_report
 
 CONFIGS: dict[str, dict] = {
@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", choices=sorted(CONFIGS), default=["default", "small", "demo"])
     parser.add_argument("--cases", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--anatomy", type=int, choices=ANATOMY_VERSIONS, default=1,
+                        help="the phantoms' anatomy version (generate.py)")
     parser.add_argument("--json", type=Path, default=Path("bench_phantom_realism.json"))
     args = parser.parse_args()
     if args.cases < 2:
@@ -49,12 +51,12 @@ def main() -> None:
             cfg = CONFIGS[name]
             t0 = time.time()
             out = write_phantom_dataset(Path(tmp) / name, args.cases, args.seed, cfg["spacing_mm"],
-                                        cfg["shape"], montage=False)
+                                        cfg["shape"], montage=False, anatomy=args.anatomy)
             t_gen = time.time() - t0
             report = realism_report(out, max_cases=args.cases, spacing_mm=cfg["slice_spacing_mm"],
                                     out_json=Path(tmp) / f"{name}_realism.json")
             sp = cfg["spacing_mm"]
-            print(f"\n## {name}: {args.cases} phantoms {'x'.join(map(str, cfg['shape']))} at "
+            print(f"\n## {name} (anatomy {args.anatomy}): {args.cases} phantoms {'x'.join(map(str, cfg['shape']))} at "
                   f"{sp[0]:g}x{sp[1]:g}x{sp[2]:g} mm (seed {args.seed}), slices at "
                   f"{cfg['slice_spacing_mm']:g} mm; generation {t_gen / args.cases:.1f} s/case\n")
             print(format_realism_table(report))
@@ -63,7 +65,8 @@ def main() -> None:
             report.pop("dataset")
             results[name] = {"phantom_spacing_mm": list(sp), "shape": list(cfg["shape"]),
                              "seconds_per_case": round(t_gen / args.cases, 2), **report}
-    atomic_write_json(args.json, {"cases": args.cases, "seed": args.seed, "configs": results})
+    atomic_write_json(args.json, {"cases": args.cases, "seed": args.seed, "anatomy": args.anatomy,
+                                  "configs": results})
     print(f"\nwrote {args.json}")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -15,11 +16,12 @@ from lrcseg.errors import DataError
 from lrcseg.phantoms.generate import (
     LABELS,
     TISSUES,
+    _generate,
     generate_phantom,
     phantom_affine,
     write_phantom_dataset,
 )
-from lrcseg.phantoms.realism import interval_dice_table, realism_report
+from lrcseg.phantoms.realism import anatomy_report, interval_dice_table, realism_report
 
 SHAPE = (100, 75, 16)
 SPACING = (4.0, 4.0, 12.5)
@@ -98,6 +100,7 @@ def test_dataset_layout_labels_and_readback(dataset):
     meta = json.loads((dataset / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT"} and meta["file_ending"] == ".nii.gz"
     assert meta["numTraining"] == 4 and meta["labels"] == LABELS
+    assert meta["phantoms"]["anatomy"] == 1  # the default version, recorded
     seen = set()
     for i in range(4):
         img = read_image(dataset / "imagesTr" / f"phantom_{i:03d}_0000.nii.gz")
@@ -175,3 +178,136 @@ def test_realism_report_needs_two_labelled_cases(dataset, tmp_path):
         realism_report(unlabelled, max_cases=2)
     with pytest.raises(ValueError, match="max_cases"):
         realism_report(dataset, max_cases=1)
+
+
+# --------------------------------------------------------------------------- anatomy versions
+
+# sha256 (first 16 hex digits) of (hu, labels, tissues) from generate_phantom before anatomy
+# versions existed: anatomy=1 must reproduce them bit for bit (recorded experiments, goldens).
+ANATOMY_1_HASHES = [
+    (4, (100, 75, 16), (4.0, 4.0, 12.5), {"phase": "portal_venous"},
+     ("a2d17735efbffbe9", "dcae036aa8a2ff07", "42eeb95a22bc0dd3")),
+    (7, (60, 45, 8), (6.0, 6.0, 20.0), {},
+     ("b19ebc7f8919939a", "6495e33b0b9e1fe3", "4b4d0857c4edc764")),
+    (9, (100, 75, 16), (4.0, 4.0, 12.5), {"phase": "unenhanced"},
+     ("9521e35343c1648c", "f216b2ff77626cc5", "2ec327bb8da668af")),
+    # the "small" preset, case 1 of dataset seed 3 (the rng write_phantom_dataset gives it)
+    (np.random.SeedSequence(3).spawn(2)[1], (200, 150, 40), (2.0, 2.0, 5.0), {},
+     ("a2e77f7822ebbe5e", "4b5b1fc7c4490345", "fcd84447dbb49ab9")),
+]
+
+
+def _sha(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("seed, shape, spacing, kwargs, expected", ANATOMY_1_HASHES)
+def test_anatomy_1_reproduces_earlier_phantoms_bit_for_bit(seed, shape, spacing, kwargs, expected):
+    for extra in ({}, {"anatomy": 1}):  # the default is version 1
+        hu, lab, tissue = generate_phantom(np.random.default_rng(seed), shape, spacing,
+                                           return_tissues=True, **kwargs, **extra)
+        assert (_sha(hu), _sha(lab), _sha(tissue)) == expected
+
+
+def test_anatomy_version_checked_and_recorded(tmp_path):
+    with pytest.raises(ValueError, match="anatomy"):
+        generate_phantom(np.random.default_rng(0), (20, 15, 2), (20.0, 20.0, 50.0), anatomy=3)
+    with pytest.raises(ValueError, match="anatomy"):
+        write_phantom_dataset(tmp_path / "bad", 1, spacing_mm=SPACING, shape=SHAPE, anatomy=0)
+    assert not (tmp_path / "bad").exists()
+    out = tmp_path / "cli2"
+    assert main(["phantoms", "--out", str(out), "--cases", "1", "--seed", "2", "--anatomy", "2",
+                 "--spacing", "8", "8", "25", "--size", "50", "38", "8"]) == 0
+    assert json.loads((out / "dataset.json").read_text())["phantoms"]["anatomy"] == 2
+
+
+def test_anatomy_report_known_geometry():
+    """A 40 x 40 voxel body (2 x 2 x 4 mm) with a round 'vertebral body' and three organs."""
+    spacing = (2.0, 2.0, 4.0)
+    hu = np.full((60, 50, 10), -1000.0, np.float32)
+    hu[10:51, 5:45, :] = 40.0  # body: x 10..50, y 5..44 (voxels), every slice
+    x, y = np.mgrid[:60, :50]
+    hu[((x - 30) ** 2 + (y - 14) ** 2 <= 36)] = 900.0  # bone disk, radius 6 voxels = 12 mm
+    lab = np.zeros(hu.shape, np.uint8)
+    lab[40:45, 12:17, 2:8] = 1  # organ a: 5 x 5 x 6 voxels, centroid (42, 14, 4.5)
+    lab[45:47, 12:17, 2:8] = 2  # organ b beside it (+x): 5 x 6 shared faces across x
+    lab[14:23, 28:37, 4:6] = 4  # organ d: a ring around organ c
+    lab[16:21, 30:35, 4:6] = 3
+    names = {"background": 0, "a": 1, "b": 2, "c": 3, "d": 4}
+    report = anatomy_report(hu, lab, spacing, names)
+    spine = report["spine"]
+    assert spine["slices_found"] == spine["slices"] == 10
+    assert spine["lr_rel"] == pytest.approx(0.5) and spine["ap_rel"] == pytest.approx(9 / 39)
+    assert spine["half_width_mm"] == pytest.approx(13.0)  # 13 voxels across
+    a = report["organs"]["a"]
+    assert a["voxels"] == 150 and a["volume_ml"] == pytest.approx(150 * 16 / 1000)
+    assert a["from_spine_lr_mm"] == pytest.approx(24.0) and a["from_spine_ap_mm"] == pytest.approx(0.0)
+    assert a["lr_rel"] == pytest.approx(0.8) and a["ap_rel"] == pytest.approx(9 / 39, abs=1e-3)
+    assert a["si_rel"] == pytest.approx(0.5) and a["enclosed_by"] == {}
+    assert report["organs"]["c"]["enclosed_by"] == {"d": 1.0}
+    touching = {tuple(t["organs"]): (t["faces"], t["area_mm2"]) for t in report["touching"]}
+    assert touching[("a", "b")] == (30, 30 * 2.0 * 4.0)  # faces across x: sy * sz each
+    assert touching[("c", "d")][0] == 2 * 20 + 0  # ring: 4 sides x 5 faces x 2 slices
+    assert ("a", "c") not in touching and report["body"]["width_mm"] == pytest.approx(80.0)
+
+
+ANATOMY_SHAPE, ANATOMY_SPACING = (100, 75, 40), (4.0, 4.0, 5.0)
+
+
+@pytest.fixture(scope="module")
+def anatomy_cases():
+    """Three cases in both anatomy versions: (canvas, anatomy report) per (version, seed)."""
+    out = {}
+    for version in (1, 2):
+        for seed in (0, 1, 2):
+            hu, canvas = _generate(np.random.default_rng(seed), ANATOMY_SHAPE, ANATOMY_SPACING,
+                                   None, None, None, version)
+            out[version, seed] = canvas, anatomy_report(hu, canvas.label, ANATOMY_SPACING, LABELS)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anatomy_2_spine_posterior_kidneys_posterolateral(anatomy_cases, seed):
+    canvas, report = anatomy_cases[2, seed]
+    spine = report["spine"]
+    # real case: vertebral body centroid at 0.38 of the body's AP depth; its back (the canal,
+    # arch and paraspinal muscles behind) in the posterior third
+    assert spine["ap_rel"] < 0.42
+    depth = report["body"]["depth_mm"]
+    assert spine["ap_rel"] - spine["half_depth_mm"] / depth < 1 / 3
+    for name, side in (("kidney_right", 1.0), ("kidney_left", -1.0)):
+        kidney = report["organs"][name]
+        assert side * kidney["from_spine_lr_mm"] > spine["half_width_mm"] + 20.0  # lateral
+        # real case: -2.6 / +0.1 mm; a kidney's AP semi-axis is 21-27 mm, so beyond -15 / +20
+        # it would lie behind or in front of the vertebral body rather than beside it
+        assert -15.0 < kidney["from_spine_ap_mm"] < 20.0
+        assert kidney["enclosed_by"] == {}
+    # the right kidney keeps its drawn outline (only its sinus fat is cut out), and is lower
+    kept = (canvas.label == LABELS["kidney_right"]).sum() / canvas.blob_voxels["kidney_right"]
+    assert kept >= 0.8
+    assert report["organs"]["kidney_right"]["z_centroid_mm"] < report["organs"]["kidney_left"]["z_centroid_mm"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_anatomy_2_no_organ_centroid_inside_another(anatomy_cases, seed):
+    canvas, report = anatomy_cases[2, seed]
+    lab = canvas.label
+    outlines = {name: np.stack([ndimage.binary_fill_holes(lab[:, :, k] == i) for k in range(lab.shape[2])],
+                               axis=2) for name, i in LABELS.items() if i and (lab == i).any()}
+    for name in outlines:
+        centroid = tuple(np.argwhere(lab == LABELS[name]).mean(axis=0).round().astype(int))
+        inside = [other for other, outline in outlines.items() if other != name and outline[centroid]]
+        assert inside == [], f"{name}'s centroid inside {inside}"
+    touching = {tuple(sorted(t["organs"])) for t in report["touching"]}
+    assert ("kidney_right", "liver") in touching  # the liver rests on the kidney, as in real CT
+
+
+def test_anatomy_1_has_the_flaws_version_2_fixes(anatomy_cases):
+    """The measures can fail: on the same seeds, anatomy 1's right kidney lies in the liver's
+    outline and its spine further forward."""
+    enclosed = [anatomy_cases[1, s][1]["organs"]["kidney_right"]["enclosed_by"].get("liver", 0.0)
+                for s in (0, 1, 2)]
+    assert max(enclosed) > 0.2
+    spine_1 = np.mean([anatomy_cases[1, s][1]["spine"]["ap_rel"] for s in (0, 1, 2)])
+    spine_2 = np.mean([anatomy_cases[2, s][1]["spine"]["ap_rel"] for s in (0, 1, 2)])
+    assert spine_1 > spine_2 + 0.05

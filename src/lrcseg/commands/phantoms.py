@@ -3,6 +3,7 @@
 Examples:
   lrcseg phantoms --out data/phantoms --cases 12 --seed 0                # realistic 0.8/2.5 mm
   lrcseg phantoms --out data/demo --cases 8 --preset small               # 2 mm / 5 mm, fast
+  lrcseg phantoms --out data/old --cases 8 --preset small --anatomy 1    # earlier releases'
   lrcseg phantoms --out data/demo --cases 8 --spacing 2 2 5 --size 200 150 40 --report
   lrcseg phantoms --out data/phantoms --report                           # report on existing
 
@@ -16,7 +17,7 @@ import argparse
 from pathlib import Path
 
 from lrcseg.errors import ConfigError, DataError
-from lrcseg.phantoms.generate import PRESETS, default_shape, write_phantom_dataset
+from lrcseg.phantoms.generate import ANATOMY_VERSIONS, PRESETS, default_shape, write_phantom_dataset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of cases in the pre-training pool")
     parser.add_argument("--train-fraction", type=float, default=0.2,
                         help="share of labelled training candidates; the rest is test")
+    parser.add_argument("--anatomy", type=int, choices=ANATOMY_VERSIONS, default=2,
+                        help="anatomy version: 1 = the phantoms of earlier releases, 2 = the anatomy "
+                             "checked against real CT (spine posterior, kidneys posterolateral to it, "
+                             "organs never painted inside each other) (default: 2)")
     parser.add_argument("--report", action="store_true",
                         help="measure realism (writes realism.json, prints the table)")
     parser.add_argument("--report-cases", type=int, default=4, help="cases the report reads")
@@ -58,10 +63,12 @@ def run(args: argparse.Namespace) -> int:
         if args.out.exists():
             raise DataError(args.out, "already exists: choose a new --out (datasets are never overwritten)")
         print(f"writing {args.cases} phantoms {shape[0]}x{shape[1]}x{shape[2]} at "
-              f"{spacing[0]:g}x{spacing[1]:g}x{spacing[2]:g} mm to {args.out}", flush=True)
+              f"{spacing[0]:g}x{spacing[1]:g}x{spacing[2]:g} mm (anatomy {args.anatomy}) to {args.out}",
+              flush=True)
         try:
             write_phantom_dataset(args.out, args.cases, args.seed, spacing, shape,
-                                  args.pretrain_fraction, args.train_fraction, progress=True)
+                                  args.pretrain_fraction, args.train_fraction, progress=True,
+                                  anatomy=args.anatomy)
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
         print(f"wrote {args.out} (dataset.json, splits.json, montage.png)")

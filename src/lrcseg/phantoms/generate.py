@@ -22,6 +22,32 @@ Pipeline for one case (:func:`generate_phantom`):
    unenhanced) + per-case offsets + a smooth texture field; partial-volume blur (Gaussian
    PSF); correlated noise (Gaussian-smoothed white noise scaled to 10-20 HU std).
 
+Anatomy versions (``generate_phantom(..., anatomy=N)``, recorded in dataset.json):
+1. The phantoms of the first releases, kept bit for bit for the recorded experiments. The
+   vertebral body sits near the body's centre, organs are painted liver, stomach, spleen,
+   pancreas, kidneys, gallbladder, vessels with later ones cutting into earlier ones, so the
+   right kidney lies inside the liver's outline and the left one against the stomach.
+2. Checked against a real labelled CT (``realism.anatomy_report``, ``bench/phantom_anatomy.py``):
+   - spine posterior: the back's subcutaneous fat 30 % thinner than the flanks' (supine), the
+     vertebral body's back 44-52 mm in front of it, a 32 mm spinous process and paraspinal
+     muscles behind; the vertebral body's centroid at about 0.30-0.40 of the body's AP depth
+     (real case 0.38);
+   - kidneys posterolateral to the vertebral body in the retroperitoneum: centroid 64-83 mm
+     lateral, -5..+8 mm AP of it (real +-73..75 mm, -3..0 mm); the right one 10-18 mm lower,
+     upper poles about 60-95 mm below the dome; they keep their outline (only the renal sinus
+     fat is cut out);
+   - organs never overwrite organs: painted aorta, IVC, kidneys, spleen, pancreas,
+     gallbladder, stomach, liver, each only where no organ is yet, so the liver fills the
+     right upper quadrant around the others; its right lobe stays in front of the right
+     kidney's posterior half below the upper pole and off the IVC's back, so it touches the
+     kidney's anterior-superior surface without wrapping it;
+   - stomach left anterior (65-85 mm in front of the vertebral body), spleen left
+     posterolateral (98-118 mm left, 0-20 mm anterior), pancreas 44-56 mm + its radius in
+     front of the vertebral body, in front of the aorta; aorta left-anterior and IVC
+     right-anterior of the vertebral body as in version 1; gallbladder anterior, under the
+     liver.
+   Intensities, textures, noise and the body wall are drawn as in version 1.
+
 :func:`write_phantom_dataset` writes an nnU-Net v2 raw dataset with standard splits and a
 montage. Every case draws from its own child of ``np.random.SeedSequence(seed)``, so case i
 is the same whatever the number of cases.
@@ -56,6 +82,8 @@ LABELS: dict[str, int] = {
 }
 
 PHASES = ("portal_venous", "unenhanced")
+# Anatomy versions (module doc); 1 is kept bit for bit for the recorded experiments.
+ANATOMY_VERSIONS = (1, 2)
 
 # tissue name -> (unenhanced HU, portal-venous HU, texture std HU). Ids = list order.
 _TISSUE_TABLE: list[tuple[str, float, float, float]] = [
@@ -233,11 +261,17 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tup
 
 
 class _Canvas:
-    """Tissue and label volumes being painted; later paint wins."""
+    """Tissue and label volumes being painted; later paint wins.
 
-    def __init__(self, shape: tuple[int, int, int]):
+    blob_voxels: per organ, the voxels of its outline as drawn (:meth:`organ_outline`), before
+    anything else cut into it: its final label count over this says how much it kept.
+    """
+
+    def __init__(self, shape: tuple[int, int, int], anatomy: int):
         self.tissue = np.zeros(shape, dtype=np.uint8)
         self.label = np.zeros(shape, dtype=np.uint8)
+        self.anatomy = anatomy
+        self.blob_voxels: dict[str, int] = {}
 
     def paint(self, sl, mask: np.ndarray, tissue: str, label: str = "background") -> None:
         t = self.tissue[sl]
@@ -245,11 +279,22 @@ class _Canvas:
         lab = self.label[sl]
         lab[mask] = LABELS[label]
 
+    def organ_outline(self, sl, blob: np.ndarray, label: str) -> np.ndarray:
+        """Where organ ``label`` is painted, from its drawn outline ``blob`` (bool on the index
+        box ``sl``): anatomy 1 paints all of it (later organs cut into earlier ones); anatomy 2
+        only where no other organ is yet (organs never overwrite organs, so the paint order
+        is a precedence order)."""
+        self.blob_voxels[label] = self.blob_voxels.get(label, 0) + int(blob.sum())
+        if self.anatomy == 1:
+            return blob
+        return blob & np.isin(self.label[sl], (LABELS["background"], LABELS[label]))
+
 
 def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] | None = None,
                      spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
                      phase: str | None = None, noise_std_hu: float | None = None,
-                     return_tissues: bool = False, enhancement: float | None = None):
+                     return_tissues: bool = False, enhancement: float | None = None,
+                     anatomy: int = 1):
     """One synthetic abdominal CT volume with organ labels (see the module doc for the model).
 
     rng: all randomness (anatomy, phase, noise) comes from it.
@@ -264,7 +309,22 @@ def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] |
     Returns ``hu`` float32 ``(X, Y, Z)`` and ``labels`` uint8 ``(X, Y, Z)`` (ids of
     :data:`LABELS`), RAS+ (high x = patient right, low y = posterior, high z = superior);
     with ``return_tissues`` also the uint8 tissue map (ids of :data:`TISSUES`, before blur).
+    anatomy: the anatomy version (:data:`ANATOMY_VERSIONS`, see the module doc); 1 reproduces
+    the phantoms of earlier releases bit for bit.
     """
+    hu, canvas = _generate(rng, shape_xyz, spacing_mm, phase, noise_std_hu, enhancement, anatomy)
+    if return_tissues:
+        return hu, canvas.label, canvas.tissue
+    return hu, canvas.label
+
+
+def _generate(rng: np.random.Generator, shape_xyz: tuple[int, int, int] | None,
+              spacing_mm: tuple[float, float, float], phase: str | None, noise_std_hu: float | None,
+              enhancement: float | None, anatomy: int) -> tuple[np.ndarray, _Canvas]:
+    """:func:`generate_phantom`'s work: returns the HU volume and the painted canvas (labels,
+    tissues and each organ's drawn blob size)."""
+    if anatomy not in ANATOMY_VERSIONS:
+        raise ValueError(f"Illegal anatomy {anatomy!r}: one of {ANATOMY_VERSIONS}")
     if shape_xyz is None:
         shape_xyz = default_shape(spacing_mm)
     shape_xyz, spacing_mm = _check_grid(shape_xyz, spacing_mm)
@@ -290,15 +350,12 @@ def generate_phantom(rng: np.random.Generator, shape_xyz: tuple[int, int, int] |
         z=(top - (Z - 1 - np.arange(Z)) * sz)[None, None, :],
         spacing=spacing_mm,
     )
-    canvas = _Canvas(shape_xyz)
-    anatomy = _paint_body(rng, grid, canvas)
-    _paint_bowel(rng, grid, canvas, anatomy)
-    _paint_organs(rng, grid, canvas, anatomy)
+    canvas = _Canvas(shape_xyz, anatomy)
+    landmarks = _paint_body(rng, grid, canvas)
+    _paint_bowel(rng, grid, canvas, landmarks)
+    _paint_organs(rng, grid, canvas, landmarks)
     _paint_fat_planes(rng, grid, canvas)
-    hu = _render(rng, grid, canvas.tissue, enhancement, noise_std_hu)
-    if return_tissues:
-        return hu, canvas.label, canvas.tissue
-    return hu, canvas.label
+    return _render(rng, grid, canvas.tissue, enhancement, noise_std_hu), canvas
 
 
 def _paint_body(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> dict:
@@ -322,7 +379,9 @@ def _paint_body(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> dict:
     depth = depth.astype(np.float32)
 
     fat0 = rng.uniform(12.0, 38.0)
-    fat = fat0 * (1.0 + 0.3 * np.cos(theta - rng.uniform(0, 2 * np.pi)) + 0.35 * (y2 < yc))
+    # anatomy 1: the back's fat 35 % thicker; 2: 30 % thinner (compressed, supine)
+    post_fat = 0.35 if canvas.anatomy == 1 else -0.3
+    fat = fat0 * (1.0 + 0.3 * np.cos(theta - rng.uniform(0, 2 * np.pi)) + post_fat * (y2 < yc))
     muscle = rng.uniform(9.0, 16.0) * (1.0 + 0.3 * np.abs(np.cos(theta)))
     fat3, wall3 = fat[:, :, None], (fat + muscle)[:, :, None]
     everything = (slice(None),) * 3
@@ -345,15 +404,18 @@ def _paint_body(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> dict:
     cavity &= ~thorax
 
     # Spine: vertebral body with cortex and discs, canal, posterior elements, muscles.
-    fat_post = fat0 * 1.35
+    # anatomy 1: the vertebral body's back 62-72 mm in front of the back's fat (spine near the
+    # body's centre); 2: 44-52 mm, the canal, arch and paraspinal muscles filling the space
+    fat_post = fat0 * (1.0 + post_fat)
     rv = rng.uniform(16.0, 21.0)
-    y_v = yc - b + fat_post + rng.uniform(62.0, 72.0) + rv
+    y_v = yc - b + fat_post + rng.uniform(*((62.0, 72.0) if canvas.anatomy == 1 else (44.0, 52.0))) + rv
     y_canal = y_v - rv - 10.0
+    spinous_mm, para_y, para_b = (42.0, 18.0, 26.0) if canvas.anatomy == 1 else (32.0, 14.0, 22.0)
     psoas_top = rng.uniform(-130.0, -100.0)
     zz = grid.z[0, 0]
     r_psoas = np.clip((psoas_top - zz) / 70.0, 0.0, 1.0) * rng.uniform(18.0, 26.0) + 4.0  # (Z,)
     for side in (1.0, -1.0):
-        para = ((x2 - side * 33.0) / 30.0) ** 2 + ((y2 - y_canal + 18.0) / 26.0) ** 2 < 1.0
+        para = ((x2 - side * 33.0) / 30.0) ** 2 + ((y2 - y_canal + para_y) / para_b) ** 2 < 1.0
         canvas.paint(everything, (para[:, :, None] & (depth > 5.0)), "muscle")
         d_psoas = np.sqrt((x2 - side * (rv + 16.0)) ** 2 + ((y2 - y_v - 2.0) * 1.2) ** 2)
         canvas.paint(everything, d_psoas[:, :, None] < r_psoas, "muscle")
@@ -365,7 +427,7 @@ def _paint_body(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> dict:
     canvas.paint(everything, (ell < 1.0)[:, :, None] & is_disc, "disc")
     d_canal = np.sqrt(x2**2 + (y2 - y_canal) ** 2)
     lamina = (d_canal < 15.0) & (y2 < y_canal + 4.0)
-    spinous = (np.abs(x2) < 4.0) & (y2 < y_canal) & (y2 > y_canal - 42.0)
+    spinous = (np.abs(x2) < 4.0) & (y2 < y_canal) & (y2 > y_canal - spinous_mm)
     transverse = (np.abs(y2 - y_canal - 2.0) < 4.0) & (np.abs(x2) < rv + 20.0)
     is_transverse = ((zz - disc_phase - 16.0) % 32.0) < 7.0
     posterior = (lamina | spinous)[:, :, None] | (transverse[:, :, None] & is_transverse)
@@ -411,14 +473,29 @@ def _paint_bowel(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy
 
 
 def _paint_organs(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
-    """Labelled organs, in paint order (later cuts into earlier); each draws from ``rng`` in turn."""
-    z_liver = _paint_liver(rng, grid, canvas, anatomy)
-    _paint_stomach(rng, grid, canvas, anatomy)
+    """Labelled organs, in paint order; each draws from ``rng`` in turn.
+
+    Anatomy 1: later organs cut into earlier ones. Anatomy 2: organs never overwrite organs
+    (:meth:`_Canvas.organ_outline`), so the order is a precedence: the great vessels and the
+    retroperitoneal organs first, the liver last, filling the space the others leave it.
+    """
+    if canvas.anatomy == 1:
+        z_liver = _paint_liver(rng, grid, canvas, anatomy)
+        _paint_stomach(rng, grid, canvas, anatomy)
+        _paint_spleen(rng, grid, canvas, anatomy)
+        _paint_pancreas(rng, grid, canvas, anatomy)
+        _paint_kidneys(rng, grid, canvas, anatomy)
+        _paint_gallbladder(rng, grid, canvas, anatomy, z_liver)
+        _paint_great_vessels(rng, grid, canvas, anatomy)
+        return
+    _paint_great_vessels(rng, grid, canvas, anatomy)
+    kidney_right, _ = _paint_kidneys(rng, grid, canvas, anatomy)
     _paint_spleen(rng, grid, canvas, anatomy)
     _paint_pancreas(rng, grid, canvas, anatomy)
-    _paint_kidneys(rng, grid, canvas, anatomy)
+    z_liver = float(rng.uniform(-72.0, -50.0))
     _paint_gallbladder(rng, grid, canvas, anatomy, z_liver)
-    _paint_great_vessels(rng, grid, canvas, anatomy)
+    _paint_stomach(rng, grid, canvas, anatomy)
+    _paint_liver(rng, grid, canvas, anatomy, z_liver, kidney_right)
 
 
 def _organ_space(grid: _Grid, anatomy: dict, sl: tuple[slice, slice, slice]) -> np.ndarray:
@@ -427,10 +504,17 @@ def _organ_space(grid: _Grid, anatomy: dict, sl: tuple[slice, slice, slice]) -> 
     return anatomy["cavity"][sl] & (grid.z[:, :, sl[2]] < anatomy["zdiaph"][sl[0], sl[1]])
 
 
-def _paint_liver(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> float:
+def _paint_liver(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict,
+                 z_liver: float | None = None, kidney_right: _Blob | None = None) -> float:
     """Liver: right lobe + left lobe, vessels inside. Returns the right lobe's centre z (mm),
-    which the gallbladder hangs below."""
-    z_liver = rng.uniform(-72.0, -50.0)
+    which the gallbladder hangs below (``z_liver``: given, or None = drawn here).
+
+    kidney_right (anatomy 2): the right lobe stays in front of the kidney's posterior half
+    below its upper pole (the renal impression: the liver touches the kidney's
+    anterior-superior surface and never wraps round it) and off the IVC's back.
+    """
+    if z_liver is None:
+        z_liver = rng.uniform(-72.0, -50.0)
     right = _Blob.sample(rng, (rng.uniform(50, 70), rng.uniform(-5, 15), z_liver),
                          (rng.uniform(62, 78), rng.uniform(75, 92), rng.uniform(68, 88)),
                          rng.uniform(-15, 15), taper=rng.uniform(0.05, 0.3), amp=0.14)
@@ -449,6 +533,13 @@ def _paint_liver(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy
             sub = tuple(slice(a.start - s.start, a.stop - s.start) for a, s in zip(lobe_sl, sl, strict=True))
             liver[sub] |= r < 1.0
     liver &= _organ_space(grid, anatomy, sl)
+    if kidney_right is not None:
+        x, y, z = grid.coords(sl)
+        k = kidney_right
+        liver &= ~((y < k.centre[1] + 0.5 * k.semi[1]) & (z < k.centre[2] + 0.9 * k.semi[2]))
+        xi, yi, ri = anatomy["ivc"]
+        liver &= ~((x < xi + 1.2 * ri) & (y < yi[sl[2]]))
+    liver = canvas.organ_outline(sl, liver, "liver")
     canvas.paint(sl, liver, "liver", "liver")
     _paint_liver_vessels(rng, grid, canvas, sl, liver)
     return z_liver
@@ -467,13 +558,17 @@ def _paint_liver_vessels(rng: np.random.Generator, grid: _Grid, canvas: _Canvas,
 
 def _paint_stomach(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
     """Stomach: left upper quadrant; wall, fluid or food, anterior air-fluid level."""
-    stomach = _Blob.sample(rng, (rng.uniform(-68, -40), rng.uniform(12, 38), rng.uniform(-70, -40)),
-                           (rng.uniform(35, 52), rng.uniform(28, 42), rng.uniform(45, 65)),
-                           rng.uniform(-30, 30), amp=0.12)
+    if canvas.anatomy == 1:
+        centre = (rng.uniform(-68, -40), rng.uniform(12, 38), rng.uniform(-70, -40))
+        semi = (rng.uniform(35, 52), rng.uniform(28, 42), rng.uniform(45, 65))
+    else:  # left anterior, in front of the pancreas and the left kidney
+        centre = (rng.uniform(-60, -30), anatomy["y_v"] + rng.uniform(65, 85), rng.uniform(-70, -40))
+        semi = (rng.uniform(30, 45), rng.uniform(25, 36), rng.uniform(40, 58))
+    stomach = _Blob.sample(rng, centre, semi, rng.uniform(-30, 30), amp=0.12)
     sl, r, _ = stomach.evaluate(grid)
     if sl is None:
         return
-    inside = (r < 1.0) & _organ_space(grid, anatomy, sl)
+    inside = canvas.organ_outline(sl, (r < 1.0) & _organ_space(grid, anatomy, sl), "stomach")
     wall_frac = rng.uniform(4.0, 7.0) / float(stomach.semi.mean())
     canvas.paint(sl, inside, "stomach_wall", "stomach")
     lumen = inside & (r < 1.0 - wall_frac)
@@ -486,14 +581,18 @@ def _paint_stomach(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anato
 
 def _paint_spleen(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
     """Spleen: posterior-lateral left, crescent from a hilar notch."""
-    spleen = _Blob.sample(rng, (rng.uniform(-112, -88), rng.uniform(-50, -25), rng.uniform(-78, -45)),
-                          (rng.uniform(18, 28), rng.uniform(42, 58), rng.uniform(42, 58)),
+    if canvas.anatomy == 1:
+        centre = (rng.uniform(-112, -88), rng.uniform(-50, -25), rng.uniform(-78, -45))
+    else:  # lateral to the left kidney, at about the vertebral body's AP level
+        centre = (rng.uniform(-118, -98), anatomy["y_v"] + rng.uniform(0, 20), rng.uniform(-78, -45))
+    spleen = _Blob.sample(rng, centre, (rng.uniform(18, 28), rng.uniform(42, 58), rng.uniform(42, 58)),
                           rng.uniform(-55, -30), amp=0.12)
     sl, r, q = spleen.evaluate(grid)
     if sl is None:
         return
     notch = (q[0] - 1.1) ** 2 / 0.5 + q[1] ** 2 / 0.25 + q[2] ** 2 / 0.5 < 1.0
-    canvas.paint(sl, (r < 1.0) & ~notch & _organ_space(grid, anatomy, sl), "spleen", "spleen")
+    blob = (r < 1.0) & ~notch & _organ_space(grid, anatomy, sl)
+    canvas.paint(sl, canvas.organ_outline(sl, blob, "spleen"), "spleen", "spleen")
 
 
 def _paint_pancreas(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
@@ -502,7 +601,8 @@ def _paint_pancreas(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anat
     y_v, rv = anatomy["y_v"], anatomy["rv"]
     x_head, x_tail = rng.uniform(15, 35), rng.uniform(-100, -80)
     z_p = rng.uniform(-118.0, -95.0)
-    y_front = y_v + rv + rng.uniform(32.0, 42.0)
+    # anatomy 2: further forward, in front of the aorta and the splenic vein's course
+    y_front = y_v + rv + rng.uniform(*((32.0, 42.0) if canvas.anatomy == 1 else (44.0, 56.0)))
     sl = grid.box((x_tail - 15, y_v - 40, z_p - 40), (x_head + 15, y_front + 50, z_p + 40))
     if sl is None:
         return
@@ -516,35 +616,48 @@ def _paint_pancreas(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anat
         * np.cos(2 * np.pi * z / rng.uniform(10, 16))
     pancreas = (((y - yc_p) / half_y) ** 2 + ((z - zc_p) / half_z) ** 2 < 1.0 + lobes) \
         & (t >= -0.1) & (t <= 1.0)
-    canvas.paint(sl, pancreas & _organ_space(grid, anatomy, sl), "pancreas", "pancreas")
+    blob = pancreas & _organ_space(grid, anatomy, sl)
+    canvas.paint(sl, canvas.organ_outline(sl, blob, "pancreas"), "pancreas", "pancreas")
 
 
-def _paint_kidneys(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
-    """Kidneys either side of the spine, the left one higher (both heights drawn first)."""
-    z_right = rng.uniform(-130.0, -105.0)
-    z_left = z_right + rng.uniform(5, 20)
-    _paint_kidney(rng, grid, canvas, anatomy, 1.0, "kidney_right", z_right)
-    _paint_kidney(rng, grid, canvas, anatomy, -1.0, "kidney_left", z_left)
+def _paint_kidneys(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict
+                   ) -> tuple[_Blob, _Blob]:
+    """Kidneys either side of the spine, the left one higher (both heights drawn first).
+    Anatomy 2: 10 mm lower, the left 10-18 mm higher (upper poles about 60-95 mm below the
+    dome), 46-56 mm semi-long axis. Returns the (right, left) blobs."""
+    if canvas.anatomy == 1:
+        z_right = rng.uniform(-130.0, -105.0)
+        z_left = z_right + rng.uniform(5, 20)
+        half_length = (48.0, 60.0)
+    else:
+        z_right = rng.uniform(-140.0, -115.0)
+        z_left = z_right + rng.uniform(10, 18)
+        half_length = (46.0, 56.0)
+    right = _paint_kidney(rng, grid, canvas, anatomy, 1.0, "kidney_right", z_right, half_length)
+    left = _paint_kidney(rng, grid, canvas, anatomy, -1.0, "kidney_left", z_left, half_length)
+    return right, left
 
 
 def _paint_kidney(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict,
-                  side: float, name: str, z_mm: float) -> None:
-    """One kidney centred at height ``z_mm``, on the patient's right (side +1) or left (-1):
-    cortex, medulla, and a medial hilum of sinus fat."""
+                  side: float, name: str, z_mm: float, half_length: tuple[float, float]) -> _Blob:
+    """One kidney centred at height ``z_mm``, on the patient's right (side +1) or left (-1),
+    ``half_length`` the range of its semi-long axis (mm): cortex, medulla, and a medial hilum
+    of sinus fat. Returns its blob."""
     y_v, rv = anatomy["y_v"], anatomy["rv"]
     kidney = _Blob.sample(rng, (side * rng.uniform(rv + 48, rv + 62), y_v + rng.uniform(-5, 8), z_mm),
-                          (rng.uniform(24, 30), rng.uniform(21, 27), rng.uniform(48, 60)),
+                          (rng.uniform(24, 30), rng.uniform(21, 27), rng.uniform(*half_length)),
                           -side * rng.uniform(15, 35), tilt_deg=10.0, amp=0.06)
     sl, r, q = kidney.evaluate(grid)
     if sl is None:
-        return
-    inside = (r < 1.0) & _organ_space(grid, anatomy, sl)
+        return kidney
+    inside = canvas.organ_outline(sl, (r < 1.0) & _organ_space(grid, anatomy, sl), name)
     # the hilum faces antero-medially: local -side*u after the yaw of -side*(15..35) deg
     medial = -side * q[0]
     sinus = (medial > 0.3) & (np.abs(q[2]) < 0.45) & (np.abs(q[1]) < 0.45)
     canvas.paint(sl, inside, "kidney_cortex", name)
     canvas.paint(sl, inside & (r < rng.uniform(0.62, 0.72)), "kidney_medulla", name)
     canvas.paint(sl, inside & sinus, "fat")
+    return kidney
 
 
 def _paint_gallbladder(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict,
@@ -552,12 +665,16 @@ def _paint_gallbladder(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, a
     """Gallbladder under the liver (``z_liver``: the right lobe's centre z); absent in some cases."""
     if rng.random() >= 0.88:
         return
-    gb = _Blob.sample(rng, (rng.uniform(30, 55), rng.uniform(25, 50), z_liver - rng.uniform(35, 60)),
-                      (rng.uniform(12, 20), rng.uniform(14, 22), rng.uniform(24, 38)),
+    if canvas.anatomy == 1:
+        centre = (rng.uniform(30, 55), rng.uniform(25, 50), z_liver - rng.uniform(35, 60))
+    else:  # anterior, at the liver's inferior surface
+        centre = (rng.uniform(40, 62), anatomy["y_v"] + rng.uniform(75, 95), z_liver - rng.uniform(55, 75))
+    gb = _Blob.sample(rng, centre, (rng.uniform(12, 20), rng.uniform(14, 22), rng.uniform(24, 38)),
                       rng.uniform(-30, 30), amp=0.06)
     sl, r, _ = gb.evaluate(grid)
     if sl is not None:
-        canvas.paint(sl, (r < 1.0) & _organ_space(grid, anatomy, sl), "gallbladder", "gallbladder")
+        blob = (r < 1.0) & _organ_space(grid, anatomy, sl)
+        canvas.paint(sl, canvas.organ_outline(sl, blob, "gallbladder"), "gallbladder", "gallbladder")
 
 
 def _paint_great_vessels(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, anatomy: dict) -> None:
@@ -569,12 +686,14 @@ def _paint_great_vessels(rng: np.random.Generator, grid: _Grid, canvas: _Canvas,
     xa = -rng.uniform(0.3, 0.8) * rv + rng.uniform(-0.05, 0.05) * (zz + 100.0)
     ya = y_v + rv + r_a + 2.0 + 0.03 * (zz + 100.0)
     d_a = np.sqrt((grid.x - xa) ** 2 + (grid.y - ya) ** 2) < r_a
-    canvas.paint(everything, d_a & cavity, "aorta", "aorta")
+    canvas.paint(everything, canvas.organ_outline(everything, d_a & cavity, "aorta"), "aorta", "aorta")
     xi = rng.uniform(0.6, 1.0) * rv + 8.0
     yi = y_v + rv + 12.0 + 25.0 * np.clip((zz + 70.0) / 60.0, 0.0, 1.0)
     ri = rng.uniform(11.0, 15.0), rng.uniform(7.0, 10.0)
     d_i = ((grid.x - xi) / ri[0]) ** 2 + ((grid.y - yi) / ri[1]) ** 2 < 1.0
-    canvas.paint(everything, d_i & cavity & (grid.z < anatomy["zdiaph"]), "ivc", "ivc")
+    anatomy["ivc"] = (xi, yi, ri[0])  # (mm, (Z,) mm, mm): the liver keeps off its back (anatomy 2)
+    ivc = canvas.organ_outline(everything, d_i & cavity & (grid.z < anatomy["zdiaph"]), "ivc")
+    canvas.paint(everything, ivc, "ivc", "ivc")
 
 
 def _paint_fat_planes(rng: np.random.Generator, grid: _Grid, canvas: _Canvas) -> None:
@@ -660,18 +779,21 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
                           spacing_mm: tuple[float, float, float] = DEFAULT_SPACING_MM,
                           shape: tuple[int, int, int] | None = None,
                           pretrain_fraction: float = 0.5, train_fraction: float = 0.2,
-                          montage: bool = True, progress: bool = False) -> Path:
+                          montage: bool = True, progress: bool = False, anatomy: int = 1) -> Path:
     """Write ``cases`` phantoms as an nnU-Net v2 raw dataset at ``out_dir`` (atomically).
 
     Layout: ``dataset.json`` (name, channel_names {"0": "CT"}, labels, numTraining,
-    file_ending ".nii.gz", plus a "phantoms" record of seed, spacing, shape and each case's
-    contrast phase), ``imagesTr/<id>_0000.nii.gz`` (float32 HU), ``labelsTr/<id>.nii.gz``
+    file_ending ".nii.gz", plus a "phantoms" record of seed, spacing, shape, the anatomy version
+    and each case's contrast phase), ``imagesTr/<id>_0000.nii.gz`` (float32 HU), ``labelsTr/<id>.nii.gz``
     (uint8), ``splits.json`` (:func:`lrcseg.data.splits.make_splits`) and ``montage.png``.
     Case i is drawn from child i of ``np.random.SeedSequence(seed)``: the same whatever ``cases``.
+    anatomy: the anatomy version of :func:`generate_phantom` (1 = the phantoms of earlier releases).
     Raises FileExistsError if ``out_dir`` exists; nothing is left behind on failure.
     """
     if cases < 1:
         raise ValueError(f"Illegal number of cases {cases}: need >= 1")
+    if anatomy not in ANATOMY_VERSIONS:
+        raise ValueError(f"Illegal anatomy {anatomy!r}: one of {ANATOMY_VERSIONS}")
     shape = default_shape(spacing_mm) if shape is None else shape
     shape, spacing_mm = _check_grid(shape, spacing_mm)
     affine = phantom_affine(shape, spacing_mm)
@@ -685,7 +807,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
         for i, (case_id, child) in enumerate(zip(ids, children, strict=True)):
             rng = np.random.default_rng(child)
             phase = PHASES[0] if rng.random() < 0.7 else PHASES[1]
-            hu, labels = generate_phantom(rng, shape, spacing_mm, phase=phase)
+            hu, labels = generate_phantom(rng, shape, spacing_mm, phase=phase, anatomy=anatomy)
             write_nifti(tmp / "imagesTr" / f"{case_id}_0000.nii.gz", hu, affine, np.float32)
             write_nifti(tmp / "labelsTr" / f"{case_id}.nii.gz", labels, affine, np.uint8)
             phases[case_id] = phase
@@ -701,7 +823,7 @@ def write_phantom_dataset(out_dir: str | os.PathLike, cases: int, seed: int = 0,
             "numTraining": cases,
             "file_ending": ".nii.gz",
             "phantoms": {"seed": int(seed), "spacing_mm": list(spacing_mm), "shape": list(shape),
-                         "phases": phases},
+                         "anatomy": int(anatomy), "phases": phases},
         })
         atomic_write_json(tmp / "splits.json", splits)
         if previews:
