@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 import lrcseg.experiment.runner as runner_module
-from lrcseg.config import ExperimentConfig, load_config
+from lrcseg.config import ExperimentConfig, load_config, save_config
+from lrcseg.data.layouts import load_dataset
+from lrcseg.data.splits import choose_labelled
 from lrcseg.errors import ConfigError
 from lrcseg.experiment.cells import Cell, cells, finetune_config, pretrain_config
 from lrcseg.experiment.runner import run_experiment
@@ -174,6 +176,10 @@ def _fake_training(monkeypatch, calls: list[str]):
     def finetune(cfg, resume=False, progress=True):
         calls.append("finetune " + "/".join(Path(cfg.run.out).parts[-2:]))
         Path(cfg.run.out).mkdir(parents=True)
+        # what a real run folder records of its config and labelled cases (Finetuning.describe)
+        save_config(cfg, Path(cfg.run.out) / "config.yaml")
+        split = choose_labelled(load_dataset(cfg.dataset), cfg.labeled, cfg.split_seed)
+        (Path(cfg.run.out) / "split.json").write_text(json.dumps(split))
         (Path(cfg.run.out) / "final.pt").write_bytes(b"x")
         for step in cfg.snapshots:
             (Path(cfg.run.out) / f"snapshot_{step}.pt").write_bytes(b"x")

@@ -60,3 +60,30 @@ def test_probe_settings_are_validated_against_the_probes_own_tables():
         _cfg(probe_levels="enc4,dec3")
     with pytest.raises(ConfigError, match="probe_batchnorm"):
         _cfg(probe_batchnorm="frozen")
+
+
+def test_an_old_record_counts_as_one_rate_seeded_draws_and_the_default_curve(tmp_path):
+    register(_cfg(finetune_intensity=False), tmp_path)
+    record = tmp_path / "experiment.yaml"
+    old = yaml.safe_load(record.read_text())
+    for key in ("finetune_strategy", "draw_mode", "curve_steps"):
+        del old[key]  # as written before the keys existed
+    record.write_text(yaml.safe_dump(old))
+    register(_cfg(finetune_intensity=False), tmp_path)  # the defaults are what it did
+    record.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="changed: draw_mode, finetune_strategy"):
+        register(_cfg(finetune_intensity=False, draw_mode="distinct",
+                      finetune_strategy={"head_first_steps": 1}), tmp_path)
+    # The learning-curve steps choose which evaluations exist, not what a cell computes.
+    register(_cfg(finetune_intensity=False, curve_steps=[100], learning_curve="all"), tmp_path)
+
+
+def test_scratch_cells_keep_the_default_strategy(tmp_path):
+    from lrcseg.config import FinetuneStrategyConfig, InitSpec
+
+    cfg = _cfg(finetune_strategy={"freeze_encoder": True, "decoder_lr_scale": 0.1},
+               initialisations=[InitSpec("scratch"), InitSpec("moco", "moco")])
+    strategies = {init: finetune_config(cfg, Cell(init, 1, 0, 0), tmp_path / "data",
+                                        tmp_path).strategy for init in ("scratch", "moco")}
+    assert strategies == {"scratch": FinetuneStrategyConfig(),
+                          "moco": FinetuneStrategyConfig(freeze_encoder=True, decoder_lr_scale=0.1)}

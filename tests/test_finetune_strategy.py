@@ -4,6 +4,7 @@ phase switch. Tiny runs: ResNet-10, small decoder, 64 px crops, a few steps."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -261,3 +262,57 @@ def test_the_strategy_is_saved_and_older_configs_load_with_the_defaults(workspac
     assert from_dict(FinetuneConfig, saved).strategy == strategy
     del saved["strategy"]
     assert from_dict(FinetuneConfig, saved).strategy == FinetuneStrategyConfig()
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _cli(ws, out, *flags) -> list[str]:
+    return ["finetune", "--dataset", str(ws["data"]), "--out", str(out), "--steps", "3",
+            "--batch-size", "2", "--image-size", "64", "--warmup-steps", "0", "--device", "cpu",
+            "--cache-dir", ws["cache"], "--no-progress", *flags]
+
+
+def test_strategy_flags_land_in_the_run_folders_config(workspace, tmp_path):
+    from lrcseg.cli import main
+
+    out = tmp_path / "flags"
+    assert main(_cli(workspace, out, "--init", workspace["init"], "--freeze", "encoder",
+                     "--head-first", "1", "--pretrained-lr-scale", "0.5")) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())["strategy"]
+    # A frozen encoder has no rate: the scale goes to the decoder, the other pre-trained part.
+    assert saved == {"encoder_lr_scale": 1.0, "decoder_lr_scale": 0.5, "head_first_steps": 1,
+                     "freeze_encoder": True}
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["lr/encoder"] == 0.0 and last["lr/decoder"] == pytest.approx(0.5 * last["lr"])
+
+
+def test_strategy_flags_override_the_config_file(workspace, tmp_path, capsys):
+    from lrcseg.cli import main
+
+    config_file = tmp_path / "ft.yaml"
+    config_file.write_text(yaml.safe_dump({"strategy": {"freeze_encoder": True,
+                                                        "head_first_steps": 2}}))
+    assert main(_cli(workspace, tmp_path / "p", "--init", workspace["init"], "--config",
+                     str(config_file), "--freeze", "none", "--pretrained-lr-scale", "0.1",
+                     "--print-config")) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)["strategy"]
+    assert printed == {"encoder_lr_scale": 0.1, "decoder_lr_scale": 0.1, "head_first_steps": 2,
+                       "freeze_encoder": False}
+    # Without --freeze, the file's frozen encoder keeps its rate out of the scale.
+    assert main(_cli(workspace, tmp_path / "p", "--init", workspace["init"], "--config",
+                     str(config_file), "--pretrained-lr-scale", "0.1", "--print-config")) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["strategy"]["encoder_lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize("flags", [["--head-first", "2"], ["--freeze", "encoder"],
+                                   ["--pretrained-lr-scale", "0.1"]])
+def test_a_strategy_from_scratch_is_one_line_of_error(workspace, tmp_path, capsys, flags):
+    from lrcseg.cli import main
+
+    out = tmp_path / "scratch"
+    assert main(_cli(workspace, out, "--init", "scratch", *flags)) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lrcseg finetune: error: ") and len(err.splitlines()) == 1
+    assert "with init scratch" in err and "Traceback" not in err
+    assert not out.exists()

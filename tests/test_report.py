@@ -89,7 +89,9 @@ def test_write_report_composes_the_sections_in_order(tmp_path):
                         probe_path=tmp_path / "probe_results.csv", curves=curves, hd95=hd95)
     text = path.read_text()
     assert _headings(text) == [
-        "# Experiment report", "## Fine-tuning convergence", "## Frozen-feature probe",
+        "# Experiment report", "## Primary endpoint: per-run paired differences",
+        "### Equivalence and the interval over pre-training seeds",
+        "## Fine-tuning convergence", "## Frozen-feature probe",
         "## Dice per initialisation and K", "## Paired differences against the baselines",
         "### Per fine-tuned run (the conservative view)",
         "### Per organ: Δ Dice [bootstrap 95% CI]", "## Figures", "## Configuration"]

@@ -153,6 +153,15 @@ class AugmentConfig:
     gamma: gamma range ((1, 1) = off: gamma bends HU non-linearly, organ contrasts with it).
     noise_std: Gaussian noise std (the largest per-sample std; 0.02 = 8.5 HU);
     blur_prob / blur_sigma: Gaussian blur.
+    patch_size: 3D only (``model.spatial_dims: 3``): each view's (d, h, w) in voxels of the
+        preprocessed grid (z, then in-plane), cut from a box of ``box_scale`` times that size
+        (``lrcseg.augment3d.PairedVolumeAugment``); image_size is the 2D views' and unused.
+        An nnU-Net plans configuration sets it to its patch size. None in 2D.
+    tilt_deg: 3D only: the largest tilt of a view out of the axial plane, about each
+        in-plane axis (ours, small: the anatomy stays axial).
+    box_scale: 3D only: the box the two views are cut from, as a multiple of patch_size per
+        axis (>= zoom's upper end, so a view zoomed out still fits; boxes tile each volume at
+        half a box, ``lrcseg.data.boxes``).
     """
 
     image_size: int = 224
@@ -168,9 +177,21 @@ class AugmentConfig:
     noise_std: float = 0.02
     blur_prob: float = 0.3
     blur_sigma: tuple[float, float] = (0.1, 1.0)
+    patch_size: tuple[int, int, int] | None = None
+    tilt_deg: float = 5.0
+    box_scale: float = 1.5
 
     def __post_init__(self) -> None:
         self.zoom = None if self.zoom is None else tuple(float(z) for z in self.zoom)
+        if self.patch_size is not None:
+            _check(isinstance(self.patch_size, (list, tuple)) and len(self.patch_size) == 3
+                   and all(isinstance(v, int) and not isinstance(v, bool) and v >= 8
+                           for v in self.patch_size),
+                   f"Illegal augment.patch_size {self.patch_size!r}: three integers >= 8 "
+                   "(d, h, w voxels), or null in 2D")
+            self.patch_size = tuple(self.patch_size)
+        _check(0 <= self.tilt_deg <= 45, f"Illegal augment.tilt_deg {self.tilt_deg}: 0..45 degrees")
+        _check(1 <= self.box_scale <= 4, f"Illegal augment.box_scale {self.box_scale}: 1..4")
         self.crop_scale = tuple(self.crop_scale)
         self.crop_ratio = tuple(self.crop_ratio)
         self.gamma = tuple(self.gamma)
@@ -254,18 +275,55 @@ class IntensityAugmentConfig:
 
 
 @dataclass
+class OrganContrastConfig:
+    """Fine-tuning's simulated contrast phase: each labelled organ's HU shifted by its own
+    random offset (``lrcseg.augment.OrganContrastAugment``; docs/METHOD.md, fine-tuning).
+
+    Contrast enhancement changes organs by different amounts (liver +50, kidneys +120, aorta
+    +110 to +160 HU between the unenhanced and the portal-venous phase, ../shared/PHANTOMS.md),
+    which a global brightness, contrast or gamma change cannot imitate: it reverses the order
+    of organs' HU. Per-label intensity randomisation is SynthSeg's idea (Billot et al. 2023),
+    here as a bounded shift on top of the real image's texture.
+
+    enabled: False = no organ shift (a run folder whose config has no ``organ_contrast``
+        section resumes with it off).
+    prob: the probability that a sample gets the shift.
+    shift_hu: each organ (label > 0) of a chosen sample gets its own offset, uniform in
+        [-shift_hu, +shift_hu] HU; the background (label 0) keeps its values.
+    edge_sigma_px: the offset map is blurred with a Gaussian of this std (pixels of the
+        preprocessed grid), so the shift fades over an organ's boundary as partial volume does
+        instead of drawing the label's edge into the image (0 = hard edges).
+    """
+
+    enabled: bool = False
+    prob: float = 0.5
+    shift_hu: float = 100.0
+    edge_sigma_px: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.prob, (int, float)) and 0 <= self.prob <= 1,
+               f"Illegal organ_contrast.prob {self.prob!r}: a probability in [0, 1]")
+        _check(isinstance(self.shift_hu, (int, float)) and 0 <= self.shift_hu <= 1000,
+               f"Illegal organ_contrast.shift_hu {self.shift_hu!r}: HU in [0, 1000]")
+        _check(isinstance(self.edge_sigma_px, (int, float)) and 0 <= self.edge_sigma_px <= 8,
+               f"Illegal organ_contrast.edge_sigma_px {self.edge_sigma_px!r}: pixels in [0, 8]")
+
+
+@dataclass
 class NnUNetNetworkConfig:
-    """An nnU-Net plans file's 2D network, recorded whole so a checkpoint rebuilds it alone.
+    """An nnU-Net plans file's 2D or 3D network, recorded whole so a checkpoint rebuilds it alone.
 
     Filled by ``lrcseg.nnunet.plans.network_from_plans`` from ``nnUNetPlans.json`` (and the
     ``dataset.json`` beside it); a user never writes these fields by hand.
-    plans / configuration: the plans file it came from and its configuration ("2d").
+    plans / configuration: the plans file it came from and its configuration ("2d" or
+        "3d_fullres").
     network_class_name, arch_kwargs, kw_requires_import: the plans' "architecture" entry,
         passed to nnU-Net's ``get_network_from_plans`` as nnU-Net itself does.
     num_classes: segmentation outputs (the dataset's labels; nnU-Net's loader skips them).
     clip_hu, mean, std: nnU-Net's CTNormalization from the dataset fingerprint (foreground
         0.5 / 99.5 percentiles, mean, std): the network sees (clip(HU) - mean) / std.
-    spacing_mm, patch_size: the configuration's in-plane spacing and patch (H, W).
+    spacing_mm, patch_size: the configuration's spacing and patch in nnU-Net's axis order,
+        (H, W) for a 2D network, (D, H, W) for a 3D one; ``spatial_dims`` = their length.
     """
 
     plans: str
@@ -279,8 +337,8 @@ class NnUNetNetworkConfig:
     clip_hu: tuple[float, float]
     mean: float
     std: float
-    spacing_mm: tuple[float, float]
-    patch_size: tuple[int, int]
+    spacing_mm: tuple[float, ...]
+    patch_size: tuple[int, ...]
 
     def __post_init__(self) -> None:
         self.clip_hu = tuple(float(v) for v in self.clip_hu)
@@ -290,23 +348,35 @@ class NnUNetNetworkConfig:
                f"Illegal nnU-Net clip_hu {self.clip_hu}: need (low, high), low < high")
         _check(self.std > 0, f"Illegal nnU-Net std {self.std}: must be > 0")
         _check(self.num_classes >= 1, f"Illegal nnU-Net num_classes {self.num_classes}")
-        _check(len(self.patch_size) == 2, f"nnU-Net configuration {self.configuration!r} has patch "
-               f"size {list(self.patch_size)}: lrcseg pre-trains 2D networks only")
+        _check(len(self.patch_size) in (2, 3), f"nnU-Net configuration {self.configuration!r} has "
+               f"patch size {list(self.patch_size)}: need a 2D or 3D patch")
+        _check(len(self.spacing_mm) == len(self.patch_size), f"nnU-Net configuration "
+               f"{self.configuration!r}: spacing {list(self.spacing_mm)} and patch size "
+               f"{list(self.patch_size)} differ in length")
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for a 2D network (the 2d configuration), 3 for a 3D one (3d_fullres)."""
+        return len(self.patch_size)
 
 
 @dataclass
 class ModelConfig:
-    """2D U-Net (MONAI FlexibleUNet) with a ResNet encoder, plus pre-training heads.
+    """U-Net (MONAI FlexibleUNet) with a ResNet encoder, plus pre-training heads.
 
+    spatial_dims: 2 (slices, (B, C, H, W)) or 3 (volume patches, (B, C, D, H, W)): the one
+        place the number of dimensions is decided; the U-Net, the projection heads and the
+        global methods' heads are built for it (the LRC loss follows the features it is
+        given). A config without the key (run folders written before it existed) is 2D.
     local_levels: decoder blocks whose outputs feed a local head each (LRC is computed at each
         and averaged); decoder block i has stride 16 / 2**i, so 2 = 1/4, 3 = 1/2 and
         4 = full resolution (64, 32 and 16 channels with the default decoder). The decoder runs
         up to the finest level listed; (2, 3, 4) trains the whole decoder.
     proj_dim: output width of both projection heads.
-    nnunet: instead of the FlexibleUNet (backbone and decoder_channels then unused), the 2D
+    nnunet: instead of the FlexibleUNet (backbone and decoder_channels then unused), the
         network of an nnU-Net plans file (``lrcseg pretrain --nnunet-plans``); local level l
         is then the decoder stage 4 - l stages above full resolution (stride 2**(4-l) with
-        nnU-Net's usual 2 x 2 poolings).
+        nnU-Net's usual 2 x 2 poolings). Its patch has ``spatial_dims`` axes.
     """
 
     backbone: str = "resnet50"
@@ -314,8 +384,12 @@ class ModelConfig:
     local_levels: tuple[int, ...] = (3,)
     proj_dim: int = 128
     nnunet: NnUNetNetworkConfig | None = None
+    spatial_dims: int = 2
 
     def __post_init__(self) -> None:
+        _check(self.spatial_dims in (2, 3) and not isinstance(self.spatial_dims, bool),
+               f"Illegal model.spatial_dims {self.spatial_dims!r}: 2 (slices) or 3 (volumes)")
+        self.spatial_dims = int(self.spatial_dims)
         self.decoder_channels = tuple(int(c) for c in self.decoder_channels)
         self.local_levels = tuple(int(v) for v in self.local_levels)
         _check(self.backbone in ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101"),
@@ -325,6 +399,11 @@ class ModelConfig:
                and all(0 <= v < 5 for v in self.local_levels),
                f"Illegal local_levels {self.local_levels}: distinct decoder levels in 0..4")
         _check(self.proj_dim > 0, f"Illegal proj_dim {self.proj_dim}")
+        if self.nnunet is not None:
+            _check(len(self.nnunet.patch_size) == self.spatial_dims,
+                   f"model.spatial_dims {self.spatial_dims} does not fit the nnU-Net "
+                   f"configuration {self.nnunet.configuration!r} (patch size "
+                   f"{list(self.nnunet.patch_size)}): set spatial_dims to its number of axes")
 
     @property
     def local_strides(self) -> tuple[int, ...]:
@@ -502,6 +581,26 @@ class PretrainConfig:
                "method 'none' without LRC has no loss: enable LRC or pick a global method")
         _check(self.run.steps is not None, "pre-training needs run.steps (no automatic budget)")
         self.method_sections = _method_sections(self.method_sections, self.method)
+        if self.model.spatial_dims == 3:
+            _check(self.augment.patch_size is not None,
+                   "model.spatial_dims 3 needs augment.patch_size (d, h, w voxels of a view), "
+                   "or --nnunet-plans with a 3d configuration, which sets it")
+            _check(self.model.nnunet is not None
+                   or all(side % 32 == 0 for side in self.augment.patch_size),
+                   f"augment.patch_size {list(self.augment.patch_size)}: the ResNet U-Net halves "
+                   "every axis five times, so each side must be a multiple of 32 (an nnU-Net "
+                   "plans network pools each axis as its plans say)")
+            _check(self.preprocess.context_slices == 1,
+                   f"model.spatial_dims 3 takes whole volumes: preprocess.context_slices must be "
+                   f"1, got {self.preprocess.context_slices}")
+            _check(self.superpixels.method == "felzenszwalb",
+                   f"model.spatial_dims 3: superpixels.method {self.superpixels.method!r} has no "
+                   "3D version; use felzenszwalb (supervoxels)")
+            _check(self.augment.zoom is not None
+                   and 1 / self.augment.zoom[0] <= self.augment.box_scale + 1e-9,
+                   f"augment.zoom {self.augment.zoom} in 3D: a view covers patch_size / zoom "
+                   f"voxels, so 1 / zoom's lower end must be <= augment.box_scale "
+                   f"{self.augment.box_scale}")
 
     def options(self, method: str | None = None) -> Any:
         """The options of ``method`` (default: the configured one), an instance of the
@@ -591,6 +690,8 @@ class FinetuneConfig:
     image_size, rotation_deg, hflip: the geometric augmentation (crop side, rotation, flips).
     intensity: the intensity augmentation (``IntensityAugmentConfig``; on by default,
         ``intensity: {enabled: false}`` = geometric only).
+    organ_contrast: the simulated contrast phase, a per-organ HU shift
+        (``OrganContrastConfig``), applied before the intensity augmentation.
     strategy: learning rates and freezing of the pre-trained layers
         (``FinetuneStrategyConfig``); refused from scratch, which has no pre-trained layers.
     """
@@ -610,6 +711,7 @@ class FinetuneConfig:
     rotation_deg: float = 10.0
     hflip: bool = False
     intensity: IntensityAugmentConfig = field(default_factory=IntensityAugmentConfig)
+    organ_contrast: OrganContrastConfig = field(default_factory=OrganContrastConfig)
     strategy: FinetuneStrategyConfig = field(default_factory=FinetuneStrategyConfig)
 
     def __post_init__(self) -> None:
@@ -640,15 +742,22 @@ class PhantomSpec:
     """Generate the dataset: ``write_phantom_dataset(out, cases, seed, spacing_mm)``.
 
     out: folder for the dataset (relative paths are inside the experiment folder).
+    anatomy: the generator's anatomy version (``lrcseg.phantoms.generate``): 2 (spine
+        posterior, kidneys posterolateral to it, no organ painted inside another; checked
+        against the real labelled case) or 1 (the phantoms of the evidence before it). An
+        experiment folder recorded before the field existed counts as 1.
     """
 
     out: str = "phantoms"
     cases: int = 20
     seed: int = 0
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 5.0)
+    anatomy: int = 2
 
     def __post_init__(self) -> None:
         self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
+        _check(self.anatomy in (1, 2) and not isinstance(self.anatomy, bool),
+               f"Illegal phantoms.anatomy {self.anatomy!r}: 1 or 2 (the generator's versions)")
         _check(self.cases >= 3, f"Illegal phantoms.cases {self.cases}: need >= 3 (pretrain/train/test)")
         _check(len(self.spacing_mm) == 3 and all(s > 0 for s in self.spacing_mm),
                f"Illegal phantoms.spacing_mm {self.spacing_mm}: three values > 0")
@@ -698,13 +807,26 @@ class InitSpec:
         return self.method != "scratch"
 
 
+#: ``ExperimentConfig.draw_mode``: how a draw chooses its K labelled cases
+DRAW_MODES = ("seeded", "distinct", "distinct_by_phase")
+
+
 @dataclass
 class ExperimentConfig:
     """A matrix of initialisations x labelled-case counts x draws x seeds on fixed splits.
 
     dataset: an existing labelled dataset with splits.json (pretrain/train/test), or None with
         ``phantoms`` set to generate one. labels_dataset: labelled source for "supervised".
-    labeled: K values; draws: split seeds choosing the K labelled cases; seeds: training seeds.
+    labeled: K values; draws: which K labelled cases a cell trains on (``draw_mode``); seeds:
+        training seeds.
+    draw_mode: "seeded" (draw d = split seed d of ``choose_labelled``; two draws of one K may
+        pick the same cases), "distinct" (draw d = the d-th labelled set of one K that no
+        earlier draw had: ``lrcseg.data.splits.distinct_labelled_sets``, so the draws of a K
+        are pairwise different) or "distinct_by_phase" (distinct, and the draws' labelled cases
+        follow the candidates' contrast phases in proportion; needs a dataset whose
+        dataset.json records them, as phantoms do). Draws are then indices >= 0, and a cell
+        still fine-tunes on ``choose_labelled(dataset, K, split_seed)`` with the split seed
+        that draws its set. A folder recorded before it existed counts as "seeded".
     pretrain_steps, finetune_steps: the budgets (identical for every cell).
     eval_split: the split of splits.json the fine-tuned models are scored on: "test" for the
         evidence, "pretrain" (the pre-training pool) to choose hyper-parameters without test cases.
@@ -724,11 +846,25 @@ class ExperimentConfig:
         probed enc4,enc8,enc16,dec4,dec2,dec1 with stored statistics: its experiment.yaml counts
         as that.
     finetune: False = probes only (a pre-training sweep scored by the probe); needs probe.
-    learning_curve: initialisations whose cells are also evaluated after 1/4 and 1/2 of the
-        fine-tuning budget (the report states the change over the last doubling).
+    learning_curve: initialisations whose cells are also evaluated at ``curve_steps`` (a list
+        of names, or "all" = every initialisation, those a later invocation adds included).
+    curve_steps: the learning-curve points before the full budget (each > 0 and <
+        finetune_steps; sorted, no repeats); empty = 1/4 and 1/2 of the budget. The full budget
+        is always the last point.
+    finetune_strategy: the fine-tuning strategy (``FinetuneStrategyConfig``: learning-rate
+        scales of the pre-trained layers, a head-first phase, a frozen encoder) of every
+        pre-trained initialisation alike. Scratch has no pre-trained layers and fine-tunes
+        with the default strategy whatever this says (``FinetuneConfig`` refuses any other
+        from scratch). A folder recorded before it existed counts as the default. Not
+        available with ``finetune_with: nnunet`` (nnU-Net's trainer has its own schedule).
     finetune_intensity: fine-tuning's intensity augmentation (``FinetuneConfig.intensity``
         on with its defaults, or off). A folder recorded before it existed holds cells
         fine-tuned without it, so its experiment.yaml counts as ``false``.
+    finetune_organ_contrast: fine-tuning's organ contrast augmentation (``FinetuneConfig.
+        organ_contrast`` on with its defaults, or off); a folder recorded before it existed
+        counts as ``false``.
+    equivalence_margin: the report's equivalence (TOST) margin in mean Dice, fixed before any
+        number is seen (a report setting: it may change between invocations).
     keep_checkpoints: False deletes each block's weights once its metrics are written
         (pre-training weights once every probe and cell of the block has finished).
     finetune_with: "lrcseg" (lrcseg's fine-tuning) or "nnunet": every initialisation is then
@@ -776,9 +912,14 @@ class ExperimentConfig:
     probe_levels: str = "all"
     probe_batchnorm: str = "reestimate"
     finetune: bool = True
-    learning_curve: list[str] = field(default_factory=list)
+    learning_curve: list[str] | str = field(default_factory=list)
+    curve_steps: list[int] = field(default_factory=list)
     keep_checkpoints: bool = True
     finetune_intensity: bool = True
+    finetune_organ_contrast: bool = False
+    equivalence_margin: float = 0.02
+    finetune_strategy: FinetuneStrategyConfig = field(default_factory=FinetuneStrategyConfig)
+    draw_mode: str = "seeded"
     finetune_with: str = "lrcseg"
     nnunet_iterations_per_epoch: int = 250
     nnunet_dataset_id: int = 990
@@ -801,6 +942,8 @@ class ExperimentConfig:
             _check(len(values) > 0 and len(set(values)) == len(values),
                    f"Illegal {key} {values}: a non-empty list without repeats")
         _check(all(k >= 1 for k in self.labeled), f"Illegal labeled {self.labeled}: counts >= 1")
+        _check(isinstance(self.equivalence_margin, (int, float)) and 0 < self.equivalence_margin < 1,
+               f"Illegal equivalence_margin {self.equivalence_margin!r}: a Dice difference in (0, 1)")
         _check(self.pretrain_steps >= 1 and self.finetune_steps >= 1,
                f"Illegal budgets pretrain_steps={self.pretrain_steps}, "
                f"finetune_steps={self.finetune_steps}: need >= 1")
@@ -817,8 +960,8 @@ class ExperimentConfig:
                "(or pretrain for a hyper-parameter sweep)")
         unknown = sorted(set(self.baselines) - set(names))
         _check(not unknown, f"baselines {unknown} are not initialisations ({names})")
-        unknown = sorted(set(self.learning_curve) - set(names))
-        _check(not unknown, f"learning_curve {unknown} are not initialisations ({names})")
+        self._check_learning_curve(names)
+        self._check_draws_and_strategy()
         _check(self.finetune or self.probe, "finetune: false needs probe: true (nothing to run)")
         _check(self.probe_pixels >= 100, f"Illegal probe_pixels {self.probe_pixels}: need >= 100")
         levels = self.probe_levels.split(",")
@@ -837,6 +980,9 @@ class ExperimentConfig:
                    "finetune_with nnunet: the probe and learning curves read lrcseg's networks; "
                    "set probe: false and learning_curve: []")
             _check(self.finetune, "finetune_with nnunet needs finetune: true")
+            _check(not self.finetune_strategy.changes(),
+                   "finetune_with nnunet: finetune_strategy sets lrcseg's fine-tuning; nnU-Net's "
+                   "trainer has its own schedule (leave finetune_strategy at its defaults)")
             _check(not any(s.method == "supervised" for s in self.initialisations),
                    "finetune_with nnunet: supervised pre-training is not available for nnU-Net "
                    "networks yet")
@@ -858,8 +1004,41 @@ class ExperimentConfig:
         OptimConfig(lr=self.pretrain_lr, warmup_steps=self.warmup_steps)
         OptimConfig(lr=self.finetune_lr, warmup_steps=self.warmup_steps)
 
+    def _check_learning_curve(self, names: list[str]) -> None:
+        if isinstance(self.learning_curve, str):
+            _check(self.learning_curve == "all",
+                   f"Illegal learning_curve {self.learning_curve!r}: a list of initialisations "
+                   "or all")
+        else:
+            unknown = sorted(set(self.learning_curve) - set(names))
+            _check(not unknown, f"learning_curve {unknown} are not initialisations ({names})")
+        steps = [int(s) for s in self.curve_steps]
+        _check(len(set(steps)) == len(steps) and all(0 < s < self.finetune_steps for s in steps),
+               f"Illegal curve_steps {self.curve_steps}: distinct steps > 0 and < finetune_steps "
+               f"{self.finetune_steps} (the full budget is always the last point)")
+        self.curve_steps = sorted(steps)
+
+    def _check_draws_and_strategy(self) -> None:
+        _check(self.draw_mode in DRAW_MODES,
+               f"Illegal draw_mode {self.draw_mode!r}: one of {', '.join(DRAW_MODES)}")
+        _check(self.draw_mode == "seeded" or min(self.draws) >= 0,
+               f"Illegal draws {self.draws} with draw_mode {self.draw_mode}: indices >= 0 "
+               "(draw d is the d-th distinct labelled set)")
+        if isinstance(self.finetune_strategy, dict):
+            self.finetune_strategy = from_dict(FinetuneStrategyConfig, self.finetune_strategy)
+        head_first = self.finetune_strategy.head_first_steps
+        _check(head_first < self.finetune_steps,
+               f"Illegal finetune_strategy.head_first_steps {head_first}: must be < "
+               f"finetune_steps {self.finetune_steps} (the rest fine-tunes the network)")
+
     def init(self, name: str) -> InitSpec:
         return next(s for s in self.initialisations if s.name == name)
+
+    def curve_inits(self) -> list[str]:
+        """The initialisations with a learning curve (``learning_curve``, "all" resolved)."""
+        if self.learning_curve == "all":
+            return [s.name for s in self.initialisations]
+        return list(self.learning_curve)
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -939,6 +1118,7 @@ def upgrade_model_dict(model: dict[str, Any]) -> dict[str, Any]:
     """A ``ModelConfig`` dict as written by an older lrcseg -> today's keys (``local_level: l``
     became ``local_levels: [l]``); other dicts are returned as they are."""
     model = dict(model)
+    model.setdefault("spatial_dims", 2)  # written before 3D existed
     if "local_level" in model:
         level = model.pop("local_level")
         model.setdefault("local_levels", [level])

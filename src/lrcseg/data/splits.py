@@ -7,19 +7,28 @@ fine-tuning.
     pre-training pool    splits "pretrain" if present, else every training case   pretraining_cases
     supervised source    labelled training cases ("train" split if present)        supervised_cases
     fine-tuning          K of the labelled training candidates, seeded             choose_labelled
+    an experiment's draws  pairwise different labelled sets, by stratum if asked   distinct_labelled_sets
     evaluation           the labelled cases of a named split                       split_cases
     phantom datasets     pretrain / train / test cut in case order                 make_splits
+    per-case strata      contrast phase recorded by the phantom generator          case_phases
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import math
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from lrcseg.data.layouts import Case, Dataset, load_dataset
 from lrcseg.errors import ConfigError
+
+#: how many split seeds ``distinct_labelled_sets`` tries for one draw before giving up
+MAX_SEEDS_PER_DRAW = 1_000_000
 
 
 def held_out_ids(dataset: Dataset) -> set[str]:
@@ -97,9 +106,121 @@ def choose_labelled(dataset: Dataset, labeled: float, split_seed: int) -> dict[s
     if k > len(candidates):
         raise ConfigError(f"{dataset.root}: --labeled {k} but only {len(candidates)} labelled "
                           f"training cases are available ({', '.join(candidates)})")
-    order = np.random.default_rng(split_seed).permutation(len(candidates))
-    return {"labeled": sorted(candidates[i] for i in order[:k]), "candidates": candidates,
+    return {"labeled": _seeded_set(candidates, k, split_seed), "candidates": candidates,
             "test": test}
+
+
+def _seeded_set(candidates: list[str], k: int, split_seed: int) -> list[str]:
+    """The K cases ``split_seed`` draws from ``candidates`` (sorted): the first K of a seeded
+    permutation."""
+    order = np.random.default_rng(split_seed).permutation(len(candidates))
+    return sorted(candidates[i] for i in order[:k])
+
+
+class LabelledSet(NamedTuple):
+    """One draw's labelled cases (sorted) and the split seed that draws them:
+    ``choose_labelled(dataset, K, split_seed)["labeled"] == cases``."""
+
+    split_seed: int
+    cases: list[str]
+
+
+def distinct_labelled_sets(candidates: list[str], k: int, n_draws: int, seed: int = 0,
+                           strata: dict[str, str] | None = None) -> list[LabelledSet]:
+    """``n_draws`` pairwise different sets of ``k`` cases, each drawn by a split seed.
+
+    Draw n takes the first split seed from ``seed`` on (``seed``, ``seed`` + 1, ...) that draws,
+    as ``choose_labelled`` does (``candidates`` sorted as it lists them), a set no earlier draw
+    has. Draw n is therefore the same whatever ``n_draws`` > n: a matrix that gains draws
+    keeps the sets of the ones it had; and where the seeded draws 0, 1, ... are already
+    different, they are these draws.
+
+    strata: case id -> stratum (e.g. the contrast phase, ``case_phases``) for every
+    candidate. Then draw n takes the first new set whose strata keep the labelled cases of
+    draws 0..n closest to each stratum's share of the candidates: the counts c_s of cases of
+    stratum s over those draws minimise sum_s |c_s - (n + 1) k share_s|. At K = 1 with 4
+    portal-venous and 2 unenhanced candidates, 6 draws hold each candidate once, 4 of them
+    portal-venous, in the order PV, UN, PV, PV, UN, PV.
+    Raises ConfigError if the candidates have fewer than ``n_draws`` sets of ``k`` cases, a
+    candidate has no stratum, or ``k`` exceeds the candidates.
+    """
+    candidates = sorted(candidates)
+    n = len(candidates)
+    if not 1 <= k <= n:
+        raise ConfigError(f"Illegal K {k}: between 1 and the {n} labelled candidates")
+    if math.comb(n, k) < n_draws:
+        raise ConfigError(f"{n_draws} draws need as many different sets of K = {k} labelled "
+                          f"cases, but {n} candidates give only {math.comb(n, k)}; use fewer "
+                          "draws or draw_mode seeded")
+    stratum = _strata(candidates, strata)
+    sizes = Counter(stratum.values())
+    names = sorted(sizes)
+    compositions = [c for c in itertools.product(*(range(min(k, sizes[s]) + 1) for s in names))
+                    if sum(c) == k]
+    used: set[tuple[str, ...]] = set()
+    have = dict.fromkeys(names, 0)
+    sets = []
+    for draw in range(n_draws):
+        wanted = _closest_compositions(compositions, names, used, stratum, sizes, have,
+                                       target=(draw + 1) * k / n)
+        for split_seed in range(seed, seed + MAX_SEEDS_PER_DRAW):
+            cases = _seeded_set(candidates, k, split_seed)
+            composition = tuple(sum(stratum[c] == s for c in cases) for s in names)
+            if tuple(cases) not in used and composition in wanted:
+                break
+        else:
+            raise ConfigError(f"draw {draw}: no new set of K = {k} labelled cases in the "
+                              f"{MAX_SEEDS_PER_DRAW} split seeds from {seed}")
+        used.add(tuple(cases))
+        for s, count in zip(names, composition, strict=True):
+            have[s] += count
+        sets.append(LabelledSet(split_seed, cases))
+    return sets
+
+
+def _strata(candidates: list[str], strata: dict[str, str] | None) -> dict[str, str]:
+    """Every candidate's stratum (one shared stratum without ``strata``)."""
+    if strata is None:
+        return dict.fromkeys(candidates, "")
+    missing = [c for c in candidates if c not in strata]
+    if missing:
+        raise ConfigError(f"no stratum (contrast phase) for labelled candidate(s) "
+                          f"{', '.join(missing)}")
+    return {c: str(strata[c]) for c in candidates}
+
+
+def _closest_compositions(compositions: list[tuple[int, ...]], names: list[str],
+                          used: set[tuple[str, ...]], stratum: dict[str, str],
+                          sizes: Counter, have: dict[str, int], target: float
+                          ) -> set[tuple[int, ...]]:
+    """The compositions (cases per stratum, in ``names`` order) with an unused set left that
+    bring the counts so far (``have``) closest to ``target`` x each stratum's size."""
+    def left(c: tuple[int, ...]) -> int:
+        count = math.prod(math.comb(sizes[s], n) for s, n in zip(names, c, strict=True))
+        taken = sum(tuple(sum(stratum[x] == s for x in cases) for s in names) == c
+                    for cases in used)
+        return count - taken
+
+    def distance(c: tuple[int, ...]) -> float:
+        return sum(abs(have[s] + n - target * sizes[s]) for s, n in zip(names, c, strict=True))
+
+    open_ = [c for c in compositions if left(c) > 0]
+    best = min(distance(c) for c in open_)
+    return {c for c in open_ if math.isclose(distance(c), best, abs_tol=1e-9)}
+
+
+def case_phases(dataset: str | Path) -> dict[str, str]:
+    """Case id -> contrast phase, as the phantom generator records it in dataset.json
+    (``"phantoms": {"phases": {...}}``); empty for a dataset that records none or cannot be
+    read (``dataset``: the dataset folder or its dataset.json)."""
+    path = Path(dataset)
+    path = path if path.name == "dataset.json" else path / "dataset.json"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    phases = (record.get("phantoms") or {}).get("phases") if isinstance(record, dict) else None
+    return {str(k): str(v) for k, v in phases.items()} if isinstance(phases, dict) else {}
 
 
 def split_cases(dataset: Dataset, split: str) -> list[Case]:

@@ -24,6 +24,7 @@ configs and words); the run-time methods import them when a cell is fine-tuned.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -109,7 +110,9 @@ def delete_weights(run_dir: Path) -> None:
 
 class LrcsegBackend:
     """lrcseg's own fine-tuning (``train/finetune.py``: the cell's ``FinetuneConfig``) and
-    evaluation (``evaluate/run.py``) of the final weights and the learning-curve snapshots."""
+    evaluation (``evaluate/run.py``) of the final weights and the learning-curve snapshots;
+    each result also names the cell's labelled cases (from the run's split.json), so a
+    metrics file kept without its run folder still says what the cell trained on."""
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
@@ -138,10 +141,18 @@ class LrcsegBackend:
                 _say(f"{run.folder.parent.name}/{run.folder.name}: no {snapshot.name}, its "
                      "learning-curve point is skipped")
                 continue
-            yield step, run.evaluate_lrcseg(snapshot)
+            yield step, self._with_cases(run, run.evaluate_lrcseg(snapshot))
 
     def evaluate(self, run: CellRun) -> dict[str, Any]:
-        return run.evaluate_lrcseg(run.folder)
+        return self._with_cases(run, run.evaluate_lrcseg(run.folder))
+
+    @staticmethod
+    def _with_cases(run: CellRun, result: dict[str, Any]) -> dict[str, Any]:
+        """``result`` with "labelled_cases", the K cases the run's split.json records."""
+        split = run.folder / "split.json"
+        if split.is_file():
+            result = {**result, "labelled_cases": json.loads(split.read_text())["labeled"]}
+        return result
 
     def release(self, run: CellRun) -> None:
         delete_weights(run.folder)

@@ -18,6 +18,11 @@ Extending: the matrix axes (initialisations, labeled, draws, seeds) and the repo
 may change between invocations of one folder, so a finished experiment can gain an
 initialisation or a seed; everything that changes what a cell computes may not, and neither
 may the definition of an initialisation that already has a name (``register``).
+
+Labelled sets: a cell (K, draw) fine-tunes (and its probe fits) on
+``choose_labelled(dataset, K, split_seed)``, where the split seed is the draw itself
+(``draw_mode: seeded``) or the one that draws the draw-th distinct labelled set of that K
+(``labelled_split_seed``); the run folder's split.json records the cases.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from lrcseg.config import (
     AugmentConfig,
     ExperimentConfig,
     FinetuneConfig,
+    FinetuneStrategyConfig,
     InitSpec,
     IntensityAugmentConfig,
     LRCConfig,
     ModelConfig,
     OptimConfig,
+    OrganContrastConfig,
     PreprocessConfig,
     PretrainConfig,
     RunConfig,
@@ -49,6 +56,8 @@ from lrcseg.config import (
     to_dict,
     update_dict,
 )
+from lrcseg.data.layouts import load_dataset
+from lrcseg.data.splits import LabelledSet, case_phases, choose_labelled, distinct_labelled_sets
 from lrcseg.errors import ConfigError
 from lrcseg.experiment.backends import finetune_backend
 from lrcseg.experiment.locks import exclusive_lock, lock_path
@@ -62,7 +71,7 @@ _RUNTIME_FIELDS = ("device", "configurations_tried", "progress_note", "keep_chec
 # when they change (an initialisation's definition is checked name by name instead).
 _MATRIX_FIELDS = ("initialisations", "labeled", "draws", "seeds", "baselines",
                   "bootstrap_resamples", "bootstrap_seed", "qualitative_figure", "probe",
-                  "finetune", "learning_curve")
+                  "finetune", "learning_curve", "curve_steps", "equivalence_margin")
 _NOT_COMPARED = (*_RUNTIME_FIELDS, *_MATRIX_FIELDS)
 # Pre-training keys the experiment sets itself: an override may not change them (None = the
 # whole section).
@@ -130,7 +139,10 @@ def task_metrics(out_dir: Path, kind: str, cell: Cell) -> Path:
 
 
 def curve_steps(cfg: ExperimentConfig) -> list[int]:
-    """Learning-curve points before the full budget: 1/4 and 1/2 of it (distinct, >= 1)."""
+    """Learning-curve points before the full budget: ``cfg.curve_steps``, or by default 1/4
+    and 1/2 of it (distinct, >= 1)."""
+    if cfg.curve_steps:
+        return list(cfg.curve_steps)
     return sorted({s for s in (cfg.finetune_steps // 4, cfg.finetune_steps // 2)
                    if 1 <= s < cfg.finetune_steps})
 
@@ -153,6 +165,44 @@ def dataset_path(cfg: ExperimentConfig, out_dir: Path) -> Path:
     assert cfg.phantoms is not None
     path = Path(cfg.phantoms.out)
     return path if path.is_absolute() else out_dir / path
+
+
+# --------------------------------------------------------------------------- labelled sets
+
+
+def labelled_sets(cfg: ExperimentConfig, data: Path, k: int) -> list[LabelledSet]:
+    """The distinct labelled sets of K for draws 0..max(draws) (``draw_mode`` distinct or
+    distinct_by_phase, by contrast phase for the latter); ConfigError naming the dataset if
+    its candidates cannot give that many, or, by phase, if it records no phase for one."""
+    assert cfg.draw_mode != "seeded"
+    dataset = load_dataset(data)
+    candidates = choose_labelled(dataset, k, 0)["candidates"]
+    strata = None
+    if cfg.draw_mode == "distinct_by_phase":
+        strata = case_phases(data)
+        if not strata:
+            raise ConfigError(f"{data}: draw_mode distinct_by_phase needs each case's contrast "
+                              "phase in dataset.json (\"phantoms\": {\"phases\": ...}, as "
+                              "`lrcseg phantoms` writes it); this dataset records none")
+    try:
+        return distinct_labelled_sets(candidates, k, max(cfg.draws) + 1, strata=strata)
+    except ConfigError as exc:
+        raise ConfigError(f"{data}: draw_mode {cfg.draw_mode}, K = {k}: {exc}") from exc
+
+
+def labelled_split_seed(cfg: ExperimentConfig, data: Path, k: int, draw: int) -> int:
+    """The split seed of (K, ``draw``): ``choose_labelled(dataset, k, seed)`` is the cell's
+    labelled set."""
+    if cfg.draw_mode == "seeded":
+        return draw
+    return labelled_sets(cfg, data, k)[draw].split_seed
+
+
+def check_labelled_sets(cfg: ExperimentConfig, data: Path) -> None:
+    """Refuse (ConfigError) a draw_mode the dataset cannot serve, before any training."""
+    if cfg.draw_mode != "seeded":
+        for k in cfg.labeled:
+            labelled_sets(cfg, data, k)
 
 
 # --------------------------------------------------------------------------- derived runs
@@ -211,19 +261,23 @@ def pretrain_config(cfg: ExperimentConfig, spec: InitSpec, seed: int, data: Path
 
 
 def finetune_config(cfg: ExperimentConfig, cell: Cell, data: Path, out_dir: Path) -> FinetuneConfig:
-    """The fine-tuning run of ``cell``: same budget and hyper-parameters for every init."""
+    """The fine-tuning run of ``cell``: same budget, hyper-parameters and strategy for every
+    init (scratch, having no pre-trained layers, with the default strategy)."""
     spec = cfg.init(cell.init)
     init = (str(pretrain_dir(out_dir, spec.name, cell.seed))
             if spec.pretrained else "scratch")
     return FinetuneConfig(
-        dataset=str(data), init=init, labeled=cell.labeled, split_seed=cell.draw,
-        snapshots=curve_steps(cfg) if cell.init in cfg.learning_curve else [],
+        dataset=str(data), init=init, labeled=cell.labeled,
+        split_seed=labelled_split_seed(cfg, data, cell.labeled, cell.draw),
+        snapshots=curve_steps(cfg) if cell.init in cfg.curve_inits() else [],
+        strategy=cfg.finetune_strategy if spec.pretrained else FinetuneStrategyConfig(),
         run=_run(cell_dir(out_dir, cell), cfg.finetune_steps,
                  cfg.finetune_batch_size, cell.seed, cfg),
         preprocess=PreprocessConfig(spacing_mm=cfg.spacing_mm),
         model=ModelConfig(backbone=cfg.backbone), image_size=cfg.image_size,
         optim=OptimConfig(lr=cfg.finetune_lr, warmup_steps=cfg.warmup_steps),
-        intensity=IntensityAugmentConfig(enabled=cfg.finetune_intensity))
+        intensity=IntensityAugmentConfig(enabled=cfg.finetune_intensity),
+        organ_contrast=OrganContrastConfig(enabled=cfg.finetune_organ_contrast))
 
 
 # --------------------------------------------------------------------------- the folder's record
@@ -270,11 +324,20 @@ LEGACY_PROBE_LEVELS = "enc4,enc8,enc16,dec4,dec2,dec1"
 
 
 def _recorded(path: Path) -> ExperimentConfig:
-    """The experiment.yaml of a folder; one written before ``finetune_intensity`` existed
-    fine-tuned its cells without intensity augmentation, and one written before
-    ``probe_levels``/``probe_batchnorm`` probed the legacy levels with stored BatchNorm."""
+    """The experiment.yaml of a folder; one written before ``finetune_intensity`` /
+    ``finetune_organ_contrast`` existed fine-tuned its cells without that augmentation, its
+    phantoms (if generated) are anatomy 1 when it names none, one written before
+    ``probe_levels``/``probe_batchnorm`` probed the legacy levels with stored BatchNorm, and
+    one written before ``finetune_strategy``/``draw_mode`` fine-tuned every layer at one rate
+    on seeded draws."""
     data = read_config_file(path)
     data.setdefault("finetune_intensity", False)
+    data.setdefault("finetune_organ_contrast", False)
+    if isinstance(data.get("phantoms"), dict):
+        data["phantoms"] = {"anatomy": 1, **data["phantoms"]}
+    data.setdefault("finetune_strategy", {"encoder_lr_scale": 1.0, "decoder_lr_scale": 1.0,
+                                          "head_first_steps": 0, "freeze_encoder": False})
+    data.setdefault("draw_mode", "seeded")
     data.setdefault("probe_levels", LEGACY_PROBE_LEVELS)
     data.setdefault("probe_batchnorm", "stored")
     return load_config(ExperimentConfig, None, data)

@@ -4,10 +4,12 @@
         one pre-training run (shared by every K and draw)
         -> with ``probe``: a frozen-feature linear probe per (K, draw) (``lrcseg.evaluate.probe``)
         -> for each cell (initialisation, K, draw, seed): fine-tune on the K cases drawn by
-           ``choose_labelled(dataset, K, split_seed=draw)`` with the same step budget ->
-           evaluate on the test split (and, for the ``learning_curve`` initialisations, the
-           snapshots at 1/4 and 1/2 of the budget), both by the fine-tuning back-end
-           (``finetune_with``: lrcseg's own or nnU-Net's trainer)
+           ``choose_labelled(dataset, K, split_seed)`` (the draw's split seed,
+           ``cells.labelled_split_seed``: the draw itself, or the seed of the draw-th distinct
+           labelled set) with the same step budget and fine-tuning strategy -> evaluate on the
+           test split (and, for the ``learning_curve`` initialisations, the snapshots at
+           ``curve_steps``), both by the fine-tuning back-end (``finetune_with``: lrcseg's own
+           or nnU-Net's trainer)
         -> without ``keep_checkpoints``: the block's weights are deleted once its metrics
            are written, so a long run only ever holds one block's checkpoints
     -> results.csv, probe_results.csv, report.md, figures
@@ -48,9 +50,11 @@ from lrcseg.experiment.cells import (
     Cell,
     block_tasks,
     cells,
+    check_labelled_sets,
     curve_metrics_path,
     dataset_path,
     finetune_config,
+    labelled_split_seed,
     pretrain_config,
     pretrain_dir,
     probe_dir,
@@ -92,6 +96,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, progress: bool = 
     out_dir.mkdir(parents=True, exist_ok=True)
     whole = register(cfg, out_dir)
     data = _prepare_dataset(cfg, out_dir)
+    check_labelled_sets(cfg, data)  # a draw_mode the dataset cannot serve fails now
     backend = finetune_backend(cfg)
     backend.prepare(data, out_dir)
 
@@ -126,7 +131,8 @@ def _prepare_dataset(cfg: ExperimentConfig, out_dir: Path) -> Path:
             if not (data / "dataset.json").is_file():
                 _say(f"writing {cfg.phantoms.cases} phantoms to {data}")
                 write_phantom_dataset(data, cases=cfg.phantoms.cases, seed=cfg.phantoms.seed,
-                                      spacing_mm=cfg.phantoms.spacing_mm)
+                                      spacing_mm=cfg.phantoms.spacing_mm,
+                                      anatomy=cfg.phantoms.anatomy)
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
     return data
@@ -272,7 +278,9 @@ class _MatrixRun:
         scratch = not spec.pretrained
         result = evaluate_probe(
             "scratch" if scratch else str(pretrain_dir(self.out_dir, spec.name, cell.seed)),
-            self.data, labeled=cell.labeled, split_seed=cell.draw, split=cfg.eval_split,
+            self.data, labeled=cell.labeled,
+            split_seed=labelled_split_seed(cfg, self.data, cell.labeled, cell.draw),
+            split=cfg.eval_split,
             seed=cell.seed, backbone=cfg.backbone if scratch else None,
             spacing_mm=cfg.spacing_mm if scratch else None, pixels=cfg.probe_pixels,
             levels=cfg.probe_levels, batchnorm=cfg.probe_batchnorm,
