@@ -11,6 +11,18 @@ the volume through ``compute_supervoxels`` at scale 33 (about as many voxels per
 2D defaults give, docs/METHOD.md), one thread each.
 
     python bench/superpixels.py [--ct DIR] [--out bench_superpixels.json] [--repeat 3]
+    python bench/superpixels.py --supervoxels-only [--abdomen DIR] --out bench/results/supervoxels.json
+
+The supervoxel cache row (``supervoxel_cache_rate``, also in the full run; alone with
+``--supervoxels-only``): the labelled real abdominal CT (``--abdomen``, Dataset902_RealAbdomen
+beside the checkout; a generated phantom volume if absent) at the default preprocessing,
+through ``SupervoxelCache`` at scale 33, one thread, best of ``--repeat``: M voxels per second of
+the first ``get`` (compute, store, check), of a fresh cache object's ``get`` (SHA-256 check,
+memory map, full read) and of a repeated ``get`` on the same object (no SHA-256, full read).
+Run once with OMP_NUM_THREADS=1 on the 2-core AMD EPYC VM busy with other jobs (load ~7, so
+the compute rate is loose): 112 x 244 x 202 = 5.5 M voxels at 1.5 x 1.5 x 3 mm, 7881 regions
+(uint16, 11 MB): compute+store 0.63 M voxels/s (8.8 s), checked load 258 M voxels/s (21 ms),
+repeated load 885 M voxels/s (6 ms) (bench/results/supervoxels.json).
 
 The 3D row, run once on its own (``volume_rate(DEFAULT_CT, 3)``) on a 2-core AMD EPYC VM
 busy with other jobs (load ~3.7, so absolute rates are loose; an earlier, quieter run of the
@@ -42,11 +54,14 @@ from lrcseg.data.slice_cache import SliceCache
 from lrcseg.io_utils import atomic_write_json
 from lrcseg.phantoms.generate import TISSUES, generate_phantom
 from lrcseg.superpixels.felzenszwalb import adjusted_rand_index, felzenszwalb_fast
-from lrcseg.superpixels.region_cache import RegionCache
+from lrcseg.superpixels.region_cache import RegionCache, record_path
 from lrcseg.superpixels.regions import compute_regions, min_size_pixels
+from lrcseg.superpixels.supervoxel_cache import SupervoxelCache
 from lrcseg.superpixels.supervoxels import compute_supervoxels
 
 DEFAULT_CT = Path("/work/shared/data/chest_ct_dicom")
+DEFAULT_ABDOMEN = (Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+                   / "real_abdomen_ct" / "Dataset902_RealAbdomen")
 
 
 def real_slices(ct: Path, size: int) -> tuple[list[np.ndarray], list[np.ndarray], float]:
@@ -143,13 +158,91 @@ def volume_rate(ct: Path, repeat: int) -> dict:
     return row
 
 
+def supervoxel_cache_rate(abdomen: Path, repeat: int) -> dict:
+    """The supervoxel cache on one volume, M voxels/s, best of ``repeat`` (module docstring):
+    ``compute_store`` (first get: compute_supervoxels, np.save, record, SHA-256 check),
+    ``load_checked`` (a new SupervoxelCache: SHA-256, memory map, np.asarray) and
+    ``load_again`` (the same object again: memory map, np.asarray). The slice cache entry is
+    built before any timing."""
+    from lrcseg.data.layouts import load_dataset
+    from lrcseg.phantoms.generate import write_phantom_dataset
+
+    cfg = SuperpixelConfig(scale=33.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        if abdomen.is_dir():
+            source, case = "real_abdomen_ct", load_dataset(abdomen).cases[0]
+        else:  # 400 x 400 x 192 mm at the default 1.5 mm in-plane: 64 x 267 x 267 voxels
+            write_phantom_dataset(Path(tmp) / "phantom", 1, seed=0, spacing_mm=(1.5, 1.5, 3.0),
+                                  shape=(267, 267, 64), montage=False)
+            source, case = "phantom", load_dataset(Path(tmp) / "phantom").cases[0]
+        slices = SliceCache(PreprocessConfig(), Path(tmp) / "cache")
+        vol = slices.get(case)
+        compute_supervoxels(np.asarray(vol.image[:2, 0], np.float32), vol.body[:2],
+                            vol.spacing_mm, cfg)  # compile outside the timing
+        timings: dict[str, list[float]] = {"compute_store": [], "load_checked": [], "load_again": []}
+        for _ in range(repeat):
+            cache = SupervoxelCache(slices, cfg)
+            path = cache.path(vol)
+            path.unlink(missing_ok=True)
+            record_path(path).unlink(missing_ok=True)
+            t0 = time.perf_counter()
+            regions = np.asarray(cache.get(case))
+            timings["compute_store"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            np.asarray(SupervoxelCache(slices, cfg).get(case)).max()
+            timings["load_checked"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            np.asarray(cache.get(case)).max()
+            timings["load_again"].append(time.perf_counter() - t0)
+        row = {"source": source, "shape_zhw": list(regions.shape),
+               "spacing_mm": list(vol.spacing_mm), "voxels": int(regions.size),
+               "scale": cfg.scale, "regions": int(regions.max()), "dtype": regions.dtype.name,
+               "file_bytes": path.stat().st_size, "repeat": repeat}
+    for name, seconds in timings.items():
+        row[f"s_{name}"] = round(min(seconds), 4)
+        row[f"m_voxels_per_s_{name}"] = round(row["voxels"] / min(seconds) / 1e6, 2)
+    return row
+
+
+def _print_supervoxel_row(row: dict) -> None:
+    print(f"supervoxel cache on {row['source']} {'x'.join(map(str, row['shape_zhw']))} "
+          f"({row['regions']} regions, {row['dtype']}), M voxels/s: compute+store "
+          f"{row['m_voxels_per_s_compute_store']} ({row['s_compute_store']} s), load checked "
+          f"{row['m_voxels_per_s_load_checked']} ({row['s_load_checked']} s), load again "
+          f"{row['m_voxels_per_s_load_again']} ({row['s_load_again']} s)", flush=True)
+
+
+def _machine() -> dict:
+    """What the numbers were measured on: CPU, cores, load, threads."""
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+               platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ct", type=Path, default=DEFAULT_CT)
     parser.add_argument("--out", type=Path, default=Path("bench_superpixels.json"))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--phantoms", type=int, default=16, help="phantom slices per size")
+    parser.add_argument("--abdomen", type=Path, default=DEFAULT_ABDOMEN,
+                        help="nnU-Net dataset whose first case the supervoxel cache row uses")
+    parser.add_argument("--supervoxels-only", action="store_true",
+                        help="run the supervoxel cache row alone")
     args = parser.parse_args()
+
+    if args.supervoxels_only:
+        machine = _machine()
+        row = supervoxel_cache_rate(args.abdomen, args.repeat)
+        _print_supervoxel_row(row)
+        atomic_write_json(args.out, {"machine": machine, "supervoxel_cache": row})
+        print(f"wrote {args.out}")
+        return
 
     cfg = SuperpixelConfig()
     felzenszwalb_fast(np.zeros((8, 8)))  # compile (or load the numba cache) outside the timing
@@ -178,6 +271,8 @@ def main() -> None:
               f"{row['m_per_s_slices_2d']}, 2D slices tiled into one image {row['m_per_s_tiled_2d']}, "
               f"3D {row['m_per_s_volume_3d']} ({row['regions_slices_2d']} regions in 2D, "
               f"{row['regions_volume_3d']} in 3D)", flush=True)
+    row = result["supervoxel_cache"] = supervoxel_cache_rate(args.abdomen, args.repeat)
+    _print_supervoxel_row(row)
     atomic_write_json(args.out, result)
     print(f"wrote {args.out}")
 

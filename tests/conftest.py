@@ -65,3 +65,27 @@ def default_sigint():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module's tests: tiny networks run fastest single-threaded on a
+    shared CPU, and in-process runs then use the float kernels of single-threaded children."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pretrain_phantoms(tmp_path_factory) -> dict[str, str]:
+    """Three small phantoms (4 x 4 x 8 mm) for pre-training tests, once per module: {"data":
+    the dataset folder, "cache": a cache folder beside it}."""
+    from lrcseg.phantoms.generate import write_phantom_dataset
+
+    root = tmp_path_factory.mktemp("pretrain_phantoms")
+    data = write_phantom_dataset(root / "ph", cases=3, seed=0, spacing_mm=(4.0, 4.0, 8.0),
+                                 montage=False)
+    return {"data": str(data), "cache": str(root / "cache")}

@@ -121,6 +121,7 @@ def test_export_loads_with_nnunet_loader(pretrained, nnunet_dataset, tmp_path):
     assert torch.equal(loaded[key], weights[key]) and torch.equal(weights[key], state["unet." + key])
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["format"] == "lrcseg-nnunet-v1" and meta["configuration"] == "2d"
+    assert meta["load_with"] == "nnUNetv2_train DATASET 2d FOLD -pretrained_weights lrc_nnunet.pth"
 
 
 def test_export_refusals(pretrained, tmp_path, capsys):
@@ -132,8 +133,11 @@ def test_export_refusals(pretrained, tmp_path, capsys):
 def test_plans_refusals(nnunet_dataset, tmp_path):
     plans = json.loads(nnunet_dataset["plans"].read_text())
     (tmp_path / "dataset.json").write_text((nnunet_dataset["plans"].parent / "dataset.json").read_text())
-    with pytest.raises(DataError, match="'3d_fullres' is 3D"):
-        network_from_plans(nnunet_dataset["plans"], "3d_fullres")
+    plans_2d = json.loads(json.dumps(plans))
+    plans_2d["configurations"]["2d"]["patch_size"] = [64]
+    (tmp_path / "nnUNetPlans.json").write_text(json.dumps(plans_2d))
+    with pytest.raises(DataError, match="'2d' has patch size \\[64\\]"):
+        network_from_plans(tmp_path)
     with pytest.raises(DataError, match="no configuration '2d_typo'"):
         network_from_plans(nnunet_dataset["plans"], "2d_typo")
     plans["configurations"]["2d"]["normalization_schemes"] = ["ZScoreNormalization"]
@@ -156,6 +160,27 @@ def test_export_refuses_other_plans_network(pretrained, nnunet_dataset, tmp_path
     assert main(["export", str(pretrained), "--format", "nnunet", "--out", str(out),
                  "--nnunet-plans", str(other / "nnUNetPlans.json")]) == 1
     assert "do not fit the network" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_export_refuses_2d_weights_for_the_3d_network(pretrained, nnunet_dataset, tmp_path, capsys):
+    """The 2D run checked against the same plans' 3d_fullres network: one line naming the first
+    convolution and both shapes, nothing written; the nnssl-format export takes 3D only."""
+    out = tmp_path / "w.pth"
+    assert main(["export", str(pretrained), "--format", "nnunet", "--out", str(out),
+                 "--nnunet-configuration", "3d_fullres"]) == 1
+    err = capsys.readouterr().err.strip()
+    arch = network_from_plans(nnunet_dataset["plans"], "3d_fullres")
+    arch_2d = network_from_plans(nnunet_dataset["plans"], "2d")
+    shape_3d, shape_2d = ((a.arch_kwargs["features_per_stage"][0], 1, *a.arch_kwargs["kernel_sizes"][0])
+                          for a in (arch, arch_2d))
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{key} is {shape_2d} in the weights, {shape_3d} in the network" in err
+    assert "2D weights, a 3D network" in err and "(3d_fullres)" in err
+    assert not out.exists()
+    assert main(["export", str(pretrained), "--format", "nnunet-pretrained", "--out", str(out)]) == 1
+    assert "3d_fullres only" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -30,30 +30,15 @@ from lrcseg.train import pretrain as pretrain_module
 from lrcseg.train.pretrain import pretrain
 from lrcseg.train.pretrain_data import build_pretrain_data
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks run fastest single-threaded on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain_phantoms")
-    data = write_phantom_dataset(root / "ph", cases=3, seed=0, spacing_mm=(4.0, 4.0, 8.0),
-                                 montage=False)
-    return {"data": str(data), "cache": str(root / "cache")}
-
-
-def make_cfg(phantoms, out, method="moco", lrc=True, steps=4, **run) -> PretrainConfig:
+def make_cfg(pretrain_phantoms, out, method="moco", lrc=True, steps=4, **run) -> PretrainConfig:
     run = {"steps": steps, "batch_size": 4, "device": "cpu", "log_every": 1,
-           "checkpoint_every": 100, "cache_dir": phantoms["cache"], "out": str(out), **run}
+           "checkpoint_every": 100, "cache_dir": pretrain_phantoms["cache"], "out": str(out), **run}
     return PretrainConfig(
-        data=[] if method == "supervised" else [phantoms["data"]],
-        labels=phantoms["data"] if method == "supervised" else None,
+        data=[] if method == "supervised" else [pretrain_phantoms["data"]],
+        labels=pretrain_phantoms["data"] if method == "supervised" else None,
         method=method, run=RunConfig(**run),
         preprocess=PreprocessConfig(spacing_mm=4.0),
         augment=AugmentConfig(image_size=64),
@@ -72,8 +57,8 @@ def metrics(run_dir):
     ("moco", False), ("simclr", True), ("simclr", False), ("byol", True), ("byol", False),
     ("none", True), ("supervised", False),
 ])
-def test_each_method_runs_with_and_without_lrc(phantoms, tmp_path, method, lrc):
-    run_dir = pretrain(make_cfg(phantoms, tmp_path / "run", method, lrc, steps=2), progress=False)
+def test_each_method_runs_with_and_without_lrc(pretrain_phantoms, tmp_path, method, lrc):
+    run_dir = pretrain(make_cfg(pretrain_phantoms, tmp_path / "run", method, lrc, steps=2), progress=False)
     rows = metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
@@ -84,8 +69,8 @@ def test_each_method_runs_with_and_without_lrc(phantoms, tmp_path, method, lrc):
     assert state["step"] == 2 and state["config"]["method"] == method
 
 
-def test_supervised_plus_lrc_reads_labels_and_logs_both_terms(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "run", "supervised", True, steps=3)
+def test_supervised_plus_lrc_reads_labels_and_logs_both_terms(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "supervised", True, steps=3)
     run_dir = pretrain(cfg, progress=False)
     rows = metrics(run_dir)
     for row in rows:
@@ -102,34 +87,34 @@ def test_supervised_plus_lrc_reads_labels_and_logs_both_terms(phantoms, tmp_path
     assert head.shape[0] == 10  # phantom label ids 0..9 from dataset.json
 
 
-def test_supervised_needs_labels_and_labels_need_supervised(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "a", "supervised")
+def test_supervised_needs_labels_and_labels_need_supervised(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "a", "supervised")
     cfg.labels = None
     with pytest.raises(ConfigError, match="--labels"):
         pretrain(cfg, progress=False)
-    cfg = make_cfg(phantoms, tmp_path / "b", "moco")
-    cfg.labels = phantoms["data"]
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "b", "moco")
+    cfg.labels = pretrain_phantoms["data"]
     with pytest.raises(ConfigError, match="only used by --method supervised"):
         pretrain(cfg, progress=False)
 
 
-def test_sync_bn_is_refused_on_cpu(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "run")
+def test_sync_bn_is_refused_on_cpu(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run")
     cfg.distributed = DistributedConfig(sync_bn=True)
     with pytest.raises(ConfigError, match="--sync-bn needs CUDA"):
         pretrain(cfg, progress=False)
 
 
-def test_grid_regions_run(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "run", "none", True, steps=2)
+def test_grid_regions_run(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "none", True, steps=2)
     cfg.superpixels = SuperpixelConfig(method="grid", grid_cell_mm=64.0)
     rows = metrics(pretrain(cfg, progress=False))
     assert all(row["lrc/valid_regions"] >= 2 for row in rows)  # 16 px cells, >= 4 px each at 1/4
 
 
 @pytest.mark.slow
-def test_short_run_lowers_simclr_and_lrc_losses(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "run", "simclr", True, steps=24)
+def test_short_run_lowers_simclr_and_lrc_losses(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "simclr", True, steps=24)
     cfg.optim = OptimConfig(lr=2e-3, warmup_steps=0)
     rows = metrics(pretrain(cfg, progress=False))
     for key in ("loss/lrc", "loss/global"):
@@ -146,9 +131,9 @@ def final_state(run_dir):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_bit_identical(phantoms, tmp_path, workers):
-    whole = pretrain(make_cfg(phantoms, tmp_path / "whole", steps=4, workers=workers), progress=False)
-    cfg = make_cfg(phantoms, tmp_path / "split", steps=4, workers=workers)
+def test_resume_is_bit_identical(pretrain_phantoms, tmp_path, workers):
+    whole = pretrain(make_cfg(pretrain_phantoms, tmp_path / "whole", steps=4, workers=workers), progress=False)
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "split", steps=4, workers=workers)
     pretrain(cfg, progress=False, stop_at=2)
     assert load_checkpoint(tmp_path / "split" / "checkpoint.pt")["step"] == 2
     pretrain(cfg, resume=True, progress=False)
@@ -160,8 +145,8 @@ def test_resume_is_bit_identical(phantoms, tmp_path, workers):
     assert [r["loss/total"] for r in metrics(whole)] == [r["loss/total"] for r in metrics(tmp_path / "split")]
 
 
-def test_nan_loss_stops_and_keeps_the_last_checkpoint(phantoms, tmp_path, monkeypatch):
-    cfg = make_cfg(phantoms, tmp_path / "run", steps=4)
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(pretrain_phantoms, tmp_path, monkeypatch):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", steps=4)
     pretrain(cfg, progress=False, stop_at=2)
     ckpt = tmp_path / "run" / "checkpoint.pt"
     before = ckpt.read_bytes()
@@ -178,8 +163,8 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(phantoms, tmp_path, monkey
     assert not (tmp_path / "run" / "final.pt").exists()
 
 
-def test_moco_position_positives_train_and_fill_the_queue_groups(phantoms, tmp_path):
-    cfg = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=2)
+def test_moco_position_positives_train_and_fill_the_queue_groups(pretrain_phantoms, tmp_path):
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "moco", False, steps=2)
     cfg.moco.position_partitions = 4
     run_dir = pretrain(cfg, progress=False)
     state = load_checkpoint(run_dir / "final.pt")
@@ -188,10 +173,10 @@ def test_moco_position_positives_train_and_fill_the_queue_groups(phantoms, tmp_p
     assert all(math.isfinite(row["loss/global"]) for row in metrics(run_dir))
 
 
-def test_slices_know_their_relative_position(phantoms):
+def test_slices_know_their_relative_position(pretrain_phantoms):
     from lrcseg.data.slices import PretrainSlices
 
-    data = build_pretrain_data(make_cfg(phantoms, "unused"), progress=False).dataset
+    data = build_pretrain_data(make_cfg(pretrain_phantoms, "unused"), progress=False).dataset
     assert isinstance(data, PretrainSlices)
     positions = [float(data[i]["position"]) for i in range(len(data))]
     assert min(positions) == 0.0 and max(positions) == 1.0
@@ -199,10 +184,10 @@ def test_slices_know_their_relative_position(phantoms):
     assert first_volume == sorted(first_volume)  # increasing with z inside one volume
 
 
-def test_supervised_lrc_also_draws_lrc_slices_from_unlabelled_data(phantoms, tmp_path):
+def test_supervised_lrc_also_draws_lrc_slices_from_unlabelled_data(pretrain_phantoms, tmp_path):
     other = write_phantom_dataset(tmp_path / "other", cases=3, seed=5, spacing_mm=(4.0, 4.0, 8.0),
                                   montage=False)
-    cfg = make_cfg(phantoms, tmp_path / "run", "supervised", True, steps=3)
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "supervised", True, steps=3)
     cfg.data = [str(other)]
     data = build_pretrain_data(cfg, progress=False)
     assert data.mixed_pool
@@ -218,12 +203,12 @@ def test_supervised_lrc_also_draws_lrc_slices_from_unlabelled_data(phantoms, tmp
         build_pretrain_data(cfg, progress=False)
 
 
-def test_online_probe_is_logged_and_leaves_training_bit_identical(phantoms, tmp_path):
+def test_online_probe_is_logged_and_leaves_training_bit_identical(pretrain_phantoms, tmp_path):
     probe_data = write_phantom_dataset(tmp_path / "probe_ph", cases=4, seed=2,
                                        spacing_mm=(4.0, 4.0, 8.0), pretrain_fraction=0.25,
                                        train_fraction=0.5, montage=False)
-    plain = pretrain(make_cfg(phantoms, tmp_path / "plain", "moco", True, steps=4), progress=False)
-    cfg = make_cfg(phantoms, tmp_path / "probed", "moco", True, steps=4)
+    plain = pretrain(make_cfg(pretrain_phantoms, tmp_path / "plain", "moco", True, steps=4), progress=False)
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "probed", "moco", True, steps=4)
     cfg.probe.dataset, cfg.probe.every, cfg.probe.pixels = str(probe_data), 2, 500
     probed = pretrain(cfg, progress=False)
     rows = metrics(probed)
@@ -235,18 +220,18 @@ def test_online_probe_is_logged_and_leaves_training_bit_identical(phantoms, tmp_
     assert all(torch.equal(a["network"][k], b["network"][k]) for k in a["network"])
 
 
-def test_resume_refuses_a_different_network_and_records_a_longer_budget(phantoms, tmp_path):
+def test_resume_refuses_a_different_network_and_records_a_longer_budget(pretrain_phantoms, tmp_path):
     import yaml
 
     from lrcseg.errors import DataWarning
 
-    cfg = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=4)
+    cfg = make_cfg(pretrain_phantoms, tmp_path / "run", "moco", False, steps=4)
     run_dir = pretrain(cfg, progress=False, stop_at=2)
-    other = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=4)
+    other = make_cfg(pretrain_phantoms, tmp_path / "run", "moco", False, steps=4)
     other.model.backbone = "resnet18"
     with pytest.raises(ConfigError, match="model.backbone 'resnet10' -> 'resnet18'"):
         pretrain(other, resume=True, progress=False)
-    longer = make_cfg(phantoms, tmp_path / "run", "moco", False, steps=5)
+    longer = make_cfg(pretrain_phantoms, tmp_path / "run", "moco", False, steps=5)
     with pytest.warns(DataWarning, match="run.steps 4 -> 5"):
         pretrain(longer, resume=True, progress=False)
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["run"]["steps"] == 5

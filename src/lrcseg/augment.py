@@ -6,7 +6,9 @@ and applied with ``affine_grid`` / ``grid_sample``: bilinear for the image, near
 region map, so region ids keep corresponding across the two views by construction. Intensity
 jitter (gamma, contrast, brightness, blur, noise) touches the image only.
 Fine-tuning: ``augment_labelled`` (zoom, rotation, translation through the same affine
-builder), then ``IntensityAugment`` (nnU-Net's default CT intensity transforms, image only).
+builder), then ``OrganContrastAugment`` (a simulated contrast phase: each labelled organ's HU
+shifted by its own offset), then ``IntensityAugment`` (nnU-Net's default CT intensity
+transforms); both touch the image only.
 All randomness comes from the ``torch.Generator`` passed in, so the output is a pure function
 of its seed.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lrcseg.config import AugmentConfig, IntensityAugmentConfig
+from lrcseg.config import AugmentConfig, IntensityAugmentConfig, OrganContrastConfig
 
 #: candidate second crops drawn per sample before the fallback (vectorised over the batch)
 CROP_TRIES = 10
@@ -82,7 +84,7 @@ class PairedViewAugment:
         for box in (box1, box2):
             theta = self.affine(box, h, w, generator).to(images.device)
             view, view_regions = self._warp(images, regions, theta)
-            outputs += [self._intensity(view, generator), view_regions]
+            outputs += [jitter_intensity(view, self.cfg, generator), view_regions]
         return outputs[0], outputs[1], outputs[2], outputs[3]
 
     # ------------------------------------------------------------------ geometry
@@ -157,37 +159,6 @@ class PairedViewAugment:
         dummy = torch.zeros(organs.shape[0], 1, *organs.shape[1:], device=organs.device)
         _, labels1, _, labels2 = self(dummy, organs.clamp(min=0), replay)
         return labels1, labels2
-
-    # ------------------------------------------------------------------ intensity
-    def _intensity(self, view: Tensor, generator: torch.Generator) -> Tensor:
-        cfg = self.cfg
-        b = view.shape[0]
-        u = torch.rand(b, 6, generator=generator, dtype=torch.float64)
-        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        device = view.device
-
-        def per_sample(values: Tensor) -> Tensor:
-            return values.to(device=device, dtype=torch.float32).view(b, 1, 1, 1)
-
-        x = view.to(torch.float32)
-        lo_g, hi_g = cfg.gamma
-        if lo_g != 1.0 or hi_g != 1.0:
-            g = torch.exp(math.log(lo_g) + (math.log(hi_g) - math.log(lo_g)) * u[:, 0])
-            x = x.clamp(0, 1) ** per_sample(g)
-        if cfg.contrast > 0:
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            x = (x - mean) * per_sample(1 + cfg.contrast * (2 * u[:, 1] - 1)) + mean
-        if cfg.brightness > 0:
-            x = x + per_sample(cfg.brightness * (2 * u[:, 2] - 1))
-        if cfg.blur_prob > 0:
-            sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[:, 3]
-            x = _gaussian_blur(x, sigma[:, None].expand(-1, 2), u[:, 4] < cfg.blur_prob,
-                               max(cfg.blur_sigma))
-        if cfg.noise_std > 0:
-            device_gen = torch.Generator(device=device).manual_seed(noise_seed)
-            noise = torch.randn(x.shape, generator=device_gen, device=device, dtype=torch.float32)
-            x = x + noise * per_sample(cfg.noise_std * u[:, 5])
-        return x.to(view.dtype)
 
 
 def affine_theta(cos: Tensor, sin: Tensor, half_w: Tensor, half_h: Tensor, shift_x: Tensor,
@@ -285,15 +256,12 @@ class IntensityAugment:
         if not isinstance(cfg, IntensityAugmentConfig):
             raise ValueError(f"IntensityAugment needs an IntensityAugmentConfig, got "
                              f"{type(cfg).__name__}")
-        if not windows or any(len(w) != 2 or not w[0] < w[1] for w in windows):
-            raise ValueError(f"Illegal windows {windows}: a non-empty list of (low, high) HU, "
-                             "low < high")
-        if context_slices < 1:
-            raise ValueError(f"Illegal context_slices {context_slices}: need >= 1")
+        self.width = window_widths(windows)  # (W_n,): the noise is one HU field per slice
         self.cfg = cfg
         self.context_slices = context_slices
+        if context_slices < 1:
+            raise ValueError(f"Illegal context_slices {context_slices}: need >= 1")
         low = torch.tensor([float(w[0]) for w in windows], dtype=torch.float64)
-        self.width = torch.tensor([float(w[1] - w[0]) for w in windows], dtype=torch.float64)
         self.centre = ((cfg.brightness_centre_hu - low) / self.width).repeat(context_slices)
 
     def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
@@ -313,7 +281,7 @@ class IntensityAugment:
         x = _where(apply, x, lambda: x + self._noise(x, std_hu, noise_seed))
         apply = next(draws) < cfg.blur_prob
         sigma = torch.stack([_uniform(next(draws), cfg.blur_sigma_px) for _ in range(2)], dim=1)
-        x = _where(apply, x, lambda: _gaussian_blur(x, sigma, apply, cfg.blur_sigma_px[1]))
+        x = _where(apply, x, lambda: gaussian_blur(x, sigma, apply, cfg.blur_sigma_px[1]))
         apply = next(draws) < cfg.brightness_prob
         m = _per_sample(factor_around_one(next(draws), next(draws), cfg.brightness_range), x)
         centre = self.centre.to(device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -422,27 +390,149 @@ def _where(apply: Tensor, x: Tensor, transform) -> Tensor:
     return torch.where(apply.to(x.device).view(-1, 1, 1, 1), transform(), x)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:
+def jitter_intensity(view: Tensor, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """Pre-training's intensity jitter of a batch of views (B, C, *spatial), 2 or 3 spatial axes.
+
+    Per sample, in this order: x <- x**g with g log-uniform in cfg.gamma; x <- (x - mean(x))
+    c + mean(x), c ~ U(1 +- contrast); x <- x + U(+-brightness); Gaussian blur of std ~
+    U(blur_sigma) voxels (the same along every axis) with probability blur_prob; x <- x + n s
+    with n ~ N(0, 1) per voxel and s ~ U(0, noise_std) per sample. A zero amplitude skips the
+    step. Draws a (B, 6) block of uniforms and a noise seed from ``generator`` (a CPU one).
+    Returns the views' shape, dtype and device; on (B, C, H, W) exactly what
+    ``PairedViewAugment`` gives.
+    """
+    b, spatial = view.shape[0], view.ndim - 2
+    u = torch.rand(b, 6, generator=generator, dtype=torch.float64)
+    noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    device = view.device
+
+    def per_sample(values: Tensor) -> Tensor:
+        return values.to(device=device, dtype=torch.float32).view(b, *[1] * (view.ndim - 1))
+
+    x = view.to(torch.float32)
+    lo_g, hi_g = cfg.gamma
+    if lo_g != 1.0 or hi_g != 1.0:
+        g = torch.exp(math.log(lo_g) + (math.log(hi_g) - math.log(lo_g)) * u[:, 0])
+        x = x.clamp(0, 1) ** per_sample(g)
+    if cfg.contrast > 0:
+        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        x = (x - mean) * per_sample(1 + cfg.contrast * (2 * u[:, 1] - 1)) + mean
+    if cfg.brightness > 0:
+        x = x + per_sample(cfg.brightness * (2 * u[:, 2] - 1))
+    if cfg.blur_prob > 0:
+        sigma = cfg.blur_sigma[0] + (cfg.blur_sigma[1] - cfg.blur_sigma[0]) * u[:, 3]
+        x = gaussian_blur(x, sigma[:, None].expand(-1, spatial), u[:, 4] < cfg.blur_prob,
+                          max(cfg.blur_sigma))
+    if cfg.noise_std > 0:
+        device_gen = torch.Generator(device=device).manual_seed(noise_seed)
+        noise = torch.randn(x.shape, generator=device_gen, device=device, dtype=torch.float32)
+        x = x + noise * per_sample(cfg.noise_std * u[:, 5])
+    return x.to(view.dtype)
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, apply: Tensor, max_sigma: float) -> Tensor:
     """Separable Gaussian blur with a per-sample std per axis; samples with ``apply`` False
     unchanged.
 
-    x: (B, C, H, W) float32; sigma: (B, 2) CPU tensor, the std along H and along W (pixels);
-    apply: (B,) CPU bool. One grouped conv per axis with kernels of radius ceil(3 * max_sigma),
-    reflect padding.
+    x: (B, C, H, W) or (B, C, D, H, W) float32; sigma: (B, k) CPU tensor, the std along each
+    spatial axis in order (voxels); apply: (B,) CPU bool. One grouped conv per axis, last axis
+    first, with kernels of radius ceil(3 * max_sigma) (at most the shortest side - 1), reflect
+    padding.
     """
-    b, c, h, w = x.shape
-    radius = max(1, min(int(math.ceil(3 * max_sigma)), h - 1, w - 1))
+    b, c, *sizes = x.shape
+    k = len(sizes)
+    if k not in (2, 3) or sigma.shape != (b, k):
+        raise ValueError(f"gaussian_blur needs x (B, C, H, W) or (B, C, D, H, W) and sigma (B, k), "
+                         f"got {tuple(x.shape)} and {tuple(sigma.shape)}")
+    radius = max(1, min(int(math.ceil(3 * max_sigma)), *(s - 1 for s in sizes)))
     t = torch.arange(-radius, radius + 1, dtype=torch.float64)
     delta = (t == 0).to(torch.float64).expand(b, -1)
+    conv = F.conv2d if k == 2 else F.conv3d
 
-    def kernels(std: Tensor) -> Tensor:  # (B,) -> (B*C, K) on the images' device
+    def kernels(std: Tensor, axis: int) -> Tensor:  # (B,) -> (B*C, 1, ...K at axis...)
         kernel = torch.exp(-(t[None] ** 2) / (2 * std.clamp(min=1e-3)[:, None] ** 2))
         kernel = torch.where(apply[:, None], kernel / kernel.sum(dim=1, keepdim=True), delta)
-        return kernel.repeat_interleave(c, dim=0).to(device=x.device, dtype=x.dtype)
+        shape = [b * c, 1] + [1] * k
+        shape[2 + axis] = 2 * radius + 1
+        return kernel.repeat_interleave(c, dim=0).to(device=x.device, dtype=x.dtype).view(shape)
 
-    flat = x.reshape(1, b * c, h, w)
-    flat = F.conv2d(F.pad(flat, (radius, radius, 0, 0), mode="reflect"),
-                    kernels(sigma[:, 1])[:, None, None, :], groups=b * c)
-    flat = F.conv2d(F.pad(flat, (0, 0, radius, radius), mode="reflect"),
-                    kernels(sigma[:, 0])[:, None, :, None], groups=b * c)
-    return flat.reshape(b, c, h, w)
+    flat = x.reshape(1, b * c, *sizes)
+    for axis in reversed(range(k)):
+        pad = [0] * (2 * k)
+        pad[2 * (k - 1 - axis)] = pad[2 * (k - 1 - axis) + 1] = radius  # F.pad: last axis first
+        flat = conv(F.pad(flat, pad, mode="reflect"), kernels(sigma[:, axis], axis), groups=b * c)
+    return flat.reshape(x.shape)
+
+
+class OrganContrastAugment:
+    """A simulated contrast phase: each labelled organ of a sample shifted by its own HU offset.
+
+    With probability ``cfg.prob`` a sample gets offsets o_c ~ U(-shift_hu, +shift_hu) HU, one
+    per organ class c = 1..num_classes - 1 (class 0, the background, keeps o_0 = 0); the offset
+    map o(label) is blurred with a Gaussian of std ``cfg.edge_sigma_px`` (the shift fades
+    across an organ's boundary as partial volume does), and each channel becomes
+    ``clamp(x + o / w, 0, 1)`` where the map is not zero (w: that channel's window width in HU;
+    the clamp is the window's own clipping, so an organ shifted out of the window saturates as
+    it would in a scan). The labels of the centre slice shift every context slice of a sample.
+    A label outside [0, num_classes) (an ignore value) gets no shift.
+
+    Every call draws a (B, num_classes) block of uniforms from ``generator`` whatever the
+    probability. Call with images (B, C, H, W) float in window units, labels (B, H, W) integer
+    and a CPU torch.Generator; returns (B, C, H, W) in the images' dtype and device, a sample
+    not picked returned bit for bit.
+    """
+
+    def __init__(self, cfg: OrganContrastConfig, windows: list[tuple[float, float]],
+                 num_classes: int, context_slices: int = 1):
+        if not isinstance(cfg, OrganContrastConfig):
+            raise ValueError(f"OrganContrastAugment needs an OrganContrastConfig, got "
+                             f"{type(cfg).__name__}")
+        if num_classes < 2:
+            raise ValueError(f"Illegal num_classes {num_classes}: need >= 2 (background + organs)")
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.width = window_widths(windows, context_slices).to(torch.float32)  # (C,)
+
+    def __call__(self, images: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+        channels = len(self.width)
+        if images.ndim != 4 or not images.is_floating_point() or images.shape[1] != channels:
+            raise ValueError(f"images must be a float (B, {channels}, H, W) tensor, got "
+                             f"{tuple(images.shape)} {images.dtype}")
+        if labels.shape != (images.shape[0], *images.shape[2:]):
+            raise ValueError(f"labels must be (B, H, W) = {(images.shape[0], *images.shape[2:])}, "
+                             f"got {tuple(labels.shape)}")
+        if generator.device.type != "cpu":
+            raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+        b = images.shape[0]
+        u = torch.rand(b, self.num_classes, generator=generator, dtype=torch.float64)
+        apply = u[:, 0] < self.cfg.prob
+        if not bool(apply.any()) or self.cfg.shift_hu == 0:
+            return images
+        offsets = ((2 * u - 1) * self.cfg.shift_hu).to(torch.float32)
+        offsets[:, 0] = 0.0  # u[:, 0] chose the sample; the background is not shifted
+        offsets = offsets.to(labels.device)
+        valid = (labels >= 0) & (labels < self.num_classes)
+        index = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        shift = torch.gather(offsets, 1, index.flatten(1)).view(labels.shape)  # (B, H, W) HU
+        shift = torch.where(valid, shift, torch.zeros_like(shift))[:, None].to(images.device)
+        sigma = self.cfg.edge_sigma_px
+        if sigma > 0:
+            shift = gaussian_blur(shift, torch.full((b, 2), float(sigma), dtype=torch.float64),
+                                  apply, sigma)
+        x = images.to(torch.float32)
+        width = self.width.to(x.device).view(1, -1, 1, 1)
+        shifted = torch.where(shift != 0, (x + shift / width).clamp(0.0, 1.0), x)
+        return _where(apply, x, lambda: shifted).to(images.dtype)
+
+
+def window_widths(windows: list[tuple[float, float]], context_slices: int = 1) -> Tensor:
+    """(C,) float64 window widths in HU of each input channel (slice-major: channel c is window
+    c % len(windows) of a slice); ValueError for an empty or inverted window list or
+    context_slices < 1."""
+    if not windows or any(len(w) != 2 or not w[0] < w[1] for w in windows):
+        raise ValueError(f"Illegal windows {windows}: a non-empty list of (low, high) HU, "
+                         "low < high")
+    if context_slices < 1:
+        raise ValueError(f"Illegal context_slices {context_slices}: need >= 1")
+    return torch.tensor([float(w[1] - w[0]) for w in windows],
+                        dtype=torch.float64).repeat(context_slices)

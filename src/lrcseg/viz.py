@@ -152,13 +152,18 @@ def annotate_slice(ax: Axes, shape_xy: tuple[int, int], spacing_xy: tuple[float,
     if spacing_xy is None:
         return
     width_mm = shape_xy[0] * float(spacing_xy[0])
-    bar_mm = next((v for v in (200, 100, 50, 20, 10, 5, 2, 1) if v <= width_mm / 5), 1)
+    bar_mm = _scale_bar_mm(width_mm)
     bar_px = bar_mm / float(spacing_xy[0]) * upsample  # columns run along x
     height = shape_xy[1] * upsample
     x0, y0 = 0.04 * shape_xy[0] * upsample, 0.93 * height
     ax.plot([x0, x0 + bar_px], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt")
     ax.text(x0 + bar_px / 2, y0 - 0.02 * height, f"{bar_mm} mm", color="white", fontsize=7,
             ha="center", va="bottom")
+
+
+def _scale_bar_mm(width_mm: float) -> int:
+    """A round scale-bar length in mm near a fifth of the width."""
+    return next((v for v in (200, 100, 50, 20, 10, 5, 2, 1) if v <= width_mm / 5), 1)
 
 
 def overlay_labels(ax: Axes, image_hw: np.ndarray, labels_hw: np.ndarray, alpha: float = 0.4,
@@ -222,6 +227,111 @@ def overlay_boundaries(ax: Axes, image_hw: np.ndarray, regions_hw: np.ndarray,
     ax.imshow(rgb, interpolation="nearest")
     ax.set_axis_off()
     annotate_slice(ax, np.shape(image_hw), spacing_xy, z_mm, upsample=k)
+
+
+# ----------------------------------------------------------------- three planes of a volume
+
+#: the planes through a volume, in the order figures show them
+PLANES = ("axial", "coronal", "sagittal")
+
+# (viewer's left, right, top, bottom) of each plane's display (see plane_section)
+_PLANE_MARKERS = {"axial": ("R", "L", "A", "P"), "coronal": ("R", "L", "S", "I"),
+                  "sagittal": ("A", "P", "S", "I")}
+_FIXED_AXIS = {"axial": "z", "coronal": "y", "sagittal": "x"}
+
+
+def plane_section(volume_zxy: np.ndarray, plane: str, voxel_xyz: tuple[int, int, int]) -> np.ndarray:
+    """The section of a volume through one voxel, in display order ``(rows, columns)``.
+
+    volume_zxy: ``(Z, X, Y)`` in RAS+ (the slice cache's ``(Z, H, W)`` layout); voxel_xyz: the
+    voxel's ``(x, y, z)`` indices. Radiological, the patient's right on the viewer's left:
+    - axial (z fixed): :func:`radiological` of the slice, rows anterior to posterior,
+      columns right to left, ``(Y, X)``;
+    - coronal (y fixed): rows superior to inferior, columns right to left, ``(Z, X)``;
+    - sagittal (x fixed): rows superior to inferior, columns anterior to posterior, ``(Z, Y)``.
+    A view, not a copy.
+    """
+    volume_zxy = np.asarray(volume_zxy)
+    if volume_zxy.ndim != 3:
+        raise ValueError(f"plane_section needs a (Z, X, Y) volume, got shape {volume_zxy.shape}")
+    x, y, z = voxel_xyz
+    shape_xyz = (volume_zxy.shape[1], volume_zxy.shape[2], volume_zxy.shape[0])
+    if not all(0 <= i < n for i, n in zip(voxel_xyz, shape_xyz, strict=True)):
+        raise ValueError(f"voxel {tuple(voxel_xyz)} (x, y, z) is outside a volume of "
+                         f"{shape_xyz[0]} x {shape_xyz[1]} x {shape_xyz[2]} voxels")
+    if plane == "axial":
+        return radiological(volume_zxy[z])
+    if plane == "coronal":
+        return volume_zxy[::-1, ::-1, y]
+    if plane == "sagittal":
+        return volume_zxy[::-1, x, ::-1]
+    raise ValueError(f"Illegal plane {plane!r}: one of {PLANES}")
+
+
+def section_spacing(plane: str, spacing_xyz: tuple[float, float, float]) -> tuple[float, float]:
+    """``(row, column)`` spacing in mm of :func:`plane_section`'s display of ``plane``."""
+    sx, sy, sz = (float(v) for v in spacing_xyz)
+    if not all(v > 0 for v in (sx, sy, sz)):
+        raise ValueError(f"Illegal spacing {tuple(spacing_xyz)}: all must be > 0")
+    return {"axial": (sy, sx), "coronal": (sz, sx), "sagittal": (sz, sy)}[plane]
+
+
+def plane_boundaries(image_zxy: np.ndarray, regions_zxy: np.ndarray,
+                     spacing_xyz: tuple[float, float, float], voxel_xyz: tuple[int, int, int],
+                     plane: str, path: str | os.PathLike, title: str = "",
+                     color: tuple[float, float, float] = (1.0, 0.85, 0.0),
+                     panel_in: float = 6.0) -> Figure:
+    """Write region boundaries (supervoxels) of one plane through a volume to ``path``.
+
+    image_zxy: ``(Z, X, Y)`` grey levels in [0, 1]; regions_zxy: ``(Z, X, Y)`` integer ids
+    (0 = outside, no edge drawn inside it); spacing_xyz: voxel size in mm; voxel_xyz and
+    plane: the section (:func:`plane_section`, radiological). The section is drawn in mm
+    (``extent``), so anisotropic voxels keep their shape: a 3 mm slice is twice as tall as a
+    1.5 mm pixel is wide. Boundaries are one display pixel wide on the section upsampled
+    (nearest) to about 384 display pixels along its longer side. Orientation markers, a mm
+    scale bar and the fixed index ("y = 60 of 120") are drawn on the panel. Returns the
+    (closed) figure; its image's extent is ``(0, width_mm, height_mm, 0)``.
+    """
+    from skimage.segmentation import mark_boundaries
+
+    if np.shape(image_zxy) != np.shape(regions_zxy):
+        raise ValueError(f"regions shape {np.shape(regions_zxy)} differs from image shape "
+                         f"{np.shape(image_zxy)}")
+    image = np.clip(np.asarray(plane_section(image_zxy, plane, voxel_xyz), np.float64), 0, 1)
+    regions = np.asarray(plane_section(regions_zxy, plane, voxel_xyz), dtype=np.int64)
+    row_mm, col_mm = section_spacing(plane, spacing_xyz)
+    height_mm, width_mm = image.shape[0] * row_mm, image.shape[1] * col_mm
+    pixel_mm = min(row_mm, col_mm, max(height_mm, width_mm) / 384)
+    k_rows, k_cols = max(1, round(row_mm / pixel_mm)), max(1, round(col_mm / pixel_mm))
+    image, regions = (np.repeat(np.repeat(a, k_rows, axis=0), k_cols, axis=1)
+                      for a in (image, regions))
+    rgb = mark_boundaries(image, regions, color=color, mode="inner")
+    scale = panel_in / max(height_mm, width_mm)
+    fig = new_figure(max(2.0, width_mm * scale), max(1.5, height_mm * scale))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.imshow(rgb, interpolation="nearest", extent=(0, width_mm, height_mm, 0))
+    ax.set_axis_off()
+    style = {"color": "white", "fontsize": 8, "fontweight": "bold", "transform": ax.transAxes}
+    left, right, top, bottom = _PLANE_MARKERS[plane]
+    for text, x, y, ha, va in ((left, 0.01, 0.5, "left", "center"),
+                               (right, 0.99, 0.5, "right", "center"),
+                               (top, 0.5, 0.99, "center", "top"),
+                               (bottom, 0.5, 0.01, "center", "bottom")):
+        ax.text(x, y, text, ha=ha, va=va, **style)
+    axis = _FIXED_AXIS[plane]
+    size = {"x": np.shape(image_zxy)[1], "y": np.shape(image_zxy)[2], "z": np.shape(image_zxy)[0]}
+    ax.text(0.01, 0.99, f"{axis} = {voxel_xyz['xyz'.index(axis)]} of {size[axis]}",
+            ha="left", va="top",
+            **{**style, "fontweight": "normal"})
+    bar_mm = _scale_bar_mm(width_mm)
+    x0, y0 = 0.04 * width_mm, 0.93 * height_mm
+    ax.plot([x0, x0 + bar_mm], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt")
+    ax.text(x0 + bar_mm / 2, y0 - 0.02 * height_mm, f"{bar_mm} mm", color="white", fontsize=7,
+            ha="center", va="bottom")
+    if title:
+        ax.set_title(title, fontsize=9)
+    save_figure(fig, path)
+    return fig
 
 
 def montage(images: Sequence[np.ndarray], labels_list: Sequence[np.ndarray | None] | None,

@@ -7,11 +7,17 @@ window, spacing, input channels, superpixel settings). In Python, without lrcseg
   net = FlexibleUNet(**meta["flexible_unet"], out_channels=N)
   net.load_state_dict(torch.load("moco_lrc_unet.pt"), strict=False)  # only the head is missing
 
-A run pre-trained with --nnunet-plans exports for nnU-Net instead:
+A run pre-trained with --nnunet-plans exports for nnU-Net instead (its configuration, 2d or
+3d_fullres, is the pre-training's):
   lrcseg export runs/nnunet_lrc --format nnunet --out lrc_nnunet.pth
   nnUNetv2_train DATASET 2d FOLD -pretrained_weights lrc_nnunet.pth
-(--nnunet-plans PLANS checks the weights against another plans file, e.g. the fine-tuning
-dataset's, before writing.)
+(--nnunet-plans PLANS and --nnunet-configuration check the weights against another plans file,
+e.g. the fine-tuning dataset's, or configuration before writing.) A 3d_fullres run can also be
+written as the checkpoint nnU-Net master's nnUNetv2_train_pretrained route reads (checked
+against nnU-Net's source, not a release; see lrcseg.nnunet.export):
+  lrcseg export runs/nnunet_lrc_3d --format nnunet-pretrained --out lrc_3d.pth
+  nnUNetv2_plan_like_dynamic -d DATASET -n lrc -pc lrc_3d.pth -pl nnUNetPlans
+  nnUNetv2_train_pretrained DATASET 3d_fullres FOLD -p ptPlans_dynamic__lrc -tr DynamicPretrainedTrainer
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ from pathlib import Path
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="pre-training run folder (or a checkpoint file)")
     parser.add_argument("--out", required=True, help="output .pt file (a .json is written beside it)")
-    parser.add_argument("--format", choices=["flexibleunet", "nnunet"], default="flexibleunet",
+    parser.add_argument("--format", choices=["flexibleunet", "nnunet", "nnunet-pretrained"],
+                        default="flexibleunet",
                         help="flexibleunet: MONAI FlexibleUNet state dict; nnunet: "
-                             "{'network_weights': ...} for nnUNetv2_train -pretrained_weights "
-                             "(default: flexibleunet)")
+                             "{'network_weights': ...} for nnUNetv2_train -pretrained_weights; "
+                             "nnunet-pretrained (3d_fullres): the nnssl-format checkpoint of "
+                             "nnU-Net master's nnUNetv2_train_pretrained, checked against its "
+                             "source, not a release (default: flexibleunet)")
     parser.add_argument("--nnunet-plans", default=None, metavar="PLANS_JSON",
-                        help="with --format nnunet: refuse unless the weights load into this "
+                        help="with --format nnunet*: refuse unless the weights load into this "
                              "plans file's network (default: the plans pre-trained with)")
+    parser.add_argument("--nnunet-configuration", default=None, metavar="CONFIGURATION",
+                        help="with --format nnunet*: the configuration of the plans the weights "
+                             "must load into (default: the one pre-trained with)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,13 +53,16 @@ def run(args: argparse.Namespace) -> int:
 
     if Path(args.out).is_dir():
         raise ConfigError(f"{args.out}: --out is a folder; name the .pt file to write")
-    if args.nnunet_plans and args.format != "nnunet":
-        raise ConfigError("--nnunet-plans checks an nnU-Net export: add --format nnunet")
+    for flag, value in (("--nnunet-plans", args.nnunet_plans),
+                        ("--nnunet-configuration", args.nnunet_configuration)):
+        if value and not args.format.startswith("nnunet"):
+            raise ConfigError(f"{flag} checks an nnU-Net export: add --format nnunet")
     net, cfg, state = load_pretrain_network(args.run)
-    if args.format == "nnunet":
+    if args.format.startswith("nnunet"):
         export_nnunet(net, cfg.model, preprocess=to_dict(cfg.preprocess),
                       superpixels=to_dict(cfg.superpixels), out_path=Path(args.out),
-                      plans=args.nnunet_plans)
+                      plans=args.nnunet_plans, configuration=args.nnunet_configuration,
+                      export_format=args.format)
     else:
         export_weights(net, cfg.model, cfg.preprocess.in_channels,
                        preprocess=to_dict(cfg.preprocess), superpixels=to_dict(cfg.superpixels),

@@ -122,6 +122,24 @@ def open_cached_array(path: str | os.PathLike, record: dict[str, Any] | None,
     return array
 
 
+def read_json_record(path: str | os.PathLike, missing: str | None) -> Any:
+    """The parsed JSON of a cache record (any JSON value: the caller checks its fields).
+
+    missing: the CorruptCacheFile reason if the file does not exist; None: FileNotFoundError
+    then (for a caller to which a missing record can mean something else). Raises
+    CorruptCacheFile if it is not readable JSON.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise CorruptCacheFile(path, missing) from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise CorruptCacheFile(path, f"not readable JSON ({first_line(exc)})") from None
+
+
 def case_key(case: Case) -> str:
     """``<readable id>-<12 hex>`` from the image (and label) fingerprints."""
     sources = {"image": source_fingerprint(case.image)}
@@ -257,12 +275,7 @@ def _record_digest(meta: dict[str, Any]) -> str:
 def _read_record(folder: Path, case: Case) -> dict[str, Any]:
     """The entry's meta.json, checked against its digest and its place (CorruptCacheFile)."""
     path = folder / "meta.json"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CorruptCacheFile(path, "missing") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise CorruptCacheFile(path, f"not readable JSON ({first_line(exc)})") from None
+    meta = read_json_record(path, "missing")
     if not isinstance(meta, dict):
         raise CorruptCacheFile(path, "not a cache record")
     if "digest" not in meta:

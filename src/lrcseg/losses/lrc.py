@@ -6,10 +6,14 @@ reconstruction, LRC_METHOD.md section 6.
 
 Pipeline for a batch of two views (all steps batched, no Python loop over images or regions;
 given ``num_ids`` and without organ statistics, no host-device sync: a step issues the same
-kernels whatever the batch size and the number of regions):
+kernels whatever the batch size and the number of regions). Slices and volume patches go
+through the same code: features (B, D, h, w) with region maps (B, H, W), or (B, D, d, h, w)
+with supervoxel maps (B, Z, H, W) (a "pixel" below is then a voxel); everything after the
+downsampling works on flattened maps.
 
 1. ``downsample_regions``: region maps (B, H, W) -> (B, h, w) at the feature resolution by
-   nearest neighbour, taking the pixel at the centre of each (H/h x W/w) cell.
+   nearest neighbour, taking the pixel at the centre of each (H/h x W/w) cell (in 3D, of
+   each Z/d x H/h x W/w cell).
 2. ``valid_regions``: region r of image b is valid if it has >= p_min pixels in *both* views
    (id 0 = outside the body is never valid).
 3. ``sample_regions``: per image, N valid regions without replacement with probability
@@ -64,8 +68,8 @@ class RegionSample:
     region_ids: (B, N) long, sampled region ids per image (N = min(num_regions, R + 1)).
     valid: (B, N) bool, which slots hold a real sample (a valid region of an image with at
         least 2 valid regions); other slots are padding and are ignored.
-    pixels1, pixels2: (B, N, P) long, flat pixel indices (row * w + col) at the feature
-        resolution of each view, P per sampled region.
+    pixels1, pixels2: (B, N, P) long, flat pixel indices (row * w + col; 3D: (slice * h +
+        row) * w + col) at the feature resolution of each view, P per sampled region.
     counts1, counts2: (B, R + 1) long, pixels per region id in each view (feature resolution).
     valid_regions: (B, R + 1) bool, ``valid_regions(...)`` of the two views.
     """
@@ -79,24 +83,28 @@ class RegionSample:
     valid_regions: Tensor
 
 
-def downsample_regions(regions: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest-neighbour downsampling of region maps (B, H, W) -> (B, h, w), long.
+def downsample_regions(regions: Tensor, size: tuple[int, ...]) -> Tensor:
+    """Nearest-neighbour downsampling of region maps (B, H, W) -> (B, h, w), or of supervoxel
+    maps (B, Z, H, W) -> (B, d, h, w) with a 3-entry ``size``, long.
 
-    Output pixel (i, j) takes the input pixel at floor((i + 0.5) H / h), floor((j + 0.5) W / w):
-    the centre of its cell (for H = 4h, row 4i + 2), which is where a stride-4 feature is
-    centred, rather than the cell's top-left corner as ``F.interpolate(mode="nearest")`` does.
+    Output pixel (i, j) takes the input pixel at floor((i + 0.5) H / h), floor((j + 0.5) W / w)
+    (the same along Z in 3D): the centre of its cell (for H = 4h, row 4i + 2), which is where
+    a stride-4 feature is centred, rather than the cell's top-left corner as
+    ``F.interpolate(mode="nearest")`` does.
     """
-    if regions.ndim != 3:
-        raise ValueError(f"regions must be (B, H, W), got shape {tuple(regions.shape)}")
-    H, W = regions.shape[-2:]
-    h, w = size
-    rows = ((torch.arange(h, device=regions.device) + 0.5) * (H / h)).long().clamp_(max=H - 1)
-    cols = ((torch.arange(w, device=regions.device) + 0.5) * (W / w)).long().clamp_(max=W - 1)
-    return regions[:, rows][:, :, cols].long()
+    if len(size) not in (2, 3) or regions.ndim != len(size) + 1:
+        raise ValueError(f"regions must be (B, H, W) or (B, Z, H, W) with one output size per "
+                         f"spatial axis, got shape {tuple(regions.shape)} and size {tuple(size)}")
+    for axis, n in enumerate(size, start=1):
+        N = regions.shape[axis]
+        index = ((torch.arange(n, device=regions.device) + 0.5) * (N / n)).long().clamp_(max=N - 1)
+        regions = regions.index_select(axis, index)
+    return regions.long()
 
 
 def region_counts(regions_lr: Tensor, num_ids: int) -> Tensor:
-    """Pixels per region id: (B, h, w) long ids in [0, num_ids) -> (B, num_ids) long."""
+    """Pixels per region id: (B, h, w) (3D: (B, d, h, w)) long ids in [0, num_ids) ->
+    (B, num_ids) long."""
     B = regions_lr.shape[0]
     offsets = torch.arange(B, device=regions_lr.device)[:, None] * num_ids
     flat = (regions_lr.reshape(B, -1) + offsets).reshape(-1)
@@ -122,8 +130,8 @@ def _counts_and_validity(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: i
 def valid_regions(regions1_lr: Tensor, regions2_lr: Tensor, min_pixels: int) -> Tensor:
     """(B, R + 1) bool: region r is valid if it has >= min_pixels pixels in both views.
 
-    regions*_lr: (B, h, w) integer region maps at feature resolution (ids 0..R, 0 = ignore);
-    R is the largest id in either view. Id 0 is never valid.
+    regions*_lr: (B, h, w) (3D: (B, d, h, w)) integer region maps at feature resolution (ids
+    0..R, 0 = ignore); R is the largest id in either view. Id 0 is never valid.
     """
     return _counts_and_validity(regions1_lr, regions2_lr, min_pixels)[2]
 
@@ -174,7 +182,8 @@ SAMPLING = ("area", "uniform", "intensity")
 
 def intensity_bins(image: Tensor, regions: Tensor, num_ids: int, bins: int) -> Tensor:
     """Bin of each region's mean intensity: image (B, H, W) in [0, 1], regions (B, H, W) long
-    ids < num_ids -> (B, num_ids) long bins in [0, bins) (absent regions get bin 0)."""
+    ids < num_ids (3D: both (B, Z, H, W)) -> (B, num_ids) long bins in [0, bins) (absent
+    regions get bin 0)."""
     means = region_means(image[:, None].float(), regions, num_ids)[..., 0]
     return (means.clamp(0, 1) * bins).long().clamp_(max=bins - 1)
 
@@ -206,7 +215,8 @@ def sample_regions(
 ) -> RegionSample:
     """Weighted region sampling and uniform pixel sampling (steps 2-3 above).
 
-    regions*_lr: (B, h, w) long region maps of the two views at feature resolution.
+    regions*_lr: (B, h, w) (3D: (B, d, h, w)) long region maps of the two views at feature
+    resolution.
     Regions are drawn without replacement with probability proportional to their weight w_r
     (``sampling``: area a_r = count_view1(r) + count_view2(r), 1, or 1 / (valid regions in
     r's intensity bin), with ``bins`` (B, R + 1) long from ``intensity_bins``), by
@@ -235,7 +245,8 @@ def sample_regions(
 
 
 def region_means(feat: Tensor, regions_lr: Tensor, num_ids: int) -> Tensor:
-    """Segment means by ``index_add_``: feat (B, D, h, w), ids (B, h, w) -> (B, num_ids, D).
+    """Segment means by ``index_add_``: feat (B, D, h, w), ids (B, h, w) (3D: (B, D, d, h, w),
+    (B, d, h, w)) -> (B, num_ids, D).
 
     Regions absent from an image get a zero vector.
     """
@@ -248,7 +259,7 @@ def region_means(feat: Tensor, regions_lr: Tensor, num_ids: int) -> Tensor:
 
 
 def _gather_pixels(feat: Tensor, pixels: Tensor) -> Tensor:
-    """feat (B, D, h, w), pixels (B, N, P) -> (B, N * P, D)."""
+    """feat (B, D, h, w) (3D: (B, D, d, h, w)), pixels (B, N, P) flat -> (B, N * P, D)."""
     B, D = feat.shape[:2]
     index = pixels.reshape(B, 1, -1).expand(B, D, -1)
     return feat.reshape(B, D, -1).gather(2, index).transpose(1, 2)
@@ -286,11 +297,12 @@ def _symmetric_infonce(z1: Tensor, z2: Tensor, labels: Tensor, valid: Tensor, te
 def region_majority(organs: Tensor, regions_lr: Tensor, num_ids: int) -> Tensor:
     """Majority label of every region id at feature resolution: organs (B, H, W) long labels
     >= 0 (brought to (h, w) like the regions), regions_lr (B, h, w) ids < num_ids ->
-    (B, num_ids) long (0 for absent ids)."""
+    (B, num_ids) long (0 for absent ids). 3D: organs (B, Z, H, W), regions_lr (B, d, h, w)."""
     B = regions_lr.shape[0]
-    organs_lr = downsample_regions(organs, regions_lr.shape[-2:])
+    organs_lr = downsample_regions(organs, tuple(regions_lr.shape[1:]))
     num_organs = int(organs_lr.max()) + 1
-    cell = (regions_lr + torch.arange(B, device=organs_lr.device)[:, None, None] * num_ids) * num_organs
+    image_offset = torch.arange(B, device=organs_lr.device).view(B, *[1] * (regions_lr.ndim - 1))
+    cell = (regions_lr + image_offset * num_ids) * num_organs
     votes = torch.bincount((cell + organs_lr).reshape(-1), minlength=B * num_ids * num_organs)
     return votes.view(B, num_ids, num_organs).argmax(dim=2)
 
@@ -332,7 +344,8 @@ def organ_statistics(sample: RegionSample, organs1: Tensor, regions1_lr: Tensor,
 @dataclass(frozen=True)
 class ViewMaps:
     """Per-pixel maps of view 1 that only some calls need, beside its region map: each an
-    optional (B, H, W) tensor at input resolution, pixel-aligned with ``regions1``.
+    optional (B, H, W) (3D: (B, Z, H, W)) tensor at input resolution, pixel-aligned with
+    ``regions1``.
 
     image: float, view 1's intensity in [0, 1] (the first window of the slice the regions
         belong to). Needed by sampling "intensity": each region's mean in view 1 picks its bin.
@@ -355,13 +368,14 @@ class LRCLoss(nn.Module):
             loop's). The loss keeps a validated copy as ``cfg``.
 
     forward(feat1, feat2, regions1, regions2, generator=None, num_ids=None, maps1=None):
-        feat1, feat2: (B, D, h, w) local features of the two views, raw or L2-normalised
-            per pixel: the loss L2-normalises every vector it uses (pixel variant: only the
+        feat1, feat2: (B, D, h, w) local features of the two views (3D: (B, D, d, h, w), one
+            decoder level of a volume patch), raw or L2-normalised per pixel: the loss L2-normalises every vector it uses (pixel variant: only the
             B x N x P sampled pixels, after gathering; region variant: every pixel before
             the segment means), so unit-norm inputs give the same loss up to float rounding
             and a head that leaves its map unnormalised spares a pass over the whole map.
         regions1, regions2: (B, H, W) integer region maps at input resolution (0 = ignore),
-            ids corresponding across views; brought to (h, w) by ``downsample_regions``.
+            ids corresponding across views (3D: (B, Z, H, W) supervoxel maps); brought to the
+            features' resolution by ``downsample_regions``.
         generator: torch.Generator for the sampling (None = global RNG).
         num_ids: an upper bound of the region ids + 1 (e.g. from the region cache), which
             spares a host-device sync per call; None = the maps' largest id + 1.
@@ -380,22 +394,25 @@ class LRCLoss(nn.Module):
     def forward(self, feat1: Tensor, feat2: Tensor, regions1: Tensor, regions2: Tensor,
                 generator: torch.Generator | None = None, num_ids: int | None = None,
                 maps1: ViewMaps | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        if feat1.ndim != 4 or feat1.shape != feat2.shape:
-            raise ValueError(f"feat1/feat2 must be equal (B, D, h, w), got {tuple(feat1.shape)}, {tuple(feat2.shape)}")
-        if regions1.ndim != 3 or regions1.shape[0] != feat1.shape[0] or regions1.shape != regions2.shape:
+        if feat1.ndim not in (4, 5) or feat1.shape != feat2.shape:
+            raise ValueError(f"feat1/feat2 must be equal (B, D, h, w) or (B, D, d, h, w), got "
+                             f"{tuple(feat1.shape)}, {tuple(feat2.shape)}")
+        maps = "(B, H, W)" if feat1.ndim == 4 else "(B, Z, H, W)"
+        if (regions1.ndim != feat1.ndim - 1 or regions1.shape[0] != feat1.shape[0]
+                or regions1.shape != regions2.shape):
             raise ValueError(
-                f"regions1/regions2 must be (B, H, W) with B = {feat1.shape[0]}, got "
-                f"{tuple(regions1.shape)}, {tuple(regions2.shape)}"
+                f"regions1/regions2 must be {maps} with B = {feat1.shape[0]} for features "
+                f"{tuple(feat1.shape)}, got {tuple(regions1.shape)}, {tuple(regions2.shape)}"
             )
         cfg, maps1 = self.cfg, maps1 or ViewMaps()
         feat1, feat2 = feat1.float(), feat2.float()
-        size = tuple(feat1.shape[-2:])
+        size = tuple(feat1.shape[2:])
         r1 = downsample_regions(regions1, size)
         r2 = downsample_regions(regions2, size)
         bins = None
         if cfg.sampling == "intensity":
             if maps1.image is None or maps1.image.shape != regions1.shape:
-                raise ValueError("sampling 'intensity' needs maps1.image (B, H, W) like regions1")
+                raise ValueError(f"sampling 'intensity' needs maps1.image {maps} like regions1")
             ids = num_ids if num_ids is not None else int(max(r1.max(), r2.max())) + 1
             bins = intensity_bins(maps1.image, regions1.long().clamp(max=ids - 1), ids, cfg.intensity_bins)
         sample = sample_regions(r1, r2, cfg.num_regions, cfg.pixels_per_region, cfg.min_pixels,
@@ -413,7 +430,8 @@ class LRCLoss(nn.Module):
     def loss_from_sample(self, feat1: Tensor, feat2: Tensor, regions1_lr: Tensor, regions2_lr: Tensor,
                          sample: RegionSample) -> Tensor:
         """The loss for a given ``RegionSample`` (features (B, D, h, w), raw or unit-norm per
-        pixel, regions (B, h, w)); features are L2-normalised here, see ``forward``."""
+        pixel, regions (B, h, w); 3D: (B, D, d, h, w), (B, d, h, w)); features are
+        L2-normalised here, see ``forward``."""
         B, N = sample.region_ids.shape
         slot = torch.arange(B * N, device=feat1.device).view(B, N)
         if self.cfg.variant == "pixel":

@@ -5,8 +5,8 @@ A method is an ``nn.Module`` (``GlobalMethod``) with
         builds it for a ``PretrainConfig`` and the online ``PretrainNetwork``;
     forward(out1, out2, views) -> (loss, stats)
         out*: the online network's outputs on each view ({"global": (B, P), "local": ...,
-            and "decoder": (B, C_0, H, W) full-resolution decoder features when the method
-            sets ``full_decoder = True``});
+            and "decoder": (B, C_0, H, W) full-resolution decoder features, (B, C_0, D, H, W)
+            with ``ModelConfig.spatial_dims`` 3, when the method sets ``full_decoder = True``});
         views: ``Views`` (the augmented images, their labels if any, the step's generators);
         loss: a scalar; stats: detached scalars, logged as "global/<key>";
     after_step(step, total_steps): bookkeeping after the optimiser step (e.g. an EMA);
@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 class Views:
     """What a global method may need besides the online outputs.
 
-    view1, view2: (B, C, S, S) augmented views. labels1, labels2: (B, S, S) long label ids
-    carried through the views' geometry (None when unlabelled). generator: this rank's step
-    generator; shared_generator: the same on every rank (cross-rank shuffles).
+    view1, view2: (B, C, S, S) augmented views (3D: (B, C, S_d, S, S) patches). labels1,
+    labels2: (B, S, S) (3D: (B, S_d, S, S)) long label ids carried through the views'
+    geometry (None when unlabelled). generator: this rank's step generator;
+    shared_generator: the same on every rank (cross-rank shuffles).
     groups: (B,) long position group of each slice (MoCo position positives), else None.
     labelled: (B,) bool, which slices carry labels (False for unlabelled pool slices in
         supervised + LRC pre-training, whose labels are all background); None = all.

@@ -26,15 +26,17 @@ if TYPE_CHECKING:
 class Supervised(GlobalMethod):
     """L_seg = (DiceCE(head(d1), y1) + DiceCE(head(d2), y2)) / 2 on both labelled views.
 
-    d*: (B, C_0, S, S) full-resolution decoder features of each view; head: a 3x3 conv
-    ``SegmentationHead`` to K = num_classes logits (label ids 0..K-1 of the labelled dataset,
-    0 = background); y*: (B, S, S) label ids carried through the views' geometry (pixels
-    outside the slice are background). DiceCE is MONAI's (softmax, one-hot, batch Dice), as in
-    fine-tuning. Only the slices ``views.labelled`` marks enter L_seg; a batch without any gives
-    an exact 0 that still depends on the head (unlabelled pool slices feed only LRC).
+    d*: (B, C_0, S, S) full-resolution decoder features of each view (3D: (B, C_0, S_d, S, S));
+    head: a 3x3 (3x3x3) conv ``SegmentationHead`` to K = num_classes logits (label ids 0..K-1
+    of the labelled dataset, 0 = background); y*: (B, S, S) (3D: (B, S_d, S, S)) label ids
+    carried through the views' geometry (pixels outside the slice are background). DiceCE is
+    MONAI's (softmax, one-hot, batch Dice), as in fine-tuning. Only the slices
+    ``views.labelled`` marks enter L_seg; a batch without any gives an exact 0 that still
+    depends on the head (unlabelled pool slices feed only LRC).
 
     Args:
-        decoder_channels: C_0. num_classes: K >= 2. spatial_dims: 2 for slices.
+        decoder_channels: C_0. num_classes: K >= 2. spatial_dims: 2 for slices, 3 for volume
+            patches (``from_config`` takes the model's).
     """
 
     full_decoder = True
@@ -55,7 +57,8 @@ class Supervised(GlobalMethod):
         """ConfigError without a labelled dataset (``context.num_classes`` None)."""
         if context.num_classes is None:
             raise ConfigError("method 'supervised' needs a labelled dataset: pass --labels DATASET")
-        return cls(online.full_resolution_channels, context.num_classes)
+        return cls(online.full_resolution_channels, context.num_classes,
+                   spatial_dims=cfg.model.spatial_dims)
 
     def forward(self, out1: dict[str, Tensor], out2: dict[str, Tensor], views: Views
                 ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -204,12 +204,21 @@ def load_initialisation(init: str, model_cfg: ModelConfig, preprocess: Preproces
         weights, meta = load_exported(path)
         their_pre = from_dict(PreprocessConfig, meta["preprocess"])
         their_backbone = meta["flexible_unet"]["backbone"]
+        if meta["flexible_unet"].get("spatial_dims", 2) != model_cfg.spatial_dims:
+            raise ConfigError(f"{path}: {meta['flexible_unet']['spatial_dims']}D weights; lrcseg "
+                              f"fine-tunes {model_cfg.spatial_dims}D slices")
     else:
         state = load_checkpoint(path)
         if state.get("kind") != "pretrain":
             raise ConfigError(f"{path}: not a pre-training checkpoint (kind={state.get('kind')})")
         their_pre = from_dict(PreprocessConfig, state["config"]["preprocess"])
         their_backbone = state["config"]["model"]["backbone"]
+        if state["config"]["model"].get("spatial_dims", 2) != model_cfg.spatial_dims:
+            raise ConfigError(
+                f"{path}: a {state['config']['model']['spatial_dims']}D pre-training; lrcseg "
+                f"fine-tunes {model_cfg.spatial_dims}D slices. A 3D pre-training initialises "
+                "nnU-Net's 3d_fullres: lrcseg export RUN --format nnunet, then nnUNetv2_train "
+                "... 3d_fullres ... -pretrained_weights")
         weights = pretrained_unet_weights(state)
     if their_backbone != model_cfg.backbone:
         raise ConfigError(f"{path}: was trained with backbone {their_backbone}, fine-tuning asks "

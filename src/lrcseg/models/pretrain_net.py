@@ -1,4 +1,5 @@
-"""The pre-training network: any 2D U-Net plus a global and a local projection head.
+"""The pre-training network: any U-Net plus a global and a local projection head, 2D or 3D
+as ``ModelConfig.spatial_dims`` says (the U-Net, the heads and the input check follow it).
 
 The U-Net is reached through a small *levels* adapter that yields its encoder feature maps
 and its decoder outputs by level, so the heads attach by level and not by one library's
@@ -6,16 +7,17 @@ internals. Two adapters exist: MONAI's FlexibleUNet (``ModelConfig.backbone``) a
 plans network (``ModelConfig.nnunet``: ``PlainConvUNet`` / ``ResidualEncoderUNet``).
 
 Level l is the decoder output 4 - l stages above full resolution: 0 = 1/16, 1 = 1/8,
-2 = 1/4, 3 = 1/2, 4 = 1/1 (with 2 x 2 poolings; an nnU-Net network with more stages has
-coarser decoder stages before level 0, which run but are not levels).
+2 = 1/4, 3 = 1/2, 4 = 1/1 (with 2 x 2 poolings, 2 x 2 x 2 in 3D; an nnU-Net network with more
+stages has coarser decoder stages before level 0, which run but are not levels).
 
 One forward pass gives both outputs the losses need (LRC_METHOD.md section 4):
 
 - ``global``: GAP(bottleneck) -> MLP -> L2-normalise (unless ``normalize_global=False``), a
   float32 tensor (B, P).
 - ``local``: a list with one map per level of ``cfg.local_levels``: decoder level l -> its own
-  1x1 conv head, a float32 tensor (B, P, H_l, W_l), *not* normalised: the LRC loss
-  L2-normalises only the pixels it samples (``LRCLoss``), not the whole map.
+  1x1 conv head, a float32 tensor (B, P, H_l, W_l) (3D: (B, P, D_l, H_l, W_l)), *not*
+  normalised: the LRC loss L2-normalises only the pixels it samples (``LRCLoss``), not the
+  whole map.
 
 The decoder is run only up to the finest local level: finer blocks and the segmentation head
 feed nothing during pre-training, so running them would cost time and leave parameters without
@@ -53,7 +55,8 @@ class FlexibleUNetLevels:
         self.channels = tuple(cfg.decoder_channels)
 
     def encode(self, x: Tensor) -> list[Tensor]:
-        """(B, C, H, W) -> the 5 encoder maps, strides 2 .. 32 (the last is the bottleneck)."""
+        """(B, C, H, W) (3D: (B, C, D, H, W)) -> the 5 encoder maps, strides 2 .. 32 (the last
+        is the bottleneck)."""
         return self.unet.encoder(x)
 
     def decode(self, features: list[Tensor], last: int) -> dict[int, Tensor]:
@@ -113,11 +116,12 @@ class PretrainNetwork(nn.Module):
         normalize_global: L2-normalise the global projection (the global method's
             ``normalized_global``); it holds no weights, so checkpoints load either way.
 
-    ``forward(x)`` with x a float tensor (B, C, H, W), H and W multiples of the network's
-    total stride, returns ``{"global": (B, P), "local": [(B, P, H_l, W_l) for l in
-    cfg.local_levels]}``, all float32 (global unit-norm unless ``normalize_global=False``,
-    local unnormalised); the decoder runs only up to the finest local level (finer blocks feed
-    nothing in pre-training), unless ``full_decoder=True``.
+    ``forward(x)`` with x a float tensor (B, C, H, W) (``cfg.spatial_dims`` 3: (B, C, D, H, W)),
+    every spatial side a multiple of the network's total stride, returns ``{"global": (B, P),
+    "local": [(B, P, H_l, W_l) (3D: (B, P, D_l, H_l, W_l)) for l in cfg.local_levels]}``, all
+    float32 (global unit-norm unless ``normalize_global=False``, local unnormalised); the
+    decoder runs only up to the finest local level (finer blocks feed nothing in
+    pre-training), unless ``full_decoder=True``.
     """
 
     def __init__(self, cfg: ModelConfig, in_channels: int, normalize_global: bool = True):
@@ -141,9 +145,11 @@ class PretrainNetwork(nn.Module):
                              "stages); use finer levels (3 = 1/2, 4 = 1/1)")
         bottleneck = self.levels.bottleneck_channels
         self.global_head = GlobalProjectionHead(bottleneck, bottleneck, cfg.proj_dim,
-                                                normalize=normalize_global)
+                                                normalize=normalize_global,
+                                                spatial_dims=cfg.spatial_dims)
         self.local_heads = nn.ModuleList(
-            LocalProjectionHead(self.levels.channels[level], cfg.proj_dim, normalize=False)
+            LocalProjectionHead(self.levels.channels[level], cfg.proj_dim, normalize=False,
+                                spatial_dims=cfg.spatial_dims)
             for level in cfg.local_levels)
 
     @property
@@ -151,10 +157,21 @@ class PretrainNetwork(nn.Module):
         """Channels of the full-resolution decoder output (level 4)."""
         return self.levels.channels[NUM_LEVELS - 1]
 
+    def _encode(self, x: Tensor) -> list[Tensor]:
+        """The encoder maps of x, after checking it has ``cfg.spatial_dims`` spatial axes (a
+        2D batch given to a 3D network, or the reverse, would otherwise fail deep inside a
+        convolution)."""
+        if x.ndim != 2 + self.cfg.spatial_dims:
+            shape = "(B, C, H, W)" if self.cfg.spatial_dims == 2 else "(B, C, D, H, W)"
+            raise ValueError(f"this {self.cfg.spatial_dims}D network takes {shape} input, got "
+                             f"{tuple(x.shape)}")
+        return self.levels.encode(x)
+
     def forward(self, x: Tensor, full_decoder: bool = False) -> dict[str, Tensor]:
         """Decoder levels 0..max(local_levels) (all five with ``full_decoder``, which adds
-        "decoder": (B, C_4, H, W) full-resolution features for a segmentation head)."""
-        features = self.levels.encode(x)
+        "decoder": (B, C_4, H, W), 3D (B, C_4, D, H, W), full-resolution features for a
+        segmentation head)."""
+        features = self._encode(x)
         out = {"global": self.global_head(features[-1])}
         last = NUM_LEVELS - 1 if full_decoder else max(self.cfg.local_levels)
         by_level = self.levels.decode(features, last)
@@ -165,9 +182,9 @@ class PretrainNetwork(nn.Module):
         return out
 
     def encode_global(self, x: Tensor) -> Tensor:
-        """Encoder + global head only (MoCo keys): (B, C, H, W) -> (B, P), unit vectors unless
-        ``normalize_global=False``."""
-        return self.global_head(self.levels.encode(x)[-1])
+        """Encoder + global head only (MoCo keys): (B, C, H, W) (3D: (B, C, D, H, W)) -> (B, P),
+        unit vectors unless ``normalize_global=False``."""
+        return self.global_head(self._encode(x)[-1])
 
     def backbone_state_dict(self) -> dict[str, Tensor]:
         """The U-Net's weights keyed as in the plain network (FlexibleUNet: no segmentation

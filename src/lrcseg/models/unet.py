@@ -1,5 +1,5 @@
-"""The segmentation U-Net: MONAI ``FlexibleUNet`` with a ResNet encoder (2D unless
-``spatial_dims=3``).
+"""The segmentation U-Net: MONAI ``FlexibleUNet`` with a ResNet encoder, 2D or 3D as
+``ModelConfig.spatial_dims`` says.
 
 The same keyword arguments build the network for pre-training, fine-tuning and the exported
 weights' JSON, so the three cannot drift apart: always go through ``flexible_unet_kwargs``.
@@ -28,16 +28,14 @@ from lrcseg.config import ModelConfig
 SEGMENTATION_HEAD_PREFIX = "segmentation_head."
 
 
-def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int,
-                         spatial_dims: int = 2) -> dict[str, Any]:
-    """Keyword arguments of ``FlexibleUNet`` for this model configuration (JSON-serialisable).
+def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int) -> dict[str, Any]:
+    """Keyword arguments of ``FlexibleUNet`` for this model configuration (JSON-serialisable),
+    ``spatial_dims`` from ``cfg`` (2: slices, 3: volume patches; MONAI's ResNet encoders exist
+    in both).
 
     out_channels: number of segmentation classes (background included). Pre-training drops
         the segmentation head, so any small positive number will do there.
-    spatial_dims: 2 (slices, what every lrcseg pipeline trains today) or 3 (volumes).
     """
-    if spatial_dims not in (2, 3):
-        raise ValueError(f"Illegal spatial_dims {spatial_dims}: must be 2 or 3")
     if in_channels < 1:
         raise ValueError(f"Illegal in_channels {in_channels}: must be >= 1")
     if out_channels < 1:
@@ -48,14 +46,14 @@ def flexible_unet_kwargs(cfg: ModelConfig, in_channels: int, out_channels: int,
         "backbone": cfg.backbone,
         "pretrained": False,
         "decoder_channels": [int(c) for c in cfg.decoder_channels],
-        "spatial_dims": int(spatial_dims),
+        "spatial_dims": cfg.spatial_dims,
     }
 
 
-def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int,
-               spatial_dims: int = 2) -> FlexibleUNet:
-    """A freshly initialised ``FlexibleUNet`` (no ImageNet/MedicalNet weights), 2D by default."""
-    return FlexibleUNet(**flexible_unet_kwargs(cfg, in_channels, out_channels, spatial_dims))
+def build_unet(cfg: ModelConfig, in_channels: int, out_channels: int) -> FlexibleUNet:
+    """A freshly initialised ``FlexibleUNet`` (no ImageNet/MedicalNet weights) with
+    ``cfg.spatial_dims`` spatial axes."""
+    return FlexibleUNet(**flexible_unet_kwargs(cfg, in_channels, out_channels))
 
 
 def encoder_channels(backbone: str) -> tuple[int, ...]:
@@ -71,7 +69,7 @@ def decoder_outputs(unet: nn.Module, features: Sequence[Tensor], last: int) -> I
     features: the 5 encoder maps ``unet.encoder(x)`` (strides 2 .. 32). Block i gets the
     previous output and, while ``i < unet.skip_connect``, the encoder map of the same stride,
     as MONAI's ``UNetDecoder.forward`` does; it yields (B, decoder_channels[i], H / s, W / s)
-    at stride s = 16 / 2**i. The one walk of the decoder: the pre-training network and the
+    (3D: (B, decoder_channels[i], D / s, H / s, W / s)) at stride s = 16 / 2**i. The one walk of the decoder: the pre-training network and the
     probe run the decoder only as deep as they need.
     """
     skips = list(features[:-1])[::-1]

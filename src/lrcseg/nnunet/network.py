@@ -54,7 +54,8 @@ class NnUNetInput:
 
     The cached channel ``channel`` holds ``w = (clip(HU, lo, hi) - lo) / (hi - lo)`` with
     (lo, hi) = ``arch.clip_hu``, so nnU-Net's input is ``w * (hi - lo) / std + (lo - mean) / std``.
-    Input (B, C, H, W) float, output (B, 1, H, W).
+    Input (B, C, *S) float with S = (H, W) for a 2D network or (D, H, W) for a 3D one, output
+    (B, 1, *S).
     """
 
     def __init__(self, arch: NnUNetNetworkConfig, channel: int):
@@ -69,16 +70,26 @@ class NnUNetInput:
 
 def check_loads_into(weights: dict[str, Tensor], arch: NnUNetNetworkConfig, source: str) -> None:
     """What nnU-Net's ``load_pretrained_weights`` asserts: every key of the plans' network but
-    the segmentation layers is present with the same shape. ConfigError otherwise."""
+    the segmentation layers is present with the same shape. ConfigError otherwise, one line
+    naming the first key (in the network's order) that is missing or differs, with both shapes;
+    2D weights for a 3D network, or the reverse, are called so."""
     import torch
 
     with torch.device("meta"):
         reference = build_nnunet(arch).state_dict()
-    expected = {k: tuple(v.shape) for k, v in reference.items() if SEG_LAYERS not in k}
-    got = {k: tuple(v.shape) for k, v in weights.items() if SEG_LAYERS not in k}
-    missing = sorted(set(expected) - set(got))
-    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
-    if missing or wrong:
+    for key, value in reference.items():
+        if SEG_LAYERS in key:
+            continue
+        expected = tuple(value.shape)
+        got = tuple(weights[key].shape) if key in weights else None
+        if got == expected:
+            continue
+        if got is None:
+            problem = f"{key} is missing from the weights"
+        else:
+            problem = f"{key} is {got} in the weights, {expected} in the network"
+            if len(got) != len(expected) and min(len(got), len(expected)) >= 4:  # convolutions
+                problem += f": {len(got) - 2}D weights, a {len(expected) - 2}D network"
         raise ConfigError(f"{source}: the weights do not fit the network of {arch.plans} "
-                          f"({arch.configuration}): missing {missing[:3]}, wrong shape {wrong[:3]}; "
-                          "pre-train with --nnunet-plans of these plans")
+                          f"({arch.configuration}): {problem}; pre-train with --nnunet-plans of "
+                          "these plans and this configuration")

@@ -16,6 +16,13 @@ third-order splines; lrcseg resamples linearly. Both are at the plans' spacing.
 Orientation: lrcseg reads volumes into RAS+; nnU-Net uses each file's array order. The two
 differ by flips and transposes of the slice, which nnU-Net's training augmentation (mirroring
 on both axes, rotations up to 180 degrees in 2D) covers.
+
+3d_fullres: ``network_from_plans`` reads it (the plans' 3D network, its (D, H, W) patch and
+spacing), ``apply_plans`` sets a 3D pre-training to it (``model.spatial_dims`` 3, views of the
+plans' patch) and ``export.py`` writes and checks its weights. In 3D the axis order is not covered by augmentation: the plans'
+kernels and poolings are often anisotropic (kernel [1, 3, 3] and pooling [1, 2, 2] where the
+first axis is coarse), so a 3D pre-training must feed (B, 1, D, H, W) in nnU-Net's array order,
+D the axis the plans' spacing names first, not RAS+.
 """
 
 from __future__ import annotations
@@ -47,8 +54,13 @@ def network_from_plans(plans_path: str | os.PathLike, configuration: str = "2d"
     """Read ``nnUNetPlans.json`` (``nnUNetv2_plan_and_preprocess``'s output folder) and the
     ``dataset.json`` beside it into an ``NnUNetNetworkConfig``.
 
-    Refused with a message naming the file: a missing configuration, a 3D one, more than one
-    input channel, or a normalization other than CTNormalization (lrcseg reads CT in HU).
+    ``configuration``: "2d" or "3d_fullres" (any configuration with a 2D or 3D patch reads);
+    its patch size and spacing are recorded in nnU-Net's axis order ((H, W) for 2d, (D, H, W)
+    for 3d_fullres, D the axis nnU-Net's preprocessing puts first), its network is 2D or 3D
+    as its "architecture" entry says (``conv_op``), and ``len(patch_size)`` tells which.
+
+    Refused with a message naming the file: a missing configuration, more than one input
+    channel, or a normalization other than CTNormalization (lrcseg reads CT in HU).
     """
     plans_path = Path(plans_path)
     if plans_path.is_dir():
@@ -70,9 +82,10 @@ def network_from_plans(plans_path: str | os.PathLike, configuration: str = "2d"
         seen.add(parent)
         conf = {**configs[parent], **conf}
     patch = conf.get("patch_size", [])
-    if len(patch) != 2:
-        raise DataError(plans_path, f"configuration {configuration!r} is {len(patch)}D (patch "
-                        f"size {patch}); lrcseg pre-trains 2D networks: use the 2d configuration")
+    spacing = conf.get("spacing", [])
+    if len(patch) not in (2, 3) or len(spacing) < len(patch):
+        raise DataError(plans_path, f"configuration {configuration!r} has patch size {patch} and "
+                        f"spacing {spacing}: need a 2D or 3D patch with a spacing per axis")
     schemes = conf.get("normalization_schemes", [])
     if len(schemes) != 1:
         raise DataError(plans_path, f"{len(schemes)} input channels; lrcseg pre-trains on "
@@ -92,7 +105,6 @@ def network_from_plans(plans_path: str | os.PathLike, configuration: str = "2d"
     if "network_class_name" not in arch:
         raise DataError(plans_path, f"configuration {configuration!r} has no architecture entry "
                         "(plans from nnU-Net < 2.4 are not supported)")
-    spacing = [float(v) for v in conf["spacing"]][-2:]
     return NnUNetNetworkConfig(
         plans=str(plans_path.resolve()), configuration=configuration,
         plans_name=str(plans.get("plans_name", plans_path.stem)),
@@ -103,7 +115,8 @@ def network_from_plans(plans_path: str | os.PathLike, configuration: str = "2d"
         num_classes=_num_segmentation_outputs(labels),
         clip_hu=(float(props["percentile_00_5"]), float(props["percentile_99_5"])),
         mean=float(props["mean"]), std=max(float(props["std"]), 1e-8),
-        spacing_mm=tuple(spacing), patch_size=tuple(int(v) for v in patch))
+        spacing_mm=tuple(float(v) for v in spacing[-len(patch):]),
+        patch_size=tuple(int(v) for v in patch))
 
 
 def _num_segmentation_outputs(labels: dict[str, Any]) -> int:
@@ -116,17 +129,24 @@ def _num_segmentation_outputs(labels: dict[str, Any]) -> int:
 
 def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int | None = None
                 ) -> PretrainConfig:
-    """``cfg`` with the plans' network, in-plane spacing, patch and intensity normalization.
+    """``cfg`` with the plans' network (2D or 3D), in-plane spacing, patch and intensity
+    normalization.
 
     The cache gets two windows: the soft-tissue window ``preprocess.window_hu`` (superpixels,
-    augmentation statistics) and the CT clip range (the network's input, ``NnUNetInput``); views
-    are square crops of the patch's shorter side rounded down to a multiple of 32 (lrcseg's
-    view sizes are), or of ``image_size``.
+    augmentation statistics) and the CT clip range (the network's input, ``NnUNetInput``).
+    2d: views are square crops of the patch's shorter side rounded down to a multiple of 32
+    (lrcseg's view sizes are), or of ``image_size``. 3d_fullres: ``model.spatial_dims`` 3 and
+    views of the plans' (D, H, W) patch (``augment.patch_size``; ``image_size`` is refused).
+    The z spacing stays the volumes' own: lrcseg resamples in-plane only.
     """
+    spatial_dims = len(arch.patch_size)
     if cfg.preprocess.context_slices != 1:
-        raise ConfigError("--nnunet-plans: nnU-Net's 2d networks take one slice; drop "
-                          "--context-slices")
-    sy, sx = arch.spacing_mm
+        raise ConfigError(f"--nnunet-plans: nnU-Net's {arch.configuration} network takes one "
+                          "channel; drop --context-slices")
+    if spatial_dims == 3 and image_size:
+        raise ConfigError(f"--image-size sets 2D views; {arch.configuration!r} is 3D and its views "
+                          f"are the plans' patch {list(arch.patch_size)}: drop --image-size")
+    sy, sx = arch.spacing_mm[-2:]
     if abs(sy - sx) > 0.01 * max(sy, sx):
         raise ConfigError(f"{arch.plans}: in-plane spacing {sy} x {sx} mm is anisotropic; lrcseg "
                           "resamples slices to one in-plane spacing")
@@ -136,7 +156,11 @@ def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int 
     preprocess = dataclasses.replace(
         cfg.preprocess, spacing_mm=(sy + sx) / 2,
         extra_windows_hu=[arch.clip_hu])
+    if spatial_dims == 3:
+        augment = dataclasses.replace(cfg.augment, patch_size=tuple(arch.patch_size))
+    else:
+        augment = dataclasses.replace(
+            cfg.augment, image_size=image_size or max(32, min(arch.patch_size) // 32 * 32))
     return dataclasses.replace(
-        cfg, preprocess=preprocess,
-        augment=dataclasses.replace(cfg.augment, image_size=image_size or max(32, min(arch.patch_size) // 32 * 32)),
-        model=dataclasses.replace(cfg.model, nnunet=arch))
+        cfg, preprocess=preprocess, augment=augment,
+        model=dataclasses.replace(cfg.model, nnunet=arch, spatial_dims=spatial_dims))

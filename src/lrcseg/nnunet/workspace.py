@@ -6,8 +6,9 @@ training and prediction each run in a child process (``python -m lrcseg.nnunet S
 into a work folder::
 
     <work>/raw/Dataset<id>_<name>               a link to the raw dataset
-    <work>/preprocessed/Dataset<id>_<name>/     nnUNetPlans.json, nnUNetPlans_2d/, dataset.json
-    <work>/logs/plan_and_preprocess.log
+    <work>/preprocessed/Dataset<id>_<name>/     nnUNetPlans.json, dataset.json, and one
+                                                nnUNetPlans_<configuration>/ per configuration
+    <work>/logs/plan_and_preprocess[_3d_fullres].log
 
 Each training writes its results into a folder of its own (``training.train``'s ``out``), so
 several processes never share one.
@@ -22,8 +23,11 @@ from pathlib import Path
 
 from lrcseg.errors import ConfigError
 
-#: the nnU-Net configuration lrcseg plans, trains and predicts with
-CONFIGURATION = "2d"
+#: the nnU-Net configuration lrcseg plans, trains and predicts with unless told otherwise
+DEFAULT_CONFIGURATION = "2d"
+#: the configurations lrcseg plans, pre-trains for and trains (3d_lowres and the cascade
+#: would need nnU-Net's second stage, which lrcseg does not run)
+CONFIGURATIONS = ("2d", "3d_fullres")
 #: nnU-Net's default plans identifier (its plans file and preprocessed-data folder prefix)
 PLANS_NAME = "nnUNetPlans"
 
@@ -31,6 +35,19 @@ PLANS_NAME = "nnUNetPlans"
 def dataset_folder_name(dataset_id: int, data: Path) -> str:
     """nnU-Net's name of the dataset ``data`` under ``dataset_id``: ``Dataset<id>_<name>``."""
     return f"Dataset{dataset_id:03d}_{Path(data).name.split('_', 1)[-1] or 'lrcseg'}"
+
+
+def check_configuration(configuration: str) -> str:
+    """``configuration`` if lrcseg runs it (``CONFIGURATIONS``), else a ConfigError naming them."""
+    if configuration not in CONFIGURATIONS:
+        raise ConfigError(f"nnU-Net configuration {configuration!r} is not supported: use one of "
+                          f"{', '.join(CONFIGURATIONS)}")
+    return configuration
+
+
+def preprocessed_folder(plans: Path, configuration: str) -> Path:
+    """nnU-Net's preprocessed data of ``configuration`` beside its plans file ``plans``."""
+    return plans.parent / f"{PLANS_NAME}_{configuration}"
 
 
 def plans_file(work: Path, dataset_id: int, data: Path) -> Path:

@@ -168,7 +168,7 @@ def write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases: S
     for case, z in picks[:count]:
         vol = slice_cache.get(case)
         regions = np.asarray(regions_cache.get(case)[z], dtype=np.int64)
-        path = out / f"overlay_{_safe(case.id)}_z{z:03d}.png"
+        path = out / f"overlay_{safe_name(case.id)}_z{z:03d}.png"
         title = f"{case.id} z={z}: {len(np.unique(regions[regions > 0]))} regions"
         montage([np.asarray(vol.image[z, 0], dtype=np.float32)], [regions], [title], path,
                 ncols=1, panel_in=8.0, boundaries=True, spacing_xy=tuple(vol.spacing_mm[:2]))
@@ -176,6 +176,6 @@ def write_overlays(slice_cache: SliceCache, regions_cache: RegionCache, cases: S
     return written
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
     """``name`` usable in a file name: other characters than letters, digits, - _ . become _."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]

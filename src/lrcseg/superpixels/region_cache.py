@@ -19,7 +19,6 @@ file without a record is one written before records: in a slice cache entry of t
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Iterable
@@ -31,16 +30,11 @@ from tqdm import tqdm
 
 from lrcseg.config import SuperpixelConfig
 from lrcseg.data.layouts import Case
-from lrcseg.data.slice_cache import (
-    CachedVolume,
-    CorruptCacheFile,
-    SliceCache,
-    file_record,
-    open_cached_array,
-)
-from lrcseg.errors import DataError, warn_data
-from lrcseg.io_utils import atomic_path, atomic_write_json, first_line
+from lrcseg.data.slice_cache import CachedVolume, SliceCache
+from lrcseg.superpixels.cache_files import MapFiles, record_path
 from lrcseg.superpixels.regions import compute_regions
+
+__all__ = ["RegionCache", "record_path"]
 
 _MAX_ID = np.iinfo(np.uint16).max
 
@@ -55,7 +49,9 @@ class RegionCache:
         else from a second slice cache of the same grid with just those windows
         (``window_cache``; the network's input channels stay as configured).
     ``get(case)`` returns a read-only ``(Z, H, W)`` uint16 memmap; ``computed_slices`` counts
-    the slices this object segmented (0 after a pure cache hit).
+    the slices this object segmented (0 after a pure cache hit). ``channels`` are the channels
+    of ``source(case, cached)`` that are the Felzenszwalb input (the supervoxel cache reads
+    them too).
     """
 
     def __init__(self, slice_cache: SliceCache, cfg: SuperpixelConfig):
@@ -64,17 +60,17 @@ class RegionCache:
         self.slice_cache = slice_cache
         self.cfg = cfg
         self.computed_slices = 0
-        # region file -> its (inode, size, mtime) when its SHA-256 last matched
-        self._verified: dict[Path, tuple[int, int, int] | None] = {}
+        self.files = MapFiles("region", "superpixel", "superpixels", cfg.key(), legacy=True)
         windows = [tuple(w) for w in cfg.windows_hu] or [slice_cache.cfg.window_hu]
         have = [tuple(w) for w in slice_cache.cfg.windows]
         self.window_cache: SliceCache | None = None
-        self._channels = [have.index(w) for w in windows] if set(windows) <= set(have) else None
-        if self._channels is None:
+        channels = [have.index(w) for w in windows] if set(windows) <= set(have) else None
+        if channels is None:
             window_cfg = dataclasses.replace(slice_cache.cfg, window_hu=windows[0],
                                              extra_windows_hu=windows[1:], context_slices=1)
             self.window_cache = SliceCache(window_cfg, slice_cache.dir.parent.parent)
-            self._channels = list(range(len(windows)))
+            channels = list(range(len(windows)))
+        self.channels: list[int] = channels
 
     def path(self, cached: CachedVolume) -> Path:
         return Path(cached.dir) / f"regions-{self.cfg.key()}.npy"
@@ -86,48 +82,13 @@ class RegionCache:
         DataWarning naming it; DataError if the recomputed file is damaged too.
         """
         cached = self.slice_cache.get(case)
-        usable = self._open(cached)
-        if usable is not None:
-            return usable
-        source = self._source(case, cached)
-        regions = np.stack([self._slice(cached, source, z) for z in range(cached.num_slices)])
-        _save(self.path(cached), regions, self._record(cached))
-        try:
-            return self._check(cached)
-        except CorruptCacheFile as exc:
-            raise DataError(exc.path, f"region file damaged right after it was written "
-                                      f"({exc.reason}): check the disk of the cache folder "
-                                      f"{cached.dir}") from None
 
-    def _open(self, cached: CachedVolume) -> np.ndarray | None:
-        """The checked region file of ``cached``; None if there is none, or if it was damaged
-        (then it is removed, with a DataWarning naming it)."""
-        path = self.path(cached)
-        if not path.is_file():
-            return None
-        try:
-            return self._check(cached)
-        except CorruptCacheFile as exc:
-            warn_data(exc.path, f"damaged region cache file ({exc.reason}); recomputing it",
-                      cached.case_id)
-            path.unlink(missing_ok=True)
-            record_path(path).unlink(missing_ok=True)
-            return None
+        def compute() -> tuple[np.ndarray, dict]:
+            source = self.source(case, cached)
+            return (np.stack([self._slice(cached, source, z) for z in range(cached.num_slices)]),
+                    self._record(cached))
 
-    def _check(self, cached: CachedVolume) -> np.ndarray:
-        """``np.load`` of the region file of ``cached`` after checking it against its record
-        (CorruptCacheFile naming the damaged file)."""
-        path = self.path(cached)
-        signature = _signature(path)
-        shape = (cached.num_slices, *cached.image.shape[2:])
-        record = _read_record(record_path(path), cached, self.cfg.key())
-        check = self._verified.get(path) != signature
-        regions = open_cached_array(path, record, shape, check)
-        if regions.dtype != np.uint16:
-            raise CorruptCacheFile(path, f"holds {regions.dtype} where uint16 was written")
-        if check:
-            self._verified[path] = signature
-        return regions
+        return self.files.get(self.path(cached), cached, compute)
 
     def build(self, cases: Iterable[Case], workers: int = 0, progress: bool = True) -> dict:
         """Build every case's regions in parallel over slices; returns statistics.
@@ -144,7 +105,7 @@ class RegionCache:
         try:
             mapper = pool.map if pool is not None else map
             volumes = list(mapper(self.slice_cache.get, cases))
-            todo = [(c, v) for c, v in zip(cases, volumes, strict=True) if self._open(v) is None]
+            todo = [(c, v) for c, v in zip(cases, volumes, strict=True) if self.files.open(self.path(v), v) is None]
             if self.window_cache is not None:  # once per case, before the slice chunks use it
                 list(mapper(self.window_cache.get, [c for c, _ in todo]))
             jobs = [(self, i, case, z0, min(z0 + _CHUNK, v.num_slices))
@@ -161,7 +122,7 @@ class RegionCache:
         computed = 0
         for i, (_, v) in enumerate(todo):
             regions = np.concatenate(chunks[i])
-            _save(self.path(v), regions, self._record(v))
+            self.files.save(self.path(v), regions.astype(np.uint16), self._record(v))
             computed += len(regions)
         self.computed_slices += computed
         seconds = time.perf_counter() - start
@@ -184,13 +145,14 @@ class RegionCache:
         """What a region file's record says besides its size and SHA-256: where it comes from."""
         return {"slices": cached.digest, "superpixels": self.cfg.key()}
 
-    def _source(self, case: Case, cached: CachedVolume, verify: bool = True) -> CachedVolume:
-        """The cached volume whose channels ``self._channels`` are the Felzenszwalb input."""
+    def source(self, case: Case, cached: CachedVolume, verify: bool = True) -> CachedVolume:
+        """The cached volume whose channels ``self.channels`` are the Felzenszwalb input:
+        ``cached`` itself, or the case's entry of ``window_cache``."""
         return cached if self.window_cache is None else self.window_cache.get(case, verify)
 
     def _slice(self, cached: CachedVolume, source: CachedVolume, z: int) -> np.ndarray:
-        channels = np.asarray(source.image[z, self._channels], dtype=np.float32)
-        image = channels[0] if len(self._channels) == 1 else channels
+        channels = np.asarray(source.image[z, self.channels], dtype=np.float32)
+        image = channels[0] if len(self.channels) == 1 else channels
         regions = compute_regions(image, cached.body[z], float(cached.spacing_mm[0]), self.cfg)
         if regions.max(initial=0) > _MAX_ID:
             raise ValueError(f"{cached.dir}: slice {z} has {regions.max()} regions, more than uint16 holds")
@@ -204,54 +166,10 @@ _CHUNK = 16  # slices per worker task
 def _segment_chunk(job: tuple[RegionCache, int, Case, int, int]) -> tuple[int, np.ndarray]:
     cache, index, case, z0, z1 = job
     cached = cache.slice_cache.get(case, verify=False)  # build() has just had it from get()
-    source = cache._source(case, cached, verify=False)
+    source = cache.source(case, cached, verify=False)
     return index, np.stack([cache._slice(cached, source, z) for z in range(z0, z1)])
 
 
 def _regions_per_slice(regions: np.ndarray) -> np.ndarray:
     """Ids are contiguous 1..R per slice, so the count is the per-slice maximum."""
     return np.asarray(regions).reshape(len(regions), -1).max(axis=1).astype(np.int64)
-
-
-def record_path(path: Path) -> Path:
-    """The record beside a region file: ``regions-<key>.npy`` -> ``regions-<key>.json``."""
-    return path.with_suffix(".json")
-
-
-def _save(path: Path, regions: np.ndarray, origin: dict) -> None:
-    """Write the region file and, before it is renamed into place, its record (``origin``:
-    ``RegionCache._record``)."""
-    with atomic_path(path) as tmp:
-        np.save(tmp, regions.astype(np.uint16))
-        atomic_write_json(record_path(path), {**file_record(tmp), **origin})
-
-
-def _read_record(path: Path, cached: CachedVolume, key: str) -> dict | None:
-    """The record of a region file, checked against the slice cache entry ``cached`` and the
-    superpixel settings' ``key``; None for a file written before records in an entry of that
-    time (CorruptCacheFile otherwise)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        if cached.digest is None:
-            return None
-        raise CorruptCacheFile(path, "missing, so its region file cannot be checked") from None
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise CorruptCacheFile(path, f"not readable JSON ({first_line(exc)})") from None
-    if not isinstance(record, dict) or not {"bytes", "sha256", "slices"} <= record.keys():
-        raise CorruptCacheFile(path, "not a region file record")
-    if record["slices"] != cached.digest:
-        raise CorruptCacheFile(path, "computed from another slice cache entry")
-    if record.get("superpixels") != key:
-        raise CorruptCacheFile(path, f"computed with other superpixel settings "
-                                     f"({record.get('superpixels')}, not {key})")
-    return record
-
-
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    """(inode, size, mtime) of a file: whether it changed since it was checked."""
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from lrcseg.augment import PairedViewAugment
+from lrcseg.augment3d import PairedVolumeAugment
 from lrcseg.config import PretrainConfig, save_config, to_dict
 from lrcseg.distributed import (
     DistContext,
@@ -178,7 +179,9 @@ class Pretraining:
         self.data, self.probe = self._data(resume)
         self.net = PretrainNetwork(cfg.model, cfg.preprocess.in_channels,
                                    method_class(cfg.method).normalized_global).to(ctx.device)
-        if cfg.run.channels_last:
+        # channels_last is a 2D layout; channels_last_3d exists but is not measured here
+        self.channels_last = cfg.run.channels_last and cfg.model.spatial_dims == 2
+        if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.method = build_method(
             cfg, self.net, num_slices=len(self.data.dataset), world_size=ctx.world_size,
@@ -192,7 +195,10 @@ class Pretraining:
             self.train_step = nn.parallel.DistributedDataParallel(
                 self.step_module, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                 broadcast_buffers=False, find_unused_parameters=True)
-        self.augment = PairedViewAugment(cfg.augment)
+        self.volumes = cfg.model.spatial_dims == 3
+        self.augment = (PairedVolumeAugment(cfg.augment, cfg.augment.patch_size,
+                                            cfg.augment.tilt_deg)
+                        if self.volumes else PairedViewAugment(cfg.augment))
         self.params = [p for p in self.step_module.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.params, cfg.optim, ctx.device)
         self.with_labels = self.data.dataset.with_organs and (
@@ -255,8 +261,9 @@ class Pretraining:
         save_config(cfg, self.run_dir / "config.yaml")
         write_run_card(self.run_dir, "pretrain", {
             "data_sources": data.sources,
-            "slices": len(data.dataset),
-            "canvas": data.dataset.canvas,
+            "slices": len(data.dataset),  # 3D: boxes
+            "canvas": data.dataset.canvas,  # 3D: the box (d, h, w)
+            "spatial_dims": cfg.model.spatial_dims,
             "preprocess": to_dict(cfg.preprocess),
             "superpixels": to_dict(cfg.superpixels),
             "device": str(self.ctx.device),
@@ -295,19 +302,23 @@ class Pretraining:
 
     def _views(self, batch: dict[str, Tensor], step: int) -> tuple[Views, Tensor, Tensor]:
         """The two augmented views of the batch (geometry shared with regions and labels) and
-        their region maps (B, S, S) long."""
+        their region maps (B, S, S) long (3D: (B, S_d, S, S))."""
         cfg, rank, method = self.cfg, self.ctx.rank, self.method
         g = step_generator(cfg.run.seed, step, rank)
-        view1, regions1, view2, regions2 = self.augment(batch["image"], batch["regions"].long(), g)
+        geometry = {"spacing_mm": batch["spacing"]} if self.volumes else {}  # 3D: in mm
+        view1, regions1, view2, regions2 = self.augment(batch["image"], batch["regions"].long(),
+                                                        g, **geometry)
         if self.logger is not None and cfg.run.image_every and step % cfg.run.image_every == 0:
-            self.logger.log_view_pairs(step, view1, regions1, view2, regions2,
+            self.logger.log_view_pairs(step, *_middle_slice(view1, regions1),
+                                       *_middle_slice(view2, regions2),
                                        channel=self.step_module.intensity_channel)
         labels1 = labels2 = None
         logging_step = (step + 1) % cfg.run.log_every == 0 or step + 1 == cfg.run.steps
         if self.with_labels and (method.needs_labels or logging_step):
             labels1, labels2 = self.augment.labels_in_views(batch["organs"].long(),
-                                                            step_generator(cfg.run.seed, step, rank))
-        if cfg.run.channels_last:
+                                                            step_generator(cfg.run.seed, step, rank),
+                                                            **geometry)
+        if self.channels_last:
             view1 = view1.contiguous(memory_format=torch.channels_last)
             view2 = view2.contiguous(memory_format=torch.channels_last)
         groups = labelled = None
@@ -351,6 +362,16 @@ class Pretraining:
         if self.logger is not None:
             self.logger.log(step, scalars)
         return scalars["loss/total"]
+
+
+def _middle_slice(view: Tensor, regions: Tensor) -> tuple[Tensor, Tensor]:
+    """What the view logging shows of a view: a slice (B, C, S, S) and its map (B, S, S) as
+    they are; a volume patch (B, C, S_d, S, S) and its map (B, S_d, S, S) by their middle
+    axial slice."""
+    if view.ndim == 4:
+        return view, regions
+    z = view.shape[2] // 2
+    return view[:, :, z], regions[:, z]
 
 
 def _hparam_metrics(cfg: PretrainConfig, logs_global: bool) -> list[str]:

@@ -1,18 +1,22 @@
 """Pre-training data: the slice pool of the unlabelled (or labelled) datasets with the
-superpixel regions of every slice, built once in the slice and region caches.
+superpixel regions of every slice, built once in the slice and region caches; in 3D
+(``model.spatial_dims: 3``) boxes of whole volumes with their supervoxels.
 
     datasets -> cases (``data.splits``) -> SliceCache (windowed slices)
              -> RegionCache (Felzenszwalb regions)  -> PretrainSlices (torch dataset)
+             -> SupervoxelCache (3D Felzenszwalb)   -> PretrainBoxes (3D)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lrcseg.config import PretrainConfig
+from lrcseg.data.boxes import PretrainBoxes
 from lrcseg.data.labels import labelled_volumes
 from lrcseg.data.layouts import Case
 from lrcseg.data.slice_cache import SliceCache
@@ -29,7 +33,7 @@ class PretrainData:
     dataset (supervised) else None; mixed_pool: supervised + LRC with unlabelled slices from
     ``--data`` too."""
 
-    dataset: PretrainSlices
+    dataset: PretrainSlices | PretrainBoxes
     sources: list[dict[str, Any]]
     num_classes: int | None = None
     mixed_pool: bool = False
@@ -76,16 +80,35 @@ def build_pretrain_data(cfg: PretrainConfig, progress: bool = True) -> PretrainD
     volumes = (labelled_volumes(slice_cache, cases[:labelled], sources[0]["labels"])
                if labelled else [])
     volumes += [slice_cache.get(c) for c in cases[labelled:]]
-    region_cache = RegionCache(slice_cache, cfg.superpixels)
+    if cfg.model.spatial_dims == 3:
+        from lrcseg.superpixels.supervoxel_cache import SupervoxelCache
+
+        region_cache = SupervoxelCache(slice_cache, cfg.superpixels)
+    else:
+        region_cache = RegionCache(slice_cache, cfg.superpixels)
     region_cache.build(cases, workers=cfg.run.workers, progress=progress)
     regions = [region_cache.get(c) for c in cases]
     if num_classes is not None:  # unlabelled pool slices must not count as all background
         volumes = [v if i < labelled else dataclasses.replace(v, label=None)
                    for i, v in enumerate(volumes)]
+    with_organs = any(v.label is not None for v in volumes)
+    if cfg.model.spatial_dims == 3:
+        dataset = PretrainBoxes(volumes, regions, box_size(cfg), with_organs=with_organs)
+        if len(dataset) < 2:
+            raise ConfigError(f"only {len(dataset)} boxes of {box_size(cfg)} voxels with body in "
+                              f"{cfg.data or cfg.labels}: too few to pre-train")
+        return PretrainData(dataset, sources, num_classes,
+                            mixed_pool=num_classes is not None and len(cases) > labelled)
     dataset = PretrainSlices(volumes, regions, cfg.preprocess.context_slices,
-                             with_organs=any(v.label is not None for v in volumes))
+                             with_organs=with_organs)
     if len(dataset) < 2:
         raise ConfigError(f"only {len(dataset)} body slices in {cfg.data or cfg.labels}: too few "
                           "to pre-train")
     return PretrainData(dataset, sources, num_classes,
                         mixed_pool=num_classes is not None and len(cases) > labelled)
+
+
+def box_size(cfg: PretrainConfig) -> tuple[int, int, int]:
+    """3D: the (d, h, w) box the two views are cut from, ``augment.box_scale`` times the
+    view's ``augment.patch_size`` per axis, rounded up."""
+    return tuple(int(math.ceil(cfg.augment.box_scale * s)) for s in cfg.augment.patch_size)
