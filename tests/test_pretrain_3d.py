@@ -94,3 +94,19 @@ def test_3d_config_checks_say_what_is_wrong(pretrain_phantoms, tmp_path):
     with pytest.raises(ConfigError, match="box_scale"):
         PretrainConfig(data=base.data, model=model3d, run=base.run,
                        augment=AugmentConfig(patch_size=(32, 32, 32), zoom=(0.5, 1.0)))
+
+
+def test_lrcseg_finetune_refuses_a_3d_pretraining_and_names_the_nnunet_route(pretrain_phantoms,
+                                                                              tmp_path):
+    from lrcseg.config import FinetuneConfig
+    from lrcseg.train.finetune import finetune
+
+    run = pretrain(make_cfg(pretrain_phantoms, tmp_path / "run3d", steps=1), progress=False)
+    cfg = FinetuneConfig(dataset=pretrain_phantoms["data"], init=str(run),
+                         preprocess=PreprocessConfig(spacing_mm=4.0),
+                         model=ModelConfig(backbone="resnet10", decoder_channels=(32, 16, 16, 8, 8)),
+                         run=RunConfig(steps=2, batch_size=2, device="cpu",
+                                       out=str(tmp_path / "ft"), cache_dir=pretrain_phantoms["cache"]))
+    with pytest.raises(ConfigError, match="3D pre-training initialises nnU-Net's 3d_fullres"):
+        finetune(cfg, progress=False)
+    assert not (tmp_path / "ft").exists()
