@@ -15,12 +15,20 @@ import torch.nn.functional as F
 from lrcseg.augment import (
     INTENSITY_DRAWS,
     IntensityAugment,
+    OrganContrastAugment,
     PairedViewAugment,
     augment_labelled,
     box_overlap,
     simulate_low_resolution,
 )
-from lrcseg.config import AugmentConfig, FinetuneConfig, IntensityAugmentConfig, from_dict, to_dict
+from lrcseg.config import (
+    AugmentConfig,
+    FinetuneConfig,
+    IntensityAugmentConfig,
+    OrganContrastConfig,
+    from_dict,
+    to_dict,
+)
 from lrcseg.errors import ConfigError
 
 NO_INTENSITY = dict(brightness=0.0, contrast=0.0, gamma=(1.0, 1.0), noise_std=0.0, blur_prob=0.0)
@@ -369,3 +377,76 @@ def test_intensity_config_defaults_round_trip_and_older_configs_load():
     assert not off.intensity.enabled and off.intensity.contrast_range == (0.75, 1.25)
     older = {k: v for k, v in saved.items() if k != "intensity"}  # a config.yaml of an older run
     assert from_dict(FinetuneConfig, older).intensity == IntensityAugmentConfig()
+
+
+def _organ_scene(b: int = 4, size: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images at 100 HU (window -175..250) with two square organs (labels 1, 2) per sample."""
+    window = (-175.0, 250.0)
+    images = torch.full((b, 1, size, size), (100.0 - window[0]) / (window[1] - window[0]))
+    images += 0.01 * torch.randn(b, 1, size, size, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(b, size, size, dtype=torch.long)
+    labels[:, 8:20, 8:20] = 1
+    labels[:, 28:40, 26:40] = 2
+    return images.clamp(0, 1), labels
+
+
+def test_organ_contrast_shifts_each_organ_by_its_own_bounded_offset_and_not_the_background():
+    images, labels = _organ_scene()
+    before = labels.clone()
+    cfg = OrganContrastConfig(enabled=True, prob=1.0, shift_hu=80.0, edge_sigma_px=0.0)
+    aug = OrganContrastAugment(cfg, [(-175.0, 250.0)], num_classes=3)
+    out = aug(images, labels, torch.Generator().manual_seed(3))
+    assert torch.equal(labels, before)  # labels untouched
+    hu = (out - images) * 425.0  # the shift in HU
+    assert torch.equal(hu[:, 0][labels == 0], torch.zeros_like(hu[:, 0][labels == 0]))
+    offsets = []
+    for i in range(images.shape[0]):
+        for c in (1, 2):
+            inside = hu[i, 0][labels[i] == c]
+            assert float(inside.max() - inside.min()) < 1e-3  # one offset per organ
+            offsets.append(float(inside.mean()))
+    offsets = np.array(offsets)
+    assert np.all(np.abs(offsets) <= 80.0 + 1e-3)
+    assert np.abs(offsets).max() > 20.0  # something moved
+    assert len(np.unique(np.round(offsets, 2))) == len(offsets)  # organs drawn independently
+
+
+def test_organ_contrast_is_deterministic_leaves_unpicked_samples_and_saturates_at_the_window():
+    images, labels = _organ_scene(b=16)
+    cfg = OrganContrastConfig(enabled=True, prob=0.5, shift_hu=300.0, edge_sigma_px=1.0)
+    aug = OrganContrastAugment(cfg, [(-175.0, 250.0)], num_classes=3)
+    a = aug(images, labels, torch.Generator().manual_seed(7))
+    b = aug(images, labels, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    changed = [not torch.equal(a[i], images[i]) for i in range(16)]
+    assert 3 <= sum(changed) <= 13  # about half the samples
+    unchanged = [i for i, c in enumerate(changed) if not c]
+    assert unchanged and all(torch.equal(a[i], images[i]) for i in unchanged)
+    assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0  # the window's own clipping
+    assert bool((a == 1.0).any())  # +300 HU on a 100 HU organ leaves the 250 HU window
+    # blurred edges: a pixel just outside an organ moves a little, one far away does not
+    moved = [i for i, c in enumerate(changed) if c][0]
+    assert float((a[moved, 0, 20, 14] - images[moved, 0, 20, 14]).abs()) > 0
+    assert float((a[moved, 0, 0, 0] - images[moved, 0, 0, 0]).abs()) == 0
+
+
+def test_organ_contrast_probability_zero_is_identity_and_the_draws_are_fixed():
+    images, labels = _organ_scene()
+    off = OrganContrastAugment(OrganContrastConfig(enabled=True, prob=0.0),
+                               [(-175.0, 250.0)], num_classes=3)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(off(images, labels, g1), images)
+    torch.rand(4, 3, generator=g2, dtype=torch.float64)  # the block one call draws
+    assert torch.equal(torch.rand(5, generator=g1), torch.rand(5, generator=g2))
+
+
+def test_organ_contrast_refuses_bad_input():
+    aug = OrganContrastAugment(OrganContrastConfig(enabled=True), [(-175.0, 250.0)], num_classes=3)
+    images, labels = _organ_scene()
+    with pytest.raises(ValueError, match="labels must be"):
+        aug(images, labels[:, :10], torch.Generator())
+    with pytest.raises(ValueError, match="num_classes"):
+        OrganContrastAugment(OrganContrastConfig(), [(-175.0, 250.0)], num_classes=1)
+    for bad in ({"prob": 1.5}, {"shift_hu": -1.0}, {"edge_sigma_px": 20}):
+        with pytest.raises(ConfigError, match="organ_contrast"):
+            OrganContrastConfig(**bad)

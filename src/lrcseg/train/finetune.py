@@ -27,12 +27,13 @@ import torch
 from monai.losses import DiceCELoss
 from torch import Tensor
 
-from lrcseg.augment import IntensityAugment, augment_labelled
+from lrcseg.augment import IntensityAugment, OrganContrastAugment, augment_labelled
 from lrcseg.config import (
     FinetuneConfig,
     FinetuneStrategyConfig,
     IntensityAugmentConfig,
     OptimConfig,
+    OrganContrastConfig,
     save_config,
     to_dict,
 )
@@ -144,6 +145,7 @@ class Finetuning:
         self.hflip = cfg.hflip and not has_laterality(list(labels))
         self.intensity = self._intensity_augment()
         num_classes = max(labels.values()) + 1
+        self.organ_contrast = self._organ_contrast(num_classes)
         self.model = self._model(weights, num_classes)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
         self.optimizer = make_optimizer(
@@ -212,6 +214,13 @@ class Finetuning:
             return None
         return IntensityAugment(cfg.intensity, cfg.preprocess.windows, cfg.preprocess.context_slices)
 
+    def _organ_contrast(self, num_classes: int) -> OrganContrastAugment | None:
+        cfg = self.cfg
+        if not cfg.organ_contrast.enabled:
+            return None
+        return OrganContrastAugment(cfg.organ_contrast, cfg.preprocess.windows, num_classes,
+                                    cfg.preprocess.context_slices)
+
     def restore(self) -> tuple[int, dict | None]:
         """Load the checkpoint to resume from; returns (step, the logger's clock).
 
@@ -226,6 +235,12 @@ class Finetuning:
             warn_data(self.run_dir, "this run began before fine-tuning had intensity "
                       "augmentation: it continues without it (config.yaml now records "
                       "intensity.enabled: false)")
+        if "organ_contrast" not in state["config"] and self.cfg.organ_contrast.enabled:
+            self.cfg = dataclasses.replace(self.cfg, organ_contrast=OrganContrastConfig(enabled=False))
+            self.organ_contrast = None
+            warn_data(self.run_dir, "this run began before fine-tuning had the organ contrast "
+                      "augmentation: it continues without it (config.yaml now records "
+                      "organ_contrast.enabled: false)")
         for note in check_resume_compatible(state["config"], to_dict(self.cfg), "finetune"):
             warn_data(self.run_dir, note)
         save_config(self.cfg, self.run_dir / "config.yaml")  # the run as it now continues
@@ -295,7 +310,9 @@ class Finetuning:
         generator = step_generator(cfg.run.seed, step)
         images, targets = augment_labelled(batch["image"], batch["label"].long(), cfg.image_size,
                                            cfg.rotation_deg, self.hflip, generator)
-        if self.intensity is not None:  # draws after the geometry, from the same generator
+        if self.organ_contrast is not None:  # draws after the geometry, from the same generator
+            images = self.organ_contrast(images, targets, generator)
+        if self.intensity is not None:
             images = self.intensity(images, generator)
         if cfg.run.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
