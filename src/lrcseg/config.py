@@ -746,6 +746,8 @@ class PhantomSpec:
         posterior, kidneys posterolateral to it, no organ painted inside another; checked
         against the real labelled case) or 1 (the phantoms of the evidence before it). An
         experiment folder recorded before the field existed counts as 1.
+    pretrain_fraction, train_fraction: the shares of the cases in the pre-training pool and
+        among the labelled candidates (``lrcseg.data.splits.make_splits``; the rest is test).
     """
 
     out: str = "phantoms"
@@ -753,11 +755,17 @@ class PhantomSpec:
     seed: int = 0
     spacing_mm: tuple[float, float, float] = (2.0, 2.0, 5.0)
     anatomy: int = 2
+    pretrain_fraction: float = 0.5
+    train_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
         _check(self.anatomy in (1, 2) and not isinstance(self.anatomy, bool),
                f"Illegal phantoms.anatomy {self.anatomy!r}: 1 or 2 (the generator's versions)")
+        _check(0 <= self.pretrain_fraction < 1 and 0 < self.train_fraction < 1
+               and self.pretrain_fraction + self.train_fraction < 1,
+               f"Illegal phantoms.pretrain_fraction {self.pretrain_fraction} / train_fraction "
+               f"{self.train_fraction}: shares in [0, 1) and (0, 1) with a sum < 1 (the rest is test)")
         _check(self.cases >= 3, f"Illegal phantoms.cases {self.cases}: need >= 3 (pretrain/train/test)")
         _check(len(self.spacing_mm) == 3 and all(s > 0 for s in self.spacing_mm),
                f"Illegal phantoms.spacing_mm {self.spacing_mm}: three values > 0")

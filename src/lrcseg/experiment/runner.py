@@ -132,7 +132,9 @@ def _prepare_dataset(cfg: ExperimentConfig, out_dir: Path) -> Path:
                 _say(f"writing {cfg.phantoms.cases} phantoms to {data}")
                 write_phantom_dataset(data, cases=cfg.phantoms.cases, seed=cfg.phantoms.seed,
                                       spacing_mm=cfg.phantoms.spacing_mm,
-                                      anatomy=cfg.phantoms.anatomy)
+                                      anatomy=cfg.phantoms.anatomy,
+                                      pretrain_fraction=cfg.phantoms.pretrain_fraction,
+                                      train_fraction=cfg.phantoms.train_fraction)
     if not (data / "dataset.json").is_file() and not data.exists():
         raise ConfigError(f"{data}: dataset not found")
     return data
