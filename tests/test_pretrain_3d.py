@@ -110,3 +110,20 @@ def test_lrcseg_finetune_refuses_a_3d_pretraining_and_names_the_nnunet_route(pre
     with pytest.raises(ConfigError, match="3D pre-training initialises nnU-Net's 3d_fullres"):
         finetune(cfg, progress=False)
     assert not (tmp_path / "ft").exists()
+
+
+def test_the_3d_cpu_preset_loads_and_a_coarse_3d_scale_is_warned_about(pretrain_phantoms,
+                                                                        tmp_path):
+    from pathlib import Path
+
+    from lrcseg.config import load_config
+    from lrcseg.errors import DataWarning
+
+    preset = Path(__file__).resolve().parents[1] / "configs" / "pretrain_3d_cpu.yaml"
+    cfg = load_config(PretrainConfig, preset, {"data": [pretrain_phantoms["data"]]})
+    assert cfg.model.spatial_dims == 3 and cfg.superpixels.scale <= 60
+    assert all(side % 32 == 0 for side in cfg.augment.patch_size)
+    coarse = make_cfg(pretrain_phantoms, tmp_path / "coarse")
+    coarse = PretrainConfig(**{**coarse.__dict__, "superpixels": SuperpixelConfig(scale=100.0)})
+    with pytest.warns(DataWarning, match="coarse supervoxels"):
+        build_pretrain_data(coarse, progress=False)
