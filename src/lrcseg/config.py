@@ -581,6 +581,10 @@ class PretrainConfig:
                "method 'none' without LRC has no loss: enable LRC or pick a global method")
         _check(self.run.steps is not None, "pre-training needs run.steps (no automatic budget)")
         self.method_sections = _method_sections(self.method_sections, self.method)
+        _check(self.probe.dataset is None or self.model.nnunet is None,
+               "probe.dataset: the online probe cannot reach an nnU-Net plans network during "
+               "pre-training yet (it probes FlexibleUNets, 2D or 3D); drop it and probe the "
+               "finished run with lrcseg probe")
         if self.model.spatial_dims == 3:
             _check(self.augment.patch_size is not None,
                    "model.spatial_dims 3 needs augment.patch_size (d, h, w voxels of a view), "
@@ -817,6 +821,9 @@ class InitSpec:
 
 #: ``ExperimentConfig.draw_mode``: how a draw chooses its K labelled cases
 DRAW_MODES = ("seeded", "distinct", "distinct_by_phase")
+#: ``ExperimentConfig.nnunet_configuration``: the nnU-Net configurations an experiment runs
+#: (``lrcseg.nnunet.workspace.CONFIGURATIONS``; tests/test_experiment_3d.py checks they agree)
+NNUNET_CONFIGURATIONS = ("2d", "3d_fullres")
 
 
 @dataclass
@@ -876,7 +883,8 @@ class ExperimentConfig:
     keep_checkpoints: False deletes each block's weights once its metrics are written
         (pre-training weights once every probe and cell of the block has finished).
     finetune_with: "lrcseg" (lrcseg's fine-tuning) or "nnunet": every initialisation is then
-        nnU-Net's 2d network (its plans, made once by nnU-Net's planner for the dataset in
+        nnU-Net's ``nnunet_configuration`` network (2d by default; its plans, made once by
+        nnU-Net's planner for the dataset in
         ``<out>/nnunet``), pre-trained through ``--nnunet-plans`` and fine-tuned by nnU-Net's
         own trainer on the K labelled cases for ``finetune_steps`` iterations
         (``nnunet_iterations_per_epoch`` per epoch), scored by lrcseg's evaluation. Needs the
@@ -886,6 +894,12 @@ class ExperimentConfig:
     nnunet_mirroring: nnU-Net's test-time mirroring when predicting (its default; on).
     nnunet_batch_size: nnU-Net's fine-tuning batch size (None = the plans'; a CPU-sized run
         may lower it).
+    nnunet_configuration: the nnU-Net configuration every cell is (only with ``finetune_with:
+        nnunet``): "2d" (the default) or "3d_fullres", planned, pre-trained (the plans' 3D
+        network, ``model.spatial_dims`` 3, views of the plans' patch, supervoxels at a third
+        of the 2D superpixel scale unless an override sets it), trained and predicted as
+        that configuration. Needs felzenszwalb regions in 3D. A folder recorded before it
+        existed counts as "2d".
     """
 
     dataset: str | None = None
@@ -933,6 +947,7 @@ class ExperimentConfig:
     nnunet_dataset_id: int = 990
     nnunet_mirroring: bool = True
     nnunet_batch_size: int | None = None
+    nnunet_configuration: str = "2d"
 
     def __post_init__(self) -> None:
         self.initialisations = [s if isinstance(s, InitSpec) else from_dict(InitSpec, s)
@@ -1003,6 +1018,7 @@ class ExperimentConfig:
                                        or self.finetune_steps % per_epoch == 0),
                    f"finetune_steps {self.finetune_steps} must be a multiple of "
                    f"nnunet_iterations_per_epoch {per_epoch} (or smaller than it)")
+        self._check_nnunet_configuration()
         if any(s.method == "supervised" for s in self.initialisations):
             _check(self.labels_dataset is not None,
                    "a 'supervised' initialisation needs labels_dataset (the labelled source)")
@@ -1011,6 +1027,19 @@ class ExperimentConfig:
         PreprocessConfig(spacing_mm=self.spacing_mm)
         OptimConfig(lr=self.pretrain_lr, warmup_steps=self.warmup_steps)
         OptimConfig(lr=self.finetune_lr, warmup_steps=self.warmup_steps)
+
+    def _check_nnunet_configuration(self) -> None:
+        _check(self.nnunet_configuration in NNUNET_CONFIGURATIONS,
+               f"Illegal nnunet_configuration {self.nnunet_configuration!r}: "
+               + " or ".join(NNUNET_CONFIGURATIONS))
+        _check(self.finetune_with == "nnunet" or self.nnunet_configuration == "2d",
+               f"nnunet_configuration {self.nnunet_configuration} needs finetune_with: nnunet "
+               "(lrcseg's own fine-tuning is 2D)")
+        grid = sorted(s.name for s in self.initialisations if s.pretrained and s.regions == "grid")
+        _check(self.nnunet_configuration == "2d" or not grid,
+               f"nnunet_configuration {self.nnunet_configuration}: initialisation(s) "
+               f"{', '.join(grid)} use grid regions, which have no 3D version; use felzenszwalb "
+               "(supervoxels)")
 
     def _check_learning_curve(self, names: list[str]) -> None:
         if isinstance(self.learning_curve, str):

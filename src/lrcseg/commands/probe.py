@@ -12,6 +12,11 @@ stride N in 16..1; or a named set: all, encoder, decoder), after the network's B
 statistics are re-estimated on the fitting slices (--batchnorm reestimate; "stored" keeps the
 network's own); --split is scored on each case's original grid. metrics.json has the shape
 of ``lrcseg evaluate``'s plus a "probe" record of what was fitted and how.
+A 3D pre-training (``model.spatial_dims: 3``: a FlexibleUNet, or nnU-Net's 3d_fullres network
+from --nnunet-plans) and an nnU-Net 2d one are read through the network's levels adapter: a 3D
+network reads each labelled volume whole (padded to its strides), its features sampled at the
+chosen voxels, and predicts each test volume whole; a named level set means its levels the
+network has (an nnU-Net network's follow its stages).
 """
 
 from __future__ import annotations
@@ -42,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="labelled pixels to fit on, class-balanced (default 20000)")
     parser.add_argument("--levels", default=None,
                         help="feature levels: 'encoder' (enc4,enc8,enc16,enc32), 'decoder' "
-                             "(dec4,dec2,dec1), 'all' (both) or a comma list of encN / decN "
+                             "(dec4,dec2,dec1), 'all' (both) or a comma list of encN / decN, N the "
+                             "in-plane stride; a set means its levels the network has "
                              "(default enc4,enc8,enc16,enc32,dec4,dec2,dec1)")
     parser.add_argument("--batchnorm", choices=("reestimate", "stored"), default="reestimate",
                         help="BatchNorm running statistics: re-estimated on the fitting slices "

@@ -50,6 +50,21 @@ def crop_padded(array: np.ndarray, start: Sequence[int], size: Sequence[int], fi
     return out
 
 
+def body_boxes(body: np.ndarray, box: tuple[int, int, int], stride: tuple[int, int, int],
+               min_body_fraction: float) -> list[tuple[int, int, int]]:
+    """Starts (z0, y0, x0) of the grid boxes of a (Z, H, W) body mask whose body share is at
+    least ``min_body_fraction`` (and above 0), in raster order."""
+    grids = [box_starts(n, b, s) for n, b, s in zip(body.shape, box, stride, strict=True)]
+    starts = []
+    for z0 in grids[0]:
+        for y0 in grids[1]:
+            for x0 in grids[2]:
+                inside = crop_padded(body, (z0, y0, x0), box, False).mean()
+                if inside >= min_body_fraction and inside > 0:
+                    starts.append((z0, y0, x0))
+    return starts
+
+
 class PretrainBoxes(Dataset):
     """Boxes of preprocessed volumes with their supervoxel maps, for 3D pre-training.
 
@@ -96,15 +111,8 @@ class PretrainBoxes(Dataset):
             if zs.size == 0:
                 continue
             self._height[i] = (int(zs[0]), int(zs[-1]))
-            grids = [box_starts(n, b, s) for n, b, s in zip(body.shape, self.box, self.stride,
-                                                            strict=True)]
-            for z0 in grids[0]:
-                for y0 in grids[1]:
-                    for x0 in grids[2]:
-                        start = (z0, y0, x0)
-                        inside = crop_padded(body, start, self.box, False).mean()
-                        if inside >= min_body_fraction and inside > 0:
-                            self.index.append((i, start))
+            self.index += [(i, start) for start in
+                           body_boxes(body, self.box, self.stride, min_body_fraction)]
         #: the largest supervoxel id of the data
         self.max_region_id = max((int(np.max(s)) for s in self.supervoxels if np.size(s)),
                                  default=0)

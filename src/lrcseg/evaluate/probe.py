@@ -13,8 +13,26 @@ probe").
     -> ``ProbeModel`` (B, C, H, W) -> (B, K, H, W) logits -> ``predict_labels`` and
        ``SegmentationMetrics`` on each test case's original grid (``evaluate_probe``).
 
+**Networks.** The U-Net is read through the levels adapter of ``models/pretrain_net.py``,
+the one the pre-training network uses: ``FlexibleUNetLevels`` (a 2D or 3D FlexibleUNet) or
+``NnUNetLevels`` (an nnU-Net plans network, 2d or 3d_fullres, with its CTNormalization
+input). A 2D network reads whole slices, as below. A 3D network (``model.spatial_dims: 3``)
+reads each labelled volume whole, ``(1, C, Z, H, W)`` with Z the axial axis as in 3D
+pre-training, zero-padded to multiples of the network's total stride along z and of
+lcm(32, that stride) in-plane (the in-plane rule the 2D probe and ``lrcseg.evaluate.predict``
+pad by), split evenly; its features are sampled at the chosen voxels with trilinear
+``grid_sample``, and the fitted probe predicts each test volume whole too. One forward pass per
+volume: simple and exact (no tiles, no seams; nnU-Net's instance normalisation sees one input
+extent when fitting and predicting), at the memory of one volume through the network.
+
 **Levels** (``DenseFeatures``). ``encN``: encoder map at stride N (N in 2, 4, 8, 16, 32),
-``decN``: output of the decoder block at stride N (N in 16, 8, 4, 2, 1). Named sets
+``decN``: output of the decoder block at stride N (N in 16, 8, 4, 2, 1). N is the in-plane
+stride (an nnU-Net network may pool z less); a network has the levels its adapter reports
+(``encoder_strides``, ``decoder_strides``): a FlexibleUNet all of them, an nnU-Net network
+those of its stages (its full-resolution first stage and strides above 32 are not levels;
+where two stages share an in-plane stride the first listed is the level). A named set means
+its members the network has; a level asked for by name that the network lacks is a
+ConfigError naming those it has. Named sets
 (:data:`LEVEL_SETS`): "encoder" = enc4, enc8, enc16, enc32 (what every pre-training trains,
 the bottleneck included); "decoder" = dec4, dec2, dec1; "all" (the default) = both. MoCo
 trains only the encoder, so its decoder levels are those of a random network; LRC and
@@ -32,8 +50,9 @@ module untouched. Every network is then probed with its BatchNorm in the same de
 whatever its training ran.
 
 **Features at a pixel.** Level l with map ``f_l`` (C_l, h, w) at stride s is upsampled
-bilinearly (``align_corners=False``) to the input size; at the chosen pixels that equals
-``grid_sample`` at the pixel centres, so the full-resolution stack is never built. With x the
+bilinearly (``align_corners=False``; 3D: trilinear, (C_l, d, h, w)) to the input size; at the
+chosen pixels that equals ``grid_sample`` at the pixel centres, so the full-resolution stack
+is never built. With x the
 concatenation over levels (D = sum_l C_l), mu and sigma its per-channel mean and standard
 deviation over the chosen pixels:
 
@@ -52,6 +71,7 @@ the K-channel maps are upsampled.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -73,17 +93,19 @@ from lrcseg.data.slice_cache import CachedVolume, SliceCache
 from lrcseg.data.splits import choose_labelled, split_cases
 from lrcseg.errors import ConfigError
 from lrcseg.evaluate.metrics import SegmentationMetrics
-from lrcseg.evaluate.predict import pad_amounts, predict_labels
+from lrcseg.evaluate.predict import PAD_MULTIPLE, pad_amounts, predict_labels
 from lrcseg.evaluate.run import check_label_names, score_cases
 from lrcseg.models.export import load_exported
 from lrcseg.models.load import (
     load_backbone,
     load_checkpoint,
     load_finetuned,
+    load_pretrain_network,
     pretrained_unet_weights,
     resolve_checkpoint,
 )
-from lrcseg.models.unet import build_unet, decoder_outputs
+from lrcseg.models.pretrain_net import FlexibleUNetLevels, NnUNetLevels
+from lrcseg.models.unet import build_unet
 
 ENCODER_STRIDES = (2, 4, 8, 16, 32)   # unet.encoder(x)[i] has stride 2 ** (i + 1)
 DECODER_STRIDES = (16, 8, 4, 2, 1)    # unet.decoder.blocks[i] has stride 16 / 2 ** i
@@ -104,6 +126,9 @@ DEFAULT_L2 = 1e-3
 DEFAULT_MAX_ITER = 500
 # Logit of a class without any fitting pixel: never predicted (exp underflows to 0).
 _ABSENT_LOGIT = -1e4
+#: what the probe reads: a FlexibleUNet (2D or 3D) or a levels adapter of ``pretrain_net``
+LevelsAdapter = FlexibleUNetLevels | NnUNetLevels
+ProbeNetwork = FlexibleUNet | FlexibleUNetLevels | NnUNetLevels
 
 
 def parse_levels(levels: LevelSet | str | Sequence[str]) -> tuple[str, ...]:
@@ -143,12 +168,41 @@ def check_batchnorm_mode(mode: str) -> BatchNormMode:
     return cast(BatchNormMode, mode)
 
 
+def _level_table(adapter: LevelsAdapter) -> dict[str, tuple[str, int]]:
+    """Probe level name -> ("enc", index of the encoder map) | ("dec", decoder level) of a
+    network, from its adapter's in-plane strides; names outside :data:`LEVELS` are left out,
+    and where two maps share a name the first listed keeps it."""
+    table: dict[str, tuple[str, int]] = {}
+    for index, stride in enumerate(adapter.encoder_strides):
+        table.setdefault(f"enc{stride}", ("enc", index))
+    for level, stride in sorted(adapter.decoder_strides.items()):
+        table.setdefault(f"dec{stride}", ("dec", level))
+    return {name: where for name, where in table.items() if name in LEVELS}
+
+
+def _levels_of(table: dict[str, tuple[str, int]], levels: str | Sequence[str]) -> tuple[str, ...]:
+    """``parse_levels(levels)`` that the network (``table``) has: a named set keeps its members
+    the network has; a level asked for by name that it lacks is a ConfigError."""
+    names = parse_levels(levels)
+    present = tuple(n for n in names if n in table)
+    if present == names:
+        return names
+    has = ", ".join(n for n in LEVELS if n in table)
+    if names in LEVEL_SETS.values() and present:
+        return present
+    raise ConfigError(f"this network has no probe level(s) "
+                      f"{', '.join(n for n in names if n not in table)}; its levels: {has}")
+
+
 class DenseFeatures(nn.Module):
     """A frozen U-Net as a dense feature extractor: the maps of the chosen levels.
 
     Args:
-        unet: a 2D ``FlexibleUNet`` (its segmentation head is not used).
-        levels: level names (:func:`parse_levels`), default :data:`DEFAULT_LEVELS`.
+        network: a ``FlexibleUNet`` (2D or 3D; its segmentation head is not used) or a levels
+            adapter of ``models/pretrain_net.py`` (``FlexibleUNetLevels``, ``NnUNetLevels``:
+            an nnU-Net plans network, 2d or 3d_fullres), through which the maps are read.
+        levels: level names (:func:`parse_levels`), default :data:`DEFAULT_LEVELS`; a named
+            set means its members this network has (module docstring, "Levels").
         freeze: also set ``requires_grad=False`` on the U-Net's parameters. Pass False for a
             network that is still being trained (the online probe); the caller then restores
             its mode.
@@ -156,24 +210,37 @@ class DenseFeatures(nn.Module):
     The U-Net is put in eval mode (BatchNorm uses its running statistics) and stays there
     whatever ``train()`` is called with (:func:`reestimate_batchnorm` makes its BatchNorm
     layers use batch statistics through forward hooks). ``forward(x)`` with x a float tensor
-    (B, C, H, W), H and W multiples of 32, returns one tensor per level, in ``self.levels``
-    order, of shape (B, C_l, H / s_l, W / s_l) for the level's stride s_l; no gradients flow
-    into the U-Net. The whole encoder runs; the decoder only as deep as the finest decoder
-    level asked for (``path()``: the modules a forward pass runs).
+    (B, C, H, W) (``spatial_dims`` 3: (B, C, D, H, W)), every side a multiple of the network's
+    total stride along it (``multiple`` is one), returns one tensor per level, in
+    ``self.levels`` order, of shape (B, C_l, H / s_l, W / s_l) (3D: (B, C_l, D / t_l, H / s_l,
+    W / s_l)) for the level's strides; no gradients flow into the U-Net. The whole encoder
+    runs; the decoder only as deep as the finest decoder level asked for (``path()``: the
+    modules a forward pass runs).
     """
 
-    def __init__(self, unet: FlexibleUNet, levels: str | Sequence[str] = DEFAULT_LEVELS,
+    def __init__(self, network: ProbeNetwork, levels: str | Sequence[str] = DEFAULT_LEVELS,
                  freeze: bool = True):
         super().__init__()
-        if not isinstance(unet, FlexibleUNet):
-            raise ValueError(f"DenseFeatures needs a FlexibleUNet, got {type(unet).__name__}")
-        self.levels = parse_levels(levels)
-        self.unet = unet
+        if isinstance(network, FlexibleUNet):
+            network = FlexibleUNetLevels.of(network)
+        if not isinstance(network, (FlexibleUNetLevels, NnUNetLevels)):
+            raise ValueError("DenseFeatures needs a FlexibleUNet or a levels adapter "
+                             f"(FlexibleUNetLevels, NnUNetLevels), got {type(network).__name__}")
+        self.adapter = network
+        self.unet = network.unet
+        self.spatial_dims = network.spatial_dims
+        table = _level_table(network)
+        self.levels = _levels_of(table, levels)
+        self._where = {name: table[name] for name in self.levels}
+        self._last_block = max((i for kind, i in self._where.values() if kind == "dec"),
+                               default=-1)
+        # the padding of every input: in-plane to lcm(32, total stride) as the 2D probe and
+        # ``evaluate.predict`` pad slices, z (3D) to the total stride
+        in_plane = tuple(math.lcm(PAD_MULTIPLE, d) for d in network.divisor[-2:])
+        self.multiple = network.divisor[:-2] + in_plane
         if freeze:
-            unet.requires_grad_(False)
+            self.unet.requires_grad_(False)
         self.train(False)
-        blocks = [DECODER_STRIDES.index(int(n[3:])) for n in self.levels if n.startswith("dec")]
-        self._last_block = max(blocks, default=-1)
 
     def train(self, mode: bool = True) -> DenseFeatures:
         super().train(mode)
@@ -183,17 +250,16 @@ class DenseFeatures(nn.Module):
     def path(self) -> list[nn.Module]:
         """The U-Net's modules that ``forward`` runs: the encoder and the decoder blocks down to
         the finest decoder level asked for."""
-        return [self.unet.encoder, *self.unet.decoder.blocks[:self._last_block + 1]]
+        return self.adapter.modules(self._last_block)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        out: dict[str, Tensor] = {}
+        if x.ndim != 2 + self.spatial_dims:
+            raise ValueError(f"this {self.spatial_dims}D network's features take "
+                             f"{2 + self.spatial_dims}-dimensional input, got {tuple(x.shape)}")
         with torch.no_grad():
-            features = self.unet.encoder(x)
-            for stride, f in zip(ENCODER_STRIDES, features, strict=True):
-                out[f"enc{stride}"] = f
-            for i, y in enumerate(decoder_outputs(self.unet, features, self._last_block)):
-                out[f"dec{DECODER_STRIDES[i]}"] = y
-        return [out[name] for name in self.levels]
+            features = self.adapter.encode(x)
+            decoded = self.adapter.decode(features, self._last_block) if self._last_block >= 0 else {}
+        return [features[i] if kind == "enc" else decoded[i] for kind, i in self._where.values()]
 
 
 class ProbeModel(nn.Module):
@@ -204,10 +270,12 @@ class ProbeModel(nn.Module):
         channels: C_l of each level (D = sum).
         weight: (K, D) on standardised features; bias: (K,); mean, std: (D,) the standardisation.
 
-    ``forward(x)``: (B, C, H, W) -> (B, K, H, W) logits (float32 outside autocast), H and W
-    multiples of 32, computed per level as
-    ``upsample(W'_l f_l)`` plus ``b'`` (module docstring), equal to upsampling and
-    concatenating all levels first, then standardising and applying (W, b).
+    ``forward(x)``: (B, C, H, W) -> (B, K, H, W) logits (3D: (B, C, D, H, W) -> (B, K, D, H, W);
+    float32 outside autocast), computed per level as ``upsample(W'_l f_l)`` plus ``b'``
+    (module docstring), equal to upsampling and concatenating all levels first, then
+    standardising and applying (W, b). An input whose sides are not multiples of
+    ``features.multiple`` is zero-padded to them (split evenly, as the fitting inputs were) and
+    the logits cropped back.
     """
 
     def __init__(self, features: DenseFeatures, channels: Sequence[int], weight: Tensor,
@@ -225,19 +293,45 @@ class ProbeModel(nn.Module):
         folded = weight.double() / std.double()
         offset = bias.double() - folded @ mean.double()
         self.num_classes = int(weight.shape[0])
+        ones = (1,) * features.spatial_dims
         for i, w in enumerate(torch.split(folded, list(channels), dim=1)):
-            self.register_buffer(f"weight_{i}", w.float()[:, :, None, None].contiguous())
+            self.register_buffer(f"weight_{i}", w.float().reshape(*w.shape, *ones).contiguous())
         self.register_buffer("bias", offset.float())
 
     def forward(self, x: Tensor) -> Tensor:
-        size = x.shape[-2:]
-        logits = self.bias[None, :, None, None].expand(x.shape[0], -1, *size)
+        size = x.shape[2:]
+        pads = [pad_amounts(n, m) for n, m in zip(size, self.features.multiple, strict=True)]
+        if not any(before + after for before, after in pads):
+            return self._logits(x)
+        logits = self._logits(F.pad(x, [v for pad in reversed(pads) for v in pad], value=0.0))
+        return logits[(..., *(slice(before, before + n) for (before, _), n in zip(pads, size,
+                                                                                 strict=True)))]
+
+    def _logits(self, x: Tensor) -> Tensor:
+        size = x.shape[2:]
+        conv = F.conv2d if self.features.spatial_dims == 2 else F.conv3d
+        mode = "bilinear" if self.features.spatial_dims == 2 else "trilinear"
+        logits = self.bias.view(1, -1, *(1,) * len(size)).expand(x.shape[0], -1, *size)
         for i, f in enumerate(self.features(x)):
-            y = F.conv2d(f.float(), getattr(self, f"weight_{i}"))
-            if y.shape[-2:] != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            y = conv(f.float(), getattr(self, f"weight_{i}"))
+            if y.shape[2:] != size:
+                y = F.interpolate(y, size=size, mode=mode, align_corners=False)
             logits = logits + y
         return logits
+
+
+class _VolumeAsSlices(nn.Module):
+    """A 3D :class:`ProbeModel` in the place of ``evaluate.predict``'s slice network: given every
+    slice of a volume as one batch, (Z, C, H, W) in order, it predicts the volume
+    (1, C, Z, H, W) and returns its logits as slices, (Z, K, H, W); ``predict_labels`` then
+    maps them back to the original grid as it does a 2D network's."""
+
+    def __init__(self, probe: ProbeModel):
+        super().__init__()
+        self.probe = probe
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.probe(x.movedim(0, 1)[None])[0].movedim(1, 0)
 
 
 def choose_pixels(labels: Sequence[np.ndarray], num_classes: int, budget: int,
@@ -268,11 +362,12 @@ def choose_pixels(labels: Sequence[np.ndarray], num_classes: int, budget: int,
 
 
 def _padded_slices(volume: CachedVolume, zs: Sequence[int], context_slices: int,
-                   batch_size: int) -> Iterator[tuple[list[int], Tensor, tuple[int, int]]]:
+                   batch_size: int, multiple: Sequence[int] = (PAD_MULTIPLE, PAD_MULTIPLE)
+                   ) -> Iterator[tuple[list[int], Tensor, tuple[int, int]]]:
     """Batches ``(zs, x, (top, left))`` of whole slices, x (B, C, H_p, W_p) float32 padded with
-    zeros to multiples of 32 as ``lrcseg.evaluate.predict`` pads them."""
+    zeros to multiples of ``multiple`` (32: as ``lrcseg.evaluate.predict`` pads them)."""
     _, _, h, w = volume.image.shape
-    (top, bottom), (left, right) = pad_amounts(h), pad_amounts(w)
+    (top, bottom), (left, right) = pad_amounts(h, multiple[0]), pad_amounts(w, multiple[1])
     for start in range(0, len(zs), batch_size):
         batch = list(zs[start:start + batch_size])
         x = np.stack([stack_context(volume.image, z, context_slices) for z in batch])
@@ -280,9 +375,60 @@ def _padded_slices(volume: CachedVolume, zs: Sequence[int], context_slices: int,
         yield batch, F.pad(x, (left, right, top, bottom), value=0.0), (top, left)
 
 
+def _padded_volume(volume: CachedVolume, context_slices: int, multiple: Sequence[int]
+                   ) -> tuple[list[int], Tensor, tuple[int, int, int]]:
+    """``(zs, x, (front, top, left))``: the whole volume as one input x (1, C, Z_p, H_p, W_p)
+    float32 (C = its windows, Z the axial axis as in 3D pre-training), zero-padded to multiples
+    of ``multiple`` (d, h, w) split evenly; zs = every slice."""
+    if context_slices != 1:
+        raise ConfigError(f"a 3D network reads whole volumes: preprocess.context_slices must be 1, "
+                          f"got {context_slices}")
+    image = np.moveaxis(np.asarray(volume.image), 1, 0)  # (C, Z, H, W)
+    pads = [pad_amounts(n, m) for n, m in zip(image.shape[1:], multiple, strict=True)]
+    x = torch.from_numpy(image.astype(np.float32))[None]
+    x = F.pad(x, [v for pad in reversed(pads) for v in pad], value=0.0)
+    return list(range(image.shape[1])), x, tuple(before for before, _ in pads)
+
+
+def _network_inputs(features: DenseFeatures, volume: CachedVolume, zs: Sequence[int],
+                    context_slices: int, batch_size: int
+                    ) -> Iterator[tuple[list[int], Tensor, tuple[int, ...]]]:
+    """The inputs that read slices ``zs`` of ``volume``: ``(zs of the input, x, padding before
+    each spatial axis)``. A 2D network: batches of those slices (``_padded_slices``); a 3D one:
+    the whole volume (``_padded_volume``), which holds them all."""
+    if features.spatial_dims == 2:
+        yield from _padded_slices(volume, zs, context_slices, batch_size, features.multiple)
+    else:
+        yield _padded_volume(volume, context_slices, features.multiple)
+
+
 def _pick_slices(volume: CachedVolume, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(z, in-plane flat index) of flat indices into the volume's (Z, H, W)."""
     return np.divmod(flat, int(np.prod(volume.image.shape[2:])))
+
+
+def _sampling_grid(coords: Sequence[np.ndarray], before: Sequence[int],
+                   padded: Sequence[int]) -> Tensor:
+    """``grid_sample``'s grid at voxel centres, (1, 1, n, 2) or (1, 1, 1, n, 3) as (x, y[, z]):
+    coords are the n points' indices along each spatial axis ((z,) row, col) of the unpadded
+    input, before the padding before each axis, padded the padded sizes."""
+    normalised = [(2 * (c + b) + 1) / n - 1 for c, b, n in zip(coords, before, padded, strict=True)]
+    grid = torch.from_numpy(np.stack(normalised[::-1], axis=-1)).float()
+    return grid.reshape(*(1,) * len(coords), *grid.shape)
+
+
+def _point_grids(features: DenseFeatures, z_of: np.ndarray, yx: np.ndarray, width: int,
+                 batch: list[int], before: tuple[int, ...], padded: Sequence[int]
+                 ) -> Iterator[tuple[int, Tensor]]:
+    """``(b, grid)`` per sample b of an input holding slices ``batch``: where it reads the
+    chosen points (slice ``z_of``, in-plane flat index ``yx`` in rows of ``width``) that lie in
+    it, in their order. 2D: one grid per slice; 3D: one grid of the volume's points."""
+    if features.spatial_dims == 2:
+        for b, z in enumerate(batch):
+            yield b, _sampling_grid(np.divmod(yx[z_of == z], width), before, padded)
+    else:
+        mask = np.isin(z_of, batch)
+        yield 0, _sampling_grid((z_of[mask], *np.divmod(yx[mask], width)), before, padded)
 
 
 def _batchnorm_layers(features: DenseFeatures) -> list[nn.Module]:
@@ -303,7 +449,8 @@ def reestimate_batchnorm(features: DenseFeatures, volumes: Sequence[CachedVolume
                          picks: Sequence[np.ndarray], context_slices: int,
                          batch_size: int = 8) -> dict[str, int]:
     """Recompute the running statistics of every BatchNorm layer on the features' path from
-    the slices holding ``picks`` (module docstring, "BatchNorm").
+    the slices holding ``picks`` (module docstring, "BatchNorm"; a 3D network: from the
+    volumes holding them, each one batch).
 
     Each layer's running mean and variance are reset, then set to the cumulative average
     over batches of the batch statistics (unbiased variance) seen by forward passes in which
@@ -311,7 +458,8 @@ def reestimate_batchnorm(features: DenseFeatures, volumes: Sequence[CachedVolume
     ``momentum=None`` computes. It is done by a forward hook, so no module changes mode or
     momentum (a ``SyncBatchNorm`` in train mode would synchronise across ranks, and only one
     rank probes). No gradients; weights untouched; deterministic for given inputs. The slices
-    run in the order ``gather_features`` runs them, padded alike. Returns {"layers", "slices"}.
+    run in the order ``gather_features`` runs them, padded alike. Returns {"layers", "slices"}
+    (3D: every slice of the volumes run).
     """
     layers = _batchnorm_layers(features)
     device = next(features.unet.parameters()).device
@@ -322,7 +470,7 @@ def reestimate_batchnorm(features: DenseFeatures, volumes: Sequence[CachedVolume
     try:
         for volume, flat in zip(volumes, picks, strict=True):
             zs = np.unique(_pick_slices(volume, flat)[0])
-            for batch, x, _ in _padded_slices(volume, zs, context_slices, batch_size):
+            for batch, x, _ in _network_inputs(features, volume, zs, context_slices, batch_size):
                 features(x.to(device))
                 slices += len(batch)
     finally:
@@ -339,9 +487,9 @@ def gather_features(features: DenseFeatures, volumes: Sequence[CachedVolume],
     """Each level's features at the chosen pixels: a list over levels of (N, C_l) float32 CPU
     tensors, rows in the order of ``picks`` (volume, then flat index).
 
-    Only slices holding chosen pixels are run; each level is sampled with ``grid_sample`` at
-    the pixel centres (border clamped), equal to bilinear upsampling with
-    ``align_corners=False`` followed by indexing.
+    Only slices holding chosen pixels are run (a 3D network: each volume whole); each level is
+    sampled with ``grid_sample`` at the pixel (voxel) centres (border clamped), equal to
+    bilinear (trilinear) upsampling with ``align_corners=False`` followed by indexing.
     """
     device = next(features.unet.parameters()).device
     rows: list[list[Tensor]] = [[] for _ in features.levels]
@@ -349,21 +497,17 @@ def gather_features(features: DenseFeatures, volumes: Sequence[CachedVolume],
     bar = tqdm(total=sum(len(np.unique(z_of)) for z_of, _ in slices), desc="probe features",
                unit="slice", disable=not progress)
     for volume, (z_of, yx) in zip(volumes, slices, strict=True):
-        w = volume.image.shape[3]
-        for batch, x, (top, left) in _padded_slices(volume, np.unique(z_of), context_slices,
-                                                    batch_size):
+        zs = np.unique(z_of)
+        for batch, x, before in _network_inputs(features, volume, zs, context_slices, batch_size):
             maps = features(x.to(device))
-            hp, wp = x.shape[-2:]
-            for b, z in enumerate(batch):
-                row, col = np.divmod(yx[z_of == z], w)
-                grid = torch.from_numpy(np.stack([(2 * (col + left) + 1) / wp - 1,
-                                                  (2 * (row + top) + 1) / hp - 1], axis=-1))
-                grid = grid.float().to(device)[None, None]  # (1, 1, n, 2) as (x, y)
+            for b, grid in _point_grids(features, z_of, yx, volume.image.shape[3], batch,
+                                           before, x.shape[2:]):
+                grid = grid.to(device)
                 for level, f in enumerate(maps):
                     sampled = F.grid_sample(f[b:b + 1].float(), grid, mode="bilinear",
                                             padding_mode="border", align_corners=False)
-                    rows[level].append(sampled[0, :, 0].T.cpu())
-            bar.update(len(batch))
+                    rows[level].append(sampled.flatten(2)[0].T.cpu())
+            bar.update(len(np.intersect1d(batch, zs)))
     bar.close()
     return [torch.cat(r) for r in rows]
 
@@ -453,7 +597,7 @@ def fit_probe(features: DenseFeatures, volumes: Sequence[CachedVolume], picks: S
 
 
 def load_probe_network(model: str, backbone: str | None = None, spacing_mm: float | None = None,
-                       seed: int = 0) -> tuple[FlexibleUNet, PreprocessConfig, dict[str, Any]]:
+                       seed: int = 0) -> tuple[ProbeNetwork, PreprocessConfig, dict[str, Any]]:
     """The U-Net to probe, its preprocessing and its provenance.
 
     model: "scratch" (a random U-Net of ``backbone``, default resnet18, initialised under
@@ -461,7 +605,10 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
     ``PreprocessConfig(spacing_mm=spacing_mm)``), a pre-training run folder or checkpoint,
     a fine-tuning run folder or checkpoint, or an exported ``.pt`` with its ``.json``.
     backbone and spacing_mm apply to scratch only (ConfigError otherwise). Returns
-    (U-Net on the CPU, preprocessing, {"model", "kind", "backbone"[, "labels"]}).
+    (the network on the CPU, preprocessing, {"model", "kind", "backbone"[, "labels"]}): a
+    ``FlexibleUNet`` (a 3D one for a 3D export), or, for a 3D or nnU-Net pre-training, the
+    levels adapter of its ``PretrainNetwork`` (``FlexibleUNetLevels`` / ``NnUNetLevels``; its
+    "backbone" names the nnU-Net configuration and network class).
     """
     if model == "scratch":
         cfg = ModelConfig(backbone=backbone or "resnet18")
@@ -482,7 +629,9 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
     else:
         state = load_checkpoint(path)
         kind = state.get("kind")
-        if kind == "pretrain":  # the U-Net inside PretrainNetwork, without the heads
+        if kind == "pretrain" and _reads_through_adapter(state):
+            unet, preprocess, info = _pretrained_levels(path)
+        elif kind == "pretrain":  # the U-Net inside PretrainNetwork, without the heads
             their = state["config"]["model"]
             model_cfg = ModelConfig(backbone=their["backbone"],
                                     decoder_channels=their["decoder_channels"])
@@ -503,6 +652,29 @@ def load_probe_network(model: str, backbone: str | None = None, spacing_mm: floa
                               f"brings its own (backbone {info['backbone']}, spacing "
                               f"{preprocess.spacing_mm} mm)")
     return unet, preprocess, info
+
+
+def _reads_through_adapter(state: dict[str, Any]) -> bool:
+    """Whether a pre-training checkpoint is probed through its ``PretrainNetwork``'s levels
+    adapter: a 3D network or an nnU-Net plans network (a 2D FlexibleUNet is rebuilt plainly)."""
+    model = state["config"]["model"]
+    return model.get("spatial_dims", 2) != 2 or bool(model.get("nnunet"))
+
+
+def _pretrained_levels(path: Path) -> tuple[LevelsAdapter, PreprocessConfig, dict[str, Any]]:
+    """The levels adapter of a 3D or nnU-Net pre-training's network, its preprocessing and
+    provenance (``load_probe_network``)."""
+    net, cfg, _ = load_pretrain_network(path)
+    arch = cfg.model.nnunet
+    name = cfg.model.backbone if arch is None else (
+        f"nnU-Net {arch.configuration} {arch.network_class_name.rsplit('.', 1)[-1]}")
+    return net.levels, cfg.preprocess, {"model": str(path), "kind": "pretrain", "backbone": name}
+
+
+def _to_device(network: ProbeNetwork, device: torch.device) -> ProbeNetwork:
+    """``network`` (a module or a levels adapter) with its weights on ``device``."""
+    (network if isinstance(network, nn.Module) else network.unet).to(device)
+    return network
 
 
 def _probe_labels(dataset, dataset_path: str | Path) -> dict[str, int]:
@@ -537,7 +709,7 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
     if pixels < 1:
         raise ConfigError(f"Illegal --pixels {pixels}: must be >= 1")
     device = torch.device(device)
-    unet, preprocess, info = load_probe_network(model, backbone, spacing_mm, seed)
+    network, preprocess, info = load_probe_network(model, backbone, spacing_mm, seed)
     dataset = load_dataset(dataset_path)
     labels = _probe_labels(dataset, dataset_path)
     if "labels" in info:
@@ -549,13 +721,17 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
                                [dataset.case(i) for i in chosen["labeled"]], dataset.labels)
     picks = choose_pixels([v.label for v in volumes], num_classes, pixels,
                           np.random.default_rng(seed))
-    features = DenseFeatures(unet.to(device), levels)
+    features = DenseFeatures(_to_device(network, device), levels)
     probe, fit_info = fit_probe(features, volumes, picks, num_classes, preprocess.context_slices,
                                 l2=l2, batch_size=batch_size, progress=progress,
                                 batchnorm=batchnorm)
+    volumetric = features.spatial_dims == 3
+    predictor = _VolumeAsSlices(probe) if volumetric else probe
 
     def predict(case: Case, image: Volume) -> np.ndarray:
-        return predict_labels(probe, image, preprocess, device=device, batch_size=batch_size,
+        # 3D: every slice in one batch, i.e. the whole volume (``_VolumeAsSlices``)
+        return predict_labels(predictor, image, preprocess, device=device,
+                              batch_size=image.shape[2] if volumetric else batch_size,
                               num_classes=num_classes)
 
     result = score_cases(eval_cases, predict, labels, dataset.labels, progress=progress,
@@ -565,7 +741,8 @@ def evaluate_probe(model: str, dataset_path: str | Path, labeled: float = 1, spl
         **{k: v for k, v in info.items() if k != "labels"},
         "dataset": str(Path(dataset_path).resolve()),
         "split": split,
-        "levels": list(levels),
+        "spatial_dims": features.spatial_dims,
+        "levels": list(features.levels),
         "level_set": level_set_name(levels),
         "channels": fit_info["channels"],
         "batchnorm": batchnorm,
@@ -604,7 +781,9 @@ class OnlineProbe:
             each score) or "stored".
         cache_dir: the slice cache root (None = ``$LRCSEG_CACHE`` or ~/.cache/lrcseg).
 
-    ``score(unet)`` fits a fresh classifier on the network's current features and returns
+    ``score(unet)`` (a FlexibleUNet, 2D or 3D, or a levels adapter: ``PretrainNetwork.levels``
+    reaches an nnU-Net network too) fits a fresh classifier on the network's current features
+    (a 3D network: on whole volumes, module docstring) and returns
     {"probe/mean_dice": float, "probe/dice/<organ>": float (NaN if the organ is absent from
     both prediction and reference of every case)}. Dice is computed on the network grid of the
     slice cache (a monitoring signal; ``lrcseg probe`` scores on the original grids). The
@@ -644,10 +823,11 @@ class OnlineProbe:
         self.picks = choose_pixels([v.label for v in self.fit_volumes], self.num_classes, pixels,
                                    np.random.default_rng(seed))
 
-    def score(self, unet: FlexibleUNet) -> dict[str, float]:
-        device = next(unet.parameters()).device
-        modes = {m: m.training for m in unet.modules()}
-        buffers = [b.clone() for b in unet.buffers()]
+    def score(self, unet: ProbeNetwork) -> dict[str, float]:
+        network = unet if isinstance(unet, nn.Module) else unet.unet
+        device = next(network.parameters()).device
+        modes = {m: m.training for m in network.modules()}
+        buffers = [b.clone() for b in network.buffers()]
         try:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                     torch.no_grad():
@@ -660,7 +840,7 @@ class OnlineProbe:
             for module, mode in modes.items():
                 module.training = mode
             with torch.no_grad():
-                for buffer, saved in zip(unet.buffers(), buffers, strict=True):
+                for buffer, saved in zip(network.buffers(), buffers, strict=True):
                     buffer.copy_(saved)
         return result
 
@@ -669,13 +849,16 @@ class OnlineProbe:
         device = probe.bias.device
         metrics = SegmentationMetrics({n: i for n, i in self.labels.items() if i != 0})
         for volume in self.score_volumes:
-            _, _, h, w = volume.image.shape
             pred = np.empty(volume.label.shape, dtype=np.int16)  # (Z, H, W)
             zs = list(range(volume.image.shape[0]))
-            for batch, x, (top, left) in _padded_slices(volume, zs, self.preprocess.context_slices,
-                                                        self.batch_size):
-                logits = probe(x.to(device))[:, :, top:top + h, left:left + w]
-                pred[batch] = logits.argmax(dim=1).cpu().numpy()
+            for batch, x, before in _network_inputs(probe.features, volume, zs,
+                                                    self.preprocess.context_slices,
+                                                    self.batch_size):
+                size = pred.shape[-len(before):]  # (H, W); 3D (Z, H, W)
+                logits = probe(x.to(device))[(..., *(slice(b, b + n) for b, n in
+                                                     zip(before, size, strict=True)))]
+                labels = logits.argmax(dim=1).cpu().numpy()
+                pred[batch] = labels if probe.features.spatial_dims == 2 else labels[0]
             metrics.add(volume.case_id, pred.transpose(1, 2, 0),
                         np.asarray(volume.label).transpose(1, 2, 0), volume.spacing_mm)
         result = metrics.result()

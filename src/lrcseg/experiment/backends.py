@@ -24,6 +24,7 @@ configs and words); the run-time methods import them when a cell is fine-tuned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -158,18 +159,36 @@ class LrcsegBackend:
         delete_weights(run.folder)
 
 
+#: 3D supervoxels get this fraction of the 2D superpixel scale: about as many voxels per region
+#: (docs/METHOD.md, "Supervoxels (3D)": 33 for the 2D default 100, ``lrcseg superpixels
+#: --supervoxels``'s default)
+SUPERVOXEL_SCALE_FRACTION = 1 / 3
+
+
+def supervoxel_scale(scale_2d: float) -> float:
+    """The supervoxel scale of a 3D pre-training cell for the 2D superpixel scale ``scale_2d``:
+    a third of it, to a whole number (100 -> 33)."""
+    return float(round(scale_2d * SUPERVOXEL_SCALE_FRACTION))
+
+
 class NnUNetBackend:
     """nnU-Net's own trainer and predictor (``lrcseg.nnunet``), scored by lrcseg's metrics.
 
-    prepare: nnU-Net plans and preprocesses the dataset once (``<out>/nnunet``), and every
-    pre-training is of the plans' 2d network. A cell exports its pre-training for nnU-Net
-    (``init_nnunet.pth`` in the cell; not for scratch), trains nnU-Net's trainer on its K
-    labelled cases for ``finetune_steps`` iterations (``<cell>/nnunet``), predicts
-    ``eval_split`` with nnU-Net's predictor (``<cell>/predictions``) and scores the label files.
+    The nnU-Net configuration is ``cfg.nnunet_configuration`` ("2d" or "3d_fullres") for
+    every step. prepare: nnU-Net plans the dataset and preprocesses it for that configuration
+    once (``<out>/nnunet``), and every pre-training is of the plans' network of it (3d_fullres:
+    a 3D pre-training on views of the plans' patch, with supervoxels at
+    ``supervoxel_scale`` of the 2D scale unless ``pretrain_overrides`` or an initialisation's
+    overrides set ``superpixels.scale``). A cell exports its pre-training for nnU-Net
+    (``init_nnunet.pth`` in the cell; not for scratch), trains nnU-Net's trainer of that
+    configuration on its K labelled cases for ``finetune_steps`` iterations
+    (``<cell>/nnunet``), predicts ``eval_split`` with nnU-Net's predictor
+    (``<cell>/predictions``) and scores the label files.
     """
 
     def __init__(self, cfg: ExperimentConfig):
         self.cfg = cfg
+        self.configuration = cfg.nnunet_configuration
 
     @staticmethod
     def _work(out_dir: Path) -> Path:
@@ -178,21 +197,29 @@ class NnUNetBackend:
 
     def describe(self) -> str:
         cfg = self.cfg
-        return ("nnU-Net's 2d plans network (its patch, spacing and CTNormalization; "
-                "pre-training views of the patch's shorter side), fine-tuned by nnU-Net's "
+        views = ("pre-training views of the patch's shorter side" if self.configuration == "2d"
+                 else "3D pre-training on views of the patch, supervoxels")
+        return (f"nnU-Net's {self.configuration} plans network (its patch, spacing and "
+                f"CTNormalization; {views}), fine-tuned by nnU-Net's "
                 f"trainer: {cfg.finetune_steps} iterations, batch "
                 f"{cfg.nnunet_batch_size or 'of the plans'}")
 
     def pretrain_network(self, base: PretrainConfig, data: Path, out_dir: Path
                          ) -> PretrainConfig:
         plans = plans_file(self._work(out_dir), self.cfg.nnunet_dataset_id, data)
-        return apply_plans(base, network_from_plans(plans))
+        cfg = apply_plans(base, network_from_plans(plans, self.configuration))
+        if cfg.model.spatial_dims == 3:
+            cfg = dataclasses.replace(cfg, superpixels=dataclasses.replace(
+                cfg.superpixels, scale=supervoxel_scale(cfg.superpixels.scale)))
+        return cfg
 
     def prepare(self, data: Path, out_dir: Path) -> None:
-        """nnU-Net's plans and preprocessing of the dataset, made once for every cell."""
+        """nnU-Net's plans and its preprocessing of the dataset for the configuration, made
+        once for every cell."""
         with exclusive_lock(lock_path(out_dir, "nnunet_plans"), wait=True):
-            plans = plan_and_preprocess(data, self._work(out_dir), self.cfg.nnunet_dataset_id)
-        _say(f"nnU-Net plans: {plans}")
+            plans = plan_and_preprocess(data, self._work(out_dir), self.cfg.nnunet_dataset_id,
+                                        self.configuration)
+        _say(f"nnU-Net plans: {plans} ({self.configuration})")
 
     def _labelled(self, run: CellRun) -> list[str]:
         return choose_labelled(load_dataset(run.data), run.config.labeled,
@@ -213,7 +240,8 @@ class NnUNetBackend:
                           to_dict(pt_cfg.superpixels), weights)
         train(self._work(run.out_dir), cfg.nnunet_dataset_id, run.data, self._labelled(run),
               weights, cfg.finetune_steps, cfg.nnunet_iterations_per_epoch, run.config.run.seed,
-              run.folder / "nnunet", device=str(run.device.type), batch_size=cfg.nnunet_batch_size)
+              run.folder / "nnunet", device=str(run.device.type), batch_size=cfg.nnunet_batch_size,
+              configuration=self.configuration)
         return True
 
     def learning_curve(self, run: CellRun) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -225,7 +253,8 @@ class NnUNetBackend:
         cfg = self.cfg
         dataset = load_dataset(run.data)
         cases = split_cases(dataset, cfg.eval_split)
-        model = model_folder(run.folder / "nnunet", cfg.nnunet_dataset_id, run.data)
+        model = model_folder(run.folder / "nnunet", cfg.nnunet_dataset_id, run.data,
+                             self.configuration)
         predictions = predict(self._work(run.out_dir), model, {c.id: str(c.image) for c in cases},
                               run.folder / "predictions", device=str(run.device.type),
                               mirroring=cfg.nnunet_mirroring)

@@ -10,7 +10,8 @@ A cell is one fine-tuning run (initialisation, K, draw, seed); the pre-training 
                                     (and metrics_step<N>.json for learning-curve snapshots)
     runs/probe/<init>/K<k>_d<draw>_s<seed>/metrics.json   probes (seed = pre-training seed)
     nnunet/                         nnU-Net's raw / preprocessed folders (finetune_with nnunet,
-                                    ``backends.NnUNetBackend``)
+                                    ``backends.NnUNetBackend``; preprocessed for
+                                    ``nnunet_configuration``)
     locks/                          the flock files of parallel invocations (``locks.py``)
     results.csv, probe_results.csv, report.md, figures/, timings.json
 
@@ -329,7 +330,7 @@ def _recorded(path: Path) -> ExperimentConfig:
     phantoms (if generated) are anatomy 1 when it names none, one written before
     ``probe_levels``/``probe_batchnorm`` probed the legacy levels with stored BatchNorm, and
     one written before ``finetune_strategy``/``draw_mode`` fine-tuned every layer at one rate
-    on seeded draws."""
+    on seeded draws, and one written before ``nnunet_configuration`` ran nnU-Net's 2d."""
     data = read_config_file(path)
     data.setdefault("finetune_intensity", False)
     data.setdefault("finetune_organ_contrast", False)
@@ -340,6 +341,7 @@ def _recorded(path: Path) -> ExperimentConfig:
     data.setdefault("draw_mode", "seeded")
     data.setdefault("probe_levels", LEGACY_PROBE_LEVELS)
     data.setdefault("probe_batchnorm", "stored")
+    data.setdefault("nnunet_configuration", "2d")
     return load_config(ExperimentConfig, None, data)
 
 

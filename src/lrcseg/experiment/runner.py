@@ -9,7 +9,8 @@
            labelled set) with the same step budget and fine-tuning strategy -> evaluate on the
            test split (and, for the ``learning_curve`` initialisations, the snapshots at
            ``curve_steps``), both by the fine-tuning back-end (``finetune_with``: lrcseg's own
-           or nnU-Net's trainer)
+           or nnU-Net's trainer, whose ``nnunet_configuration``, 2d or 3d_fullres, also sets
+           the network every initialisation pre-trains)
         -> without ``keep_checkpoints``: the block's weights are deleted once its metrics
            are written, so a long run only ever holds one block's checkpoints
     -> results.csv, probe_results.csv, report.md, figures

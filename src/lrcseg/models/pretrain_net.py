@@ -19,6 +19,13 @@ One forward pass gives both outputs the losses need (LRC_METHOD.md section 4):
   normalised: the LRC loss L2-normalises only the pixels it samples (``LRCLoss``), not the
   whole map.
 
+Besides encode / decode, an adapter says what a dense reader of its features (the linear
+probe, ``evaluate/probe.py``) needs: ``spatial_dims``; ``divisor``, the total stride per
+spatial axis (every input side a multiple of it); ``encoder_strides`` and ``decoder_strides``,
+the in-plane stride of each encoder map and of each decoder level (what the probe's level
+names encN / decN say); and ``modules(last)``, the modules ``encode`` and ``decode(..., last)``
+run (``last = -1``: the encoder only).
+
 The decoder is run only up to the finest local level: finer blocks and the segmentation head
 feed nothing during pre-training, so running them would cost time and leave parameters without
 gradients (a problem for DDP). They are kept in the state dict and exported with their
@@ -28,7 +35,10 @@ gives the U-Net's weights under the exact keys of the plain network.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from monai.networks.nets import FlexibleUNet
 from torch import Tensor, nn
 
 from lrcseg.config import ModelConfig
@@ -49,10 +59,29 @@ NUM_LEVELS = 5
 class FlexibleUNetLevels:
     """Levels of a MONAI ``FlexibleUNet``: ``decoder.blocks[l]`` is level l (stride 16 / 2**l)."""
 
+    #: every axis is halved five times
+    TOTAL_STRIDE = 32
+
     def __init__(self, unet: nn.Module, cfg: ModelConfig):
         self.unet = unet
         self.bottleneck_channels = encoder_channels(cfg.backbone)[-1]
         self.channels = tuple(cfg.decoder_channels)
+        self.spatial_dims = cfg.spatial_dims
+        self.divisor = (self.TOTAL_STRIDE,) * cfg.spatial_dims
+        self.encoder_strides = (2, 4, 8, 16, 32)
+        self.decoder_strides = {level: 16 // 2 ** level for level in range(NUM_LEVELS)}
+
+    @classmethod
+    def of(cls, unet: FlexibleUNet) -> FlexibleUNetLevels:
+        """The adapter of a ``FlexibleUNet`` built elsewhere (an export, a fine-tuned model):
+        its backbone, decoder widths and ``spatial_dims`` read from the network itself."""
+        widths = tuple(int(block.convs.conv_1.conv.out_channels) for block in unet.decoder.blocks)
+        return cls(unet, ModelConfig(backbone=unet.backbone, decoder_channels=widths,
+                                     spatial_dims=unet.spatial_dims))
+
+    def modules(self, last: int) -> list[nn.Module]:
+        """The encoder and decoder blocks 0..last, the modules ``encode`` and ``decode`` run."""
+        return [self.unet.encoder, *self.unet.decoder.blocks[:last + 1]]
 
     def encode(self, x: Tensor) -> list[Tensor]:
         """(B, C, H, W) (3D: (B, C, D, H, W)) -> the 5 encoder maps, strides 2 .. 32 (the last
@@ -86,9 +115,25 @@ class NnUNetLevels:
         # decoder stage s outputs the channels of encoder stage -(s + 2)
         self.channels = tuple(features[-(self.first + level + 2)] if self.first + level >= 0 else 0
                               for level in range(NUM_LEVELS))
+        self.spatial_dims = cfg.spatial_dims
+        strides = [[int(v) for v in (s if isinstance(s, (list, tuple)) else [s] * cfg.spatial_dims)]
+                   for s in cfg.nnunet.arch_kwargs["strides"]]
+        # the cumulative stride of encoder stage k along each axis (nnU-Net's (D,) H, W order)
+        cumulative = [tuple(math.prod(axis) for axis in zip(*strides[:k + 1], strict=True))
+                      for k in range(len(strides))]
+        self.divisor = cumulative[-1]
+        self.encoder_strides = tuple(c[-1] for c in cumulative)
+        # level l has the resolution of encoder stage 4 - l (the skip it concatenates)
+        self.decoder_strides = {level: self.encoder_strides[NUM_LEVELS - 1 - level]
+                                for level in range(NUM_LEVELS) if self.first + level >= 0}
 
     def encode(self, x: Tensor) -> list[Tensor]:
         return self.unet.encoder(self.input(x))
+
+    def modules(self, last: int) -> list[nn.Module]:
+        """The encoder and the decoder's transposed convolutions and stages up to level last."""
+        decoder, stop = self.unet.decoder, self.first + last + 1 if last >= 0 else 0
+        return [self.unet.encoder, *decoder.transpconvs[:stop], *decoder.stages[:stop]]
 
     def decode(self, features: list[Tensor], last: int) -> dict[int, Tensor]:
         """nnU-Net ``UNetDecoder``'s stages (transposed conv, concatenated skip, convs) up to
