@@ -148,3 +148,19 @@ def test_check_data_reports_what_the_training_path_raises(tmp_path):
                 cache.get(case)
         assert [{"file": w.message.path, "message": w.message.message} for w in caught
                 if issubclass(w.category, DataWarning)] == warned.get(case.id, [])
+
+
+def test_check_data_shows_each_phantoms_contrast_phase(tmp_path):
+    from lrcseg.data.check import format_report
+    from lrcseg.phantoms.generate import write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "ph", cases=4, seed=3, spacing_mm=(6.0, 6.0, 12.0),
+                                 montage=False, anatomy=2)
+    recorded = json.loads((data / "dataset.json").read_text())["phantoms"]["phases"]
+    report = check_data(data)
+    assert {c["id"]: c["phase"] for c in report["cases"]} == recorded
+    text = format_report(report)
+    assert "phase" in text.splitlines()[2]
+    for case_id, phase in recorded.items():
+        assert any(line.startswith(case_id) and line.rstrip().endswith(phase)
+                   for line in text.splitlines())

@@ -34,6 +34,7 @@ import pydicom
 from lrcseg.data.labels import check_label_values
 from lrcseg.data.layouts import Case, load_dataset
 from lrcseg.data.readers import Volume, is_localizer, list_dicom_files, read_image, read_label
+from lrcseg.data.splits import case_phases
 from lrcseg.errors import DataError, DataWarning, handle_data_warnings
 
 
@@ -51,6 +52,7 @@ def check_data(path: str | os.PathLike) -> dict:
         report["warnings"] = [_row(w, w.case) for w in dataset_warnings]
         return report
     report.update(root=str(ds.root), layout=ds.layout, labels=ds.labels)
+    phases = case_phases(ds.root)  # generated phantoms record each case's contrast phase
     ids = {c.id for c in ds.all_cases}
     unplaced = [_row(w, w.case) for w in dataset_warnings if w.case not in ids]
     for split, cases in (("training", ds.cases), ("test", ds.test_cases)):
@@ -66,6 +68,8 @@ def check_data(path: str | os.PathLike) -> dict:
                 unplaced += [_row(w, case.id) for w in caught]
                 continue
             entry["warnings"] = [{"file": w.path, "message": w.message} for w in caught]
+            if phases:
+                entry["phase"] = phases.get(case.id)
             report["cases"].append(entry)
     report["warnings"] = unplaced
     return report
@@ -127,6 +131,10 @@ def format_report(report: dict) -> str:
              f"{c['intensity_min']:.0f}..{c['intensity_max']:.0f}",
              "-" if c["labels"] is None else ",".join(map(str, c["labels"]))]
             for c in report["cases"]]
+    if any("phase" in c for c in report["cases"]):  # phantoms: the contrast phase of each case
+        header.append("phase")
+        for row, c in zip(rows, report["cases"], strict=True):
+            row.append(c.get("phase") or "-")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = [f"{report['root']}  layout: {report['layout'] or '?'}"]
     if report["labels"]:
