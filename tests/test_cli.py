@@ -239,3 +239,12 @@ def test_a_warmup_as_long_as_the_run_is_warned_once(tmp_path, capsys):
     assert lines == ["lrcseg finetune: warning: warm-up of 5 steps >= the run's 2 steps: the "
                      "learning rate never reaches its peak (--lr) nor decays; lower "
                      "optim.warmup_steps (--warmup-steps)"]
+
+
+def test_finetune_organ_contrast_flag_sets_the_config(capsys):
+    import yaml
+
+    assert main(["finetune", "--organ-contrast", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["organ_contrast"]["enabled"] is True
+    assert main(["finetune", "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["organ_contrast"]["enabled"] is False

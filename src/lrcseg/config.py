@@ -285,8 +285,9 @@ class OrganContrastConfig:
     of organs' HU. Per-label intensity randomisation is SynthSeg's idea (Billot et al. 2023),
     here as a bounded shift on top of the real image's texture.
 
-    enabled: False = no organ shift (a run folder whose config has no ``organ_contrast``
-        section resumes with it off).
+    enabled: False (the default: on the held-out checks it helped across contrast phase and
+        cost within one phase, bench/NOTES.md) = no organ shift; a run folder whose config has
+        no ``organ_contrast`` section resumes with it off.
     prob: the probability that a sample gets the shift.
     shift_hu: each organ (label > 0) of a chosen sample gets its own offset, uniform in
         [-shift_hu, +shift_hu] HU; the background (label 0) keeps its values.

@@ -61,6 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained-lr-scale", type=float, default=None, metavar="S",
                         help="the layers that came from --init (encoder unless frozen, decoder) "
                              "train at S x --lr" + note("strategy.decoder_lr_scale"))
+    parser.add_argument("--organ-contrast", action=argparse.BooleanOptionalAction, default=None,
+                        help="simulated contrast phase: each labelled organ's HU shifted by its "
+                             "own random offset, for scans of another phase than the labelled "
+                             "ones (docs/METHOD.md)" + note("organ_contrast.enabled"))
     add_run_arguments(parser, d)
 
 
@@ -76,6 +80,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
                                                          if args.resume else None))
     if strategy:
         overrides["strategy"] = strategy
+    if args.organ_contrast is not None:
+        overrides["organ_contrast"] = {"enabled": args.organ_contrast}
     if args.resume:  # the run folder's config.yaml already holds everything
         return load_config(FinetuneConfig, config_file or Path(args.out) / "config.yaml", overrides)
     cfg = load_config(FinetuneConfig, config_file, overrides)
