@@ -152,9 +152,11 @@ def test_plans_set_a_3d_pre_training(planned):
     assert cfg.augment.patch_size == arch.patch_size  # views of the plans' (D, H, W) patch
     assert cfg.preprocess.spacing_mm == arch.spacing_mm[-1]
     assert cfg.preprocess.extra_windows_hu == [arch.clip_hu]
+    assert cfg.preprocess.slice_spacing_mm == arch.spacing_mm[0]  # z follows the plans too
     with pytest.raises(ConfigError, match="drop --image-size"):
         apply_plans(PretrainConfig(), arch, image_size=64)
-    assert apply_plans(PretrainConfig(), network_from_plans(planned["plans"], "2d")).model.spatial_dims == 2
+    flat = apply_plans(PretrainConfig(), network_from_plans(planned["plans"], "2d"))
+    assert flat.model.spatial_dims == 2 and flat.preprocess.slice_spacing_mm is None
 
 
 @pytest.mark.slow

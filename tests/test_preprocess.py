@@ -134,3 +134,32 @@ def test_real_chest_ct_preprocessed(chest_ct_dir):
     body_share = pre.body.mean()
     assert 0.2 < body_share < 0.6  # a chest fills part of the 43 cm field of view
     assert pre.image[:, 0][~pre.body].mean() < 0.05  # outside the body: air, couch
+
+
+def test_slice_spacing_resamples_z_and_only_then_changes_the_cache_key():
+    import numpy as np
+
+    from lrcseg.config import PreprocessConfig
+    from lrcseg.data.preprocess import preprocess_volume, resample_slices
+    from lrcseg.data.readers import Volume
+
+    ramp = np.arange(6, dtype=np.float32)[:, None, None] * np.ones((1, 3, 4), np.float32)
+    up = resample_slices(ramp, 4.0, 2.0)  # 6 slices of 4 mm -> 12 of 2 mm
+    assert up.shape == (12, 3, 4)
+    np.testing.assert_allclose(up[1:-1, 0, 0], np.arange(10) * 0.5 + 0.25)  # centres aligned
+    labels = (np.arange(6)[:, None, None] * np.ones((1, 3, 4))).astype(np.int16)
+    down = resample_slices(labels, 2.0, 4.0, "nearest")
+    assert down.dtype == np.int16 and sorted(set(down[:, 0, 0])) == [1, 3, 5]  # ids kept
+    assert PreprocessConfig(slice_spacing_mm=None).key() == PreprocessConfig().key()
+    assert PreprocessConfig(slice_spacing_mm=2.0).key() != PreprocessConfig().key()
+    hu = np.full((20, 20, 6), -1000.0, np.float32)
+    hu[5:15, 5:15] = 50.0
+    lab = np.zeros((20, 20, 6), np.int16)
+    lab[8:12, 8:12, 2:4] = 1
+    affine = np.diag([3.0, 3.0, 5.0, 1.0])
+    out = preprocess_volume(Volume(hu, affine, Path("mem.nii.gz")),
+                            PreprocessConfig(spacing_mm=3.0, slice_spacing_mm=2.5),
+                            Volume(lab, affine, Path("lab.nii.gz")))
+    assert out.image.shape[0] == 12 and out.label.shape[0] == 12 and out.body.shape[0] == 12
+    assert out.spacing_mm == (3.0, 3.0, 2.5)
+    assert int(out.label.sum()) == 2 * int(lab.sum())  # twice the slices, same area per slice

@@ -53,6 +53,9 @@ class PreprocessConfig:
     extra_windows_hu: further windows stacked as extra channels (empty = one channel).
     spacing_mm: target in-plane spacing; slices are resampled to it (z is untouched).
     context_slices: k adjacent slices as channels (2.5D); odd, 1 = plain 2D.
+    slice_spacing_mm: None (the default) keeps the scan's slices; a value resamples along z to
+        it (linear for the image, nearest for labels; 3D pre-training with an nnU-Net 3d_fullres
+        plans sets it to the plans' z spacing).
     body_threshold_hu: pixels below this (air) are outside the body; the body mask is the
         largest connected component above it, holes filled (couch and air excluded).
     """
@@ -62,6 +65,7 @@ class PreprocessConfig:
     spacing_mm: float = 1.5
     context_slices: int = 1
     body_threshold_hu: float = -500.0
+    slice_spacing_mm: float | None = None
 
     def __post_init__(self) -> None:
         self.window_hu = tuple(float(v) for v in self.window_hu)
@@ -69,6 +73,8 @@ class PreprocessConfig:
         for w in [self.window_hu, *self.extra_windows_hu]:
             _check(len(w) == 2 and w[0] < w[1], f"Illegal HU window {w}: need (low, high), low < high")
         _check(self.spacing_mm > 0, f"Illegal spacing_mm {self.spacing_mm}: must be > 0")
+        _check(self.slice_spacing_mm is None or self.slice_spacing_mm > 0,
+               f"Illegal slice_spacing_mm {self.slice_spacing_mm}: > 0 mm, or null (the scan's own)")
         _check(
             self.context_slices >= 1 and self.context_slices % 2 == 1,
             f"Illegal context_slices {self.context_slices}: must be odd and >= 1",
@@ -85,7 +91,10 @@ class PreprocessConfig:
 
     def key(self) -> str:
         """Stable short hash of the settings: names the slice cache."""
-        return stable_hash(to_dict(self))
+        d = to_dict(self)
+        if d["slice_spacing_mm"] is None:
+            d.pop("slice_spacing_mm")  # the scan's slices: the caches of earlier lrcseg stay valid
+        return stable_hash(d)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Steps, in this order:
 1. In-plane resampling of each axial slice ``(X, Y)`` to the target spacing ``s``:
-   output size ``(H, W) = (round(X * sx / s), round(Y * sy / s))``; z is untouched. Images use
+   output size ``(H, W) = (round(X * sx / s), round(Y * sy / s))``; z is untouched unless
+   ``slice_spacing_mm`` is set (then resampled along z to it: ``resample_slices``). Images use
    bilinear interpolation (antialiased when shrinking), labels nearest neighbour; pixel
    centres are aligned as in ``align_corners=False`` (the field of view is kept).
 2. Windowing: each HU window ``(lo, hi)`` gives a channel ``clip((hu - lo) / (hi - lo), 0, 1)``.
@@ -77,6 +78,29 @@ def resample_inplane(volume_xyz: np.ndarray, spacing_xy: tuple[float, float], ta
     return out[:, 0].numpy().astype(volume_xyz.dtype)
 
 
+def resample_slices(volume_zhw: np.ndarray, spacing_z: float, target_mm: float,
+                    mode: str = "linear") -> np.ndarray:
+    """Resample ``(Z, H, W)`` along z from ``spacing_z`` to ``target_mm`` slices:
+    ``round(Z * spacing_z / target_mm)`` slices (at least 1), centres aligned as in
+    ``align_corners=False``; "linear" (float32 out) or "nearest" (labels; dtype kept)."""
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"Illegal resampling mode {mode!r}: 'linear' or 'nearest'")
+    if target_mm <= 0 or spacing_z <= 0:
+        raise ValueError(f"Illegal slice spacing {spacing_z} -> {target_mm}: must be > 0")
+    z = volume_zhw.shape[0]
+    size = max(1, int(round(z * spacing_z / target_mm)))
+    if size == z:
+        return volume_zhw.astype(np.float32) if mode == "linear" else volume_zhw
+    x = torch.from_numpy(np.ascontiguousarray(volume_zhw).astype(np.float32))
+    x = x.permute(1, 2, 0).reshape(1, -1, z)  # (1, H*W, Z): interpolate along the last axis
+    if mode == "linear":
+        out = F.interpolate(x, size=size, mode="linear", align_corners=False)
+    else:
+        out = F.interpolate(x, size=size, mode="nearest-exact")
+    out = out.reshape(volume_zhw.shape[1], volume_zhw.shape[2], size).permute(2, 0, 1).numpy()
+    return out if mode == "linear" else out.astype(volume_zhw.dtype)
+
+
 def apply_windows(hu: np.ndarray, windows: list[tuple[float, float]]) -> np.ndarray:
     """HU ``(...)`` -> ``(W_n, ...)`` float32: ``clip((hu - lo) / (hi - lo), 0, 1)`` per window."""
     out = np.empty((len(windows), *hu.shape), dtype=np.float32)
@@ -116,16 +140,21 @@ def preprocess_volume(image: Volume, cfg: PreprocessConfig,
         raise ValueError(f"label shape {label.array.shape} != image shape {image.array.shape}")
     sx, sy, sz = image.spacing
     hu = resample_inplane(image.array, (sx, sy), cfg.spacing_mm, "linear")  # (Z, H, W)
+    if cfg.slice_spacing_mm is not None:
+        hu = resample_slices(hu, sz, cfg.slice_spacing_mm, "linear")
     body = np.stack([body_mask(s, cfg.body_threshold_hu, cfg.spacing_mm) for s in hu])
     windowed = np.moveaxis(apply_windows(hu, cfg.windows), 0, 1)  # (Z, W_n, H, W)
     lab = None
     if label is not None:
         lab = resample_inplane(label.array.astype(np.int16), (sx, sy), cfg.spacing_mm, "nearest")
+        if cfg.slice_spacing_mm is not None:
+            lab = resample_slices(lab, sz, cfg.slice_spacing_mm, "nearest")
+    z_mm = float(sz) if cfg.slice_spacing_mm is None else float(cfg.slice_spacing_mm)
     return PreprocessedVolume(
         image=np.ascontiguousarray(windowed),
         body=body,
         label=lab,
-        spacing_mm=(float(cfg.spacing_mm), float(cfg.spacing_mm), float(sz)),
+        spacing_mm=(float(cfg.spacing_mm), float(cfg.spacing_mm), z_mm),
         original_shape=image.shape,
         affine=image.affine.copy(),
     )

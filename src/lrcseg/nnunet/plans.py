@@ -137,7 +137,8 @@ def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int 
     2d: views are square crops of the patch's shorter side rounded down to a multiple of 32
     (lrcseg's view sizes are), or of ``image_size``. 3d_fullres: ``model.spatial_dims`` 3 and
     views of the plans' (D, H, W) patch (``augment.patch_size``; ``image_size`` is refused).
-    The z spacing stays the volumes' own: lrcseg resamples in-plane only.
+    2d keeps the volumes' own z spacing; 3d_fullres resamples z to the plans' too
+    (``preprocess.slice_spacing_mm``).
     """
     spatial_dims = len(arch.patch_size)
     if cfg.preprocess.context_slices != 1:
@@ -155,7 +156,8 @@ def apply_plans(cfg: PretrainConfig, arch: NnUNetNetworkConfig, image_size: int 
                           "reads FlexibleUNet features); drop it")
     preprocess = dataclasses.replace(
         cfg.preprocess, spacing_mm=(sy + sx) / 2,
-        extra_windows_hu=[arch.clip_hu])
+        extra_windows_hu=[arch.clip_hu],
+        slice_spacing_mm=float(arch.spacing_mm[0]) if spatial_dims == 3 else None)
     if spatial_dims == 3:
         augment = dataclasses.replace(cfg.augment, patch_size=tuple(arch.patch_size))
     else:
